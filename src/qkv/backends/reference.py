@@ -1,0 +1,32 @@
+"""The `reference` backend: the NumPy float64 oracle behind the common attention API.
+
+Legend: B batch, Hq query heads, Lq/Lk lengths, Dv value dim.
+
+Inputs are copied to float64 NumPy arrays, `qkv.reference.attention` runs, and
+the result comes back in the input dtype and device. No autograd, no dropout;
+masks and score mods must accept NumPy arrays (all built-ins do).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qkv import reference
+from qkv.backends import _FLOATS, Backend, Call, Capabilities
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+    capabilities = Capabilities(
+        devices=("any",), dtypes=_FLOATS, masks=True, score_mod=True, dropout=False, gqa=True,
+        backward=False, return_lse=True, return_weights=True, exact=True, auto=False,
+        notes="NumPy float64 oracle; masks/score_mods must accept NumPy arrays (built-ins do)",
+    )
+
+    def forward(self, call: Call):
+        out, lse, w = reference.attention(call.q, call.k, call.v, mask=call.mask, score_mod=call.score_mod,
+                                          scale=call.scale, q_offset=call.q_offset, return_stats=True)
+        dev = call.device
+        return (torch.from_numpy(out).to(dev, call.dtype),
+                torch.from_numpy(lse).to(dev, call.stat_dtype),
+                torch.from_numpy(w).to(dev, call.stat_dtype))

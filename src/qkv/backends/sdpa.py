@@ -1,0 +1,91 @@
+"""The `sdpa` backend: torch's fused `scaled_dot_product_attention`, used whenever a call fits it.
+
+Legend: B batch, Hq query heads, Hkv key/value heads, G = Hq // Hkv, Lq/Lk lengths, D head dim.
+
+How a qkv call maps onto torch's kernel:
+
+- no mask, or a mask that allows every pair (e.g. causal at a decode step) -> no mask;
+- the built-in causal mask with queries starting at position 0 -> `is_causal=True`
+  (torch aligns causal masks top-left, which is our alignment only when q_offset == 0);
+- a mask that allows nothing -> zeros without calling torch;
+- anything else -> the mask is evaluated to a dense bool tensor (Lq x Lk bytes per
+  distinct batch/head) and passed as `attn_mask`.
+
+GQA never repeats K/V: without a mask, the G query heads that share a key/value
+head are stacked along the row axis; with a mask, each of the G groups is one call.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from qkv.backends import _FLOATS, Backend, Call, Capabilities, zeros_output
+from qkv.masks import FULL, EMPTY, TileGrid, _Causal, bounds, evaluate
+
+
+def _whole_matrix_kind(call: Call):
+    """EMPTY / FULL / None(partial or unknown) for the whole Lq x Lk matrix, without evaluating it."""
+    if not getattr(call.mask, "analytic", False):
+        return None
+    grid = TileGrid(call.B, call.Hq, call.Lq, call.Lk, call.q_offset, max(call.Lq, 1), max(call.Lk, 1), call.device)
+    can, must = bounds(call.mask, grid)
+    if bool(must.all()):
+        return FULL
+    if not bool(can.any()):
+        return EMPTY
+    return None
+
+
+class SDPABackend(Backend):
+    name = "sdpa"
+    capabilities = Capabilities(
+        devices=("any",), dtypes=_FLOATS, masks=True, score_mod=False, dropout=True, gqa=True,
+        backward=True, return_lse=False, return_weights=False, exact=True, auto=True,
+        notes="torch.nn.functional.scaled_dot_product_attention; masks other than causal are passed densely",
+    )
+
+    def forward(self, call: Call):
+        q, k, v = call.q, call.k, call.v
+        B, Hq, Hkv, G, Lq, Lk, D, Dv = call.B, call.Hq, call.Hkv, call.G, call.Lq, call.Lk, call.D, call.Dv
+        kw = dict(dropout_p=call.dropout_p, scale=call.scale)
+
+        mask, is_causal = call.mask, False
+        if mask is not None:
+            kind = _whole_matrix_kind(call)
+            if kind == FULL:
+                mask = None
+            elif kind == EMPTY:
+                return zeros_output(call), None, None  # nothing may be attended
+            elif isinstance(mask, _Causal) and call.q_offset == 0:
+                mask, is_causal = None, True
+        dense = None
+        if mask is not None:
+            dense = evaluate(mask, B, Hq, Lq, Lk, q_offset=call.q_offset, device=call.device)
+            while dense.dim() < 4:
+                dense = dense.unsqueeze(0)
+
+        if G == 1:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=dense, is_causal=is_causal, **kw)
+        elif dense is None and not is_causal:
+            # stack the G query heads of each kv head along rows: one call, no repeated K/V
+            q_rows = q.reshape(B, Hkv, G * Lq, D)                           # (B, Hkv, G*Lq, D)
+            out = F.scaled_dot_product_attention(q_rows, k, v, **kw)         # (B, Hkv, G*Lq, Dv)
+            out = out.view(B, Hq, Lq, Dv)
+        else:
+            q_groups = q.view(B, Hkv, G, Lq, D)                              # head h = kv * G + g
+            if dense is not None and dense.shape[1] > 1:
+                dense = dense.expand(dense.shape[0], Hq, Lq, Lk).view(dense.shape[0], Hkv, G, Lq, Lk)
+            outs = []
+            for g in range(G):
+                m = None if dense is None else (dense[:, :, g] if dense.dim() == 5 else dense)
+                outs.append(F.scaled_dot_product_attention(q_groups[:, :, g], k, v, attn_mask=m,
+                                                           is_causal=is_causal, **kw))  # (B, Hkv, Lq, Dv)
+            out = torch.stack(outs, dim=2).view(B, Hq, Lq, Dv)
+
+        if dense is not None:
+            # torch's kernels differ across devices for rows with no allowed key; qkv defines them as 0
+            empty_rows = ~dense.any(dim=-1, keepdim=True)
+            if bool(empty_rows.any()):
+                out = out.masked_fill(empty_rows, 0)
+        return out, None, None

@@ -1,0 +1,822 @@
+"""Attention masks as composable functions, and the BlockMask that lets kernels skip work.
+
+Legend: B batch, H query heads, Lq query length, Lk key length, q/kv absolute positions.
+
+A *mask* answers "may query position `q` attend to key position `kv`?" for
+broadcast index arrays, FlexAttention's contract::
+
+    mask(b, h, q_idx, kv_idx) -> bool array      # True = may attend
+
+with `b` of shape (B,1,1,1), `h` (1,H,1,1), `q_idx` (1,1,Lq,1), `kv_idx`
+(1,1,1,Lk). Positions are absolute: when Lq != Lk the queries are the *last*
+Lq positions of the keys (bottom-right alignment), so one decode step with a
+cache of 6 keys sees::
+
+    causal, Lq = Lk = 4          causal, Lq = 2, Lk = 6 (q_pos = 4, 5)
+        kv 0 1 2 3                   kv 0 1 2 3 4 5
+    q 0    x . . .               q 4    x x x x x .
+    q 1    x x . .               q 5    x x x x x x
+    q 2    x x x .
+    q 3    x x x x
+
+Built-ins are small classes that also know, without looking at a single
+element, which (BQ x BK) tiles of the Lq x Lk matrix are EMPTY (nothing may
+attend: skipped), FULL (everything may attend: no mask applied) or PARTIAL
+(the mask is applied). Combine masks with `&`, `|` and `~`; an arbitrary
+callable is classified by evaluating it one row of tiles at a time, so no
+path ever holds an Lq x Lk array except `to_dense` itself.
+
+Built-in masks evaluate on torch tensors and on NumPy arrays alike (the
+float64 oracle in `qkv.reference` uses NumPy).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from qkv._array import is_numpy, like, xp
+
+__all__ = [
+    "Mask", "BlockMask", "EMPTY", "PARTIAL", "FULL",
+    "causal", "sliding_window", "prefix_lm", "document", "padding", "global_tokens",
+    "dilated", "block_sparse", "from_dense", "as_mask", "evaluate",
+]
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+_BLOCK_CACHE_SIZE = 16
+_CHUNK_ELEMENTS = 1 << 24  # bound on elements evaluated at once when classifying callables
+
+
+# ----------------------------------------------------------------------------
+# Tile geometry
+# ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TileGrid:
+    """The tiles of one call: absolute query positions [q_offset, q_offset + Lq), keys [0, Lk).
+
+    `qs`/`qe` (shape (nQ, 1)) and `ks`/`ke` (shape (1, nK)) are each tile's first
+    position and one past its last, clipped to the sequence.
+    """
+
+    B: int
+    H: int
+    Lq: int
+    Lk: int
+    q_offset: int
+    block_q: int
+    block_k: int
+    device: torch.device
+
+    @property
+    def n_q(self) -> int:
+        return -(-self.Lq // self.block_q)
+
+    @property
+    def n_k(self) -> int:
+        return -(-self.Lk // self.block_k)
+
+    def q_tiles(self):
+        start = self.q_offset + torch.arange(0, self.Lq, self.block_q, device=self.device)
+        end = torch.clamp(start + self.block_q, max=self.q_offset + self.Lq)
+        return start[:, None], end[:, None]  # (nQ, 1)
+
+    def k_tiles(self):
+        start = torch.arange(0, self.Lk, self.block_k, device=self.device)
+        end = torch.clamp(start + self.block_k, max=self.Lk)
+        return start[None, :], end[None, :]  # (1, nK)
+
+
+def _index_grids(B, H, q_pos, Lk, like_arr):
+    """Broadcast index arrays (b, h, q_idx, kv_idx) in torch or NumPy."""
+    if is_numpy(like_arr):
+        b = np.arange(B).reshape(B, 1, 1, 1)
+        h = np.arange(H).reshape(1, H, 1, 1)
+        q = np.asarray(q_pos).reshape(1, 1, -1, 1)
+        kv = np.arange(Lk).reshape(1, 1, 1, Lk)
+        return b, h, q, kv
+    dev = like_arr.device
+    b = torch.arange(B, device=dev).view(B, 1, 1, 1)
+    h = torch.arange(H, device=dev).view(1, H, 1, 1)
+    q = q_pos.to(dev).view(1, 1, -1, 1)
+    kv = torch.arange(Lk, device=dev).view(1, 1, 1, Lk)
+    return b, h, q, kv
+
+
+def evaluate(mask, B: int, H: int, Lq: int, Lk: int, *, q_offset: int | None = None,
+             device=None, numpy: bool = False):
+    """Evaluate `mask` on every (b, h, q, kv) of a call; returns a bool array broadcastable to (B, H, Lq, Lk).
+
+    The result keeps size-1 dimensions where the mask does not depend on them
+    (a causal mask is (1, 1, Lq, Lk)), so it costs Lq*Lk bytes, not B*H*Lq*Lk.
+    """
+    q_offset = Lk - Lq if q_offset is None else q_offset
+    if numpy:
+        q_pos = q_offset + np.arange(Lq)
+        grids = _index_grids(B, H, q_pos, Lk, q_pos)
+    else:
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        q_pos = q_offset + torch.arange(Lq, device=dev)
+        grids = _index_grids(B, H, q_pos, Lk, q_pos)
+    out = mask(*grids)
+    return _check_bool(out, mask, grids[2])
+
+
+def _check_bool(out, mask, ref):
+    if is_numpy(ref):
+        out = np.asarray(out)
+        if out.dtype != np.bool_:
+            raise TypeError(f"mask {mask!r} returned dtype {out.dtype}; a mask must return booleans "
+                            "(True = may attend). For additive biases use score_mod instead.")
+        return out
+    if not isinstance(out, torch.Tensor):
+        out = torch.as_tensor(out, device=ref.device)
+    if out.dtype != torch.bool:
+        raise TypeError(f"mask {mask!r} returned dtype {out.dtype}; a mask must return booleans "
+                        "(True = may attend). For additive biases use score_mod instead.")
+    return out
+
+
+# ----------------------------------------------------------------------------
+# The Mask base class and combinators
+# ----------------------------------------------------------------------------
+
+class Mask:
+    """A mask function with tile knowledge. Subclasses implement `__call__` and,
+    when they can, `tile_bounds`; combine with `&`, `|`, `~`."""
+
+    #: True when tile_bounds answers without evaluating elements (built-ins and their combinations)
+    analytic = False
+
+    def __call__(self, b, h, q_idx, kv_idx):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- tile classification -------------------------------------------------
+    def tile_bounds(self, grid: TileGrid):
+        """Return (can, must): bool tensors broadcastable to (B, H, nQ, nK).
+
+        `can[t]` is False only if no element of tile t may attend (EMPTY);
+        `must[t]` is True only if every element may attend (FULL). Returning
+        None means "unknown": the tiles are then found by chunked evaluation.
+        """
+        return None
+
+    def validate(self, B: int, H: int, Lq: int, Lk: int, q_offset: int) -> None:
+        """Raise ValueError if this mask cannot describe a call of this shape."""
+
+    @property
+    def batch_hint(self) -> int | None:
+        return None
+
+    @property
+    def head_hint(self) -> int | None:
+        return None
+
+    # -- combinators --------------------------------------------------------
+    def __and__(self, other):
+        return _And(self, as_mask(other))
+
+    def __rand__(self, other):
+        return _And(as_mask(other), self)
+
+    def __or__(self, other):
+        return _Or(self, as_mask(other))
+
+    def __ror__(self, other):
+        return _Or(as_mask(other), self)
+
+    def __invert__(self):
+        return _Not(self)
+
+    # -- dense and block views ---------------------------------------------
+    def to_dense(self, Lq: int, Lk: int, *, B: int | None = None, H: int | None = None,
+                 q_offset: int | None = None, device=None) -> torch.Tensor:
+        """The mask as a bool tensor of shape (B, H, Lq, Lk) (a broadcast view).
+
+        B and H default to what the mask holds (e.g. `padding`'s batch size), else 1.
+        """
+        B = B if B is not None else (self.batch_hint or 1)
+        H = H if H is not None else (self.head_hint or 1)
+        q_offset = Lk - Lq if q_offset is None else q_offset
+        self.validate(B, H, Lq, Lk, q_offset)
+        dense = evaluate(self, B, H, Lq, Lk, q_offset=q_offset, device=device)
+        return dense.expand(B, H, Lq, Lk)
+
+    def block_mask(self, Lq: int, Lk: int, *, block: int | tuple[int, int] = 128, B: int | None = None,
+                   H: int | None = None, q_offset: int | None = None, device=None) -> "BlockMask":
+        """Classify every (block_q x block_k) tile as EMPTY / PARTIAL / FULL. Cached per shape."""
+        bq, bk = (block, block) if isinstance(block, int) else tuple(block)
+        if bq < 1 or bk < 1:
+            raise ValueError(f"block sizes must be positive, got {(bq, bk)}")
+        B = B if B is not None else (self.batch_hint or 1)
+        H = H if H is not None else (self.head_hint or 1)
+        q_offset = Lk - Lq if q_offset is None else q_offset
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        key = (B, H, Lq, Lk, bq, bk, q_offset, str(dev))
+        cache = self.__dict__.setdefault("_block_cache", OrderedDict())
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        self.validate(B, H, Lq, Lk, q_offset)
+        grid = TileGrid(B, H, Lq, Lk, q_offset, bq, bk, dev)
+        can, must = bounds(self, grid)
+        kind = torch.where(must, FULL, torch.where(can, PARTIAL, EMPTY)).to(torch.int8)
+        kind = kind.expand(*kind.shape[:-2], grid.n_q, grid.n_k).contiguous()
+        while kind.dim() < 4:
+            kind = kind.unsqueeze(0)
+        bm = BlockMask(kind, self, Lq, Lk, bq, bk, q_offset, B, H)
+        cache[key] = bm
+        if len(cache) > _BLOCK_CACHE_SIZE:
+            cache.popitem(last=False)
+        return bm
+
+
+def bounds(mask: Mask, grid: TileGrid):
+    """(can, must) for `mask` on `grid`: analytic when the mask knows, else chunked evaluation."""
+    if not isinstance(mask, Mask):
+        mask = as_mask(mask)
+    got = mask.tile_bounds(grid)
+    if got is None:
+        got = _chunked_bounds(mask, grid)
+    return got
+
+
+def _chunked_bounds(mask: Mask, grid: TileGrid):
+    """Classify tiles of an arbitrary callable by evaluating a few rows of tiles at a time.
+
+    Memory is O(rows * Lk) per chunk, never O(Lq * Lk).
+    """
+    nq, nk, bq, bk = grid.n_q, grid.n_k, grid.block_q, grid.block_k
+    if nq == 0 or nk == 0:
+        empty = torch.zeros(1, 1, nq, nk, dtype=torch.bool, device=grid.device)
+        return empty, empty
+    pad = nk * bk - grid.Lk
+    tiles_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, grid.B * grid.H * bq * nk * bk))
+    cans, musts = [], []
+    for i0 in range(0, nq, tiles_per_chunk):
+        i1 = min(nq, i0 + tiles_per_chunk)
+        r0, r1 = i0 * bq, min(grid.Lq, i1 * bq)
+        q_pos = grid.q_offset + torch.arange(r0, r1, device=grid.device)
+        grids = _index_grids(grid.B, grid.H, q_pos, grid.Lk, q_pos)
+        m = _check_bool(mask(*grids), mask, q_pos)
+        m = m.expand(*m.shape[:-2], r1 - r0, grid.Lk)
+        while m.dim() < 4:
+            m = m.unsqueeze(0)
+        # Pad rows and columns to whole tiles: padding never makes a tile non-empty or non-full.
+        rpad = (i1 - i0) * bq - (r1 - r0)
+        m_can = F.pad(m, (0, pad, 0, rpad), value=False)
+        m_must = F.pad(m, (0, pad, 0, rpad), value=True)
+        # (B', H', rows, Lk) -> (B', H', tiles_q, bq, nK, bk): one entry per element of each tile
+        shape = (*m.shape[:2], i1 - i0, bq, nk, bk)
+        cans.append(m_can.reshape(shape).any(dim=5).any(dim=3))
+        musts.append(m_must.reshape(shape).all(dim=5).all(dim=3))
+    return torch.cat(cans, dim=2), torch.cat(musts, dim=2)
+
+
+def _pick(i, n):
+    """Index array `i` reduced modulo a data dimension of size `n` (size 1 stays broadcastable)."""
+    if n > 1:
+        return i % n
+    return i.reshape(-1)[:1].reshape((1,) * i.ndim) * 0
+
+
+def _merge_hint(a, b):
+    vals = [x for x in (a, b) if x is not None and x != 1]
+    return max(vals) if vals else (a or b)
+
+
+class _And(Mask):
+    def __init__(self, a: Mask, b: Mask):
+        self.a, self.b = a, b
+
+    def __call__(self, b, h, q, kv):
+        return self.a(b, h, q, kv) & self.b(b, h, q, kv)
+
+    def tile_bounds(self, grid):
+        ca, ma = bounds(self.a, grid)
+        cb, mb = bounds(self.b, grid)
+        # "can" is an upper bound (both must be non-empty); "must" is exact.
+        return ca & cb, ma & mb
+
+    def validate(self, *args):
+        self.a.validate(*args)
+        self.b.validate(*args)
+
+    analytic = property(lambda self: self.a.analytic and self.b.analytic)
+    batch_hint = property(lambda self: _merge_hint(self.a.batch_hint, self.b.batch_hint))
+    head_hint = property(lambda self: _merge_hint(self.a.head_hint, self.b.head_hint))
+
+    def __repr__(self):
+        return f"({self.a!r} & {self.b!r})"
+
+
+class _Or(_And):
+    def __call__(self, b, h, q, kv):
+        return self.a(b, h, q, kv) | self.b(b, h, q, kv)
+
+    def tile_bounds(self, grid):
+        ca, ma = bounds(self.a, grid)
+        cb, mb = bounds(self.b, grid)
+        # "can" is exact; "must" is a lower bound (a tile may be full only jointly).
+        return ca | cb, ma | mb
+
+    def __repr__(self):
+        return f"({self.a!r} | {self.b!r})"
+
+
+class _Not(Mask):
+    def __init__(self, a: Mask):
+        self.a = a
+
+    def __call__(self, b, h, q, kv):
+        return ~self.a(b, h, q, kv)
+
+    def tile_bounds(self, grid):
+        ca, ma = bounds(self.a, grid)
+        return ~ma, ~ca
+
+    def validate(self, *args):
+        self.a.validate(*args)
+
+    analytic = property(lambda self: self.a.analytic)
+    batch_hint = property(lambda self: self.a.batch_hint)
+    head_hint = property(lambda self: self.a.head_hint)
+
+    def __repr__(self):
+        return f"~{self.a!r}"
+
+
+class _Callable(Mask):
+    """Wraps a user function `(b, h, q_idx, kv_idx) -> bool`; tiles found by chunked evaluation."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+
+    def __call__(self, b, h, q, kv):
+        return self.fn(b, h, q, kv)
+
+    def __repr__(self):
+        return f"mask_mod({getattr(self.fn, '__name__', type(self.fn).__name__)})"
+
+
+def as_mask(obj) -> Mask:
+    """A Mask from a Mask, a callable `(b, h, q_idx, kv_idx) -> bool`, or a bool tensor (`from_dense`)."""
+    if isinstance(obj, Mask):
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return from_dense(obj)
+    if callable(obj):
+        return _Callable(obj)
+    raise TypeError(f"expected a qkv mask, a callable (b, h, q_idx, kv_idx) -> bool, or a bool tensor; "
+                    f"got {type(obj).__name__}")
+
+
+# ----------------------------------------------------------------------------
+# Built-in masks
+# ----------------------------------------------------------------------------
+
+def _check_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+class _Causal(Mask):
+    analytic = True
+
+    def __call__(self, b, h, q, kv):
+        return kv <= q
+
+    def tile_bounds(self, g):
+        qs, qe = g.q_tiles()
+        ks, ke = g.k_tiles()
+        return ks <= qe - 1, ke - 1 <= qs
+
+    def __repr__(self):
+        return "causal()"
+
+
+def causal() -> Mask:
+    """Each query attends to its own position and earlier ones: `kv <= q`."""
+    return _Causal()
+
+
+def _distance_range(g):
+    """Smallest and largest q - kv over each tile: (nQ, nK) tensors."""
+    qs, qe = g.q_tiles()
+    ks, ke = g.k_tiles()
+    return qs - (ke - 1), (qe - 1) - ks
+
+
+class _SlidingWindow(Mask):
+    analytic = True
+
+    def __init__(self, window: int, causal: bool):
+        self.window, self.causal = window, causal
+
+    def __call__(self, b, h, q, kv):
+        d = q - kv
+        if self.causal:
+            return (d >= 0) & (d < self.window)
+        return xp(d).abs(d) < self.window
+
+    def tile_bounds(self, g):
+        dmin, dmax = _distance_range(g)
+        lo, hi = (0 if self.causal else 1 - self.window), self.window - 1
+        return (dmax >= lo) & (dmin <= hi), (dmin >= lo) & (dmax <= hi)
+
+    def __repr__(self):
+        return f"sliding_window({self.window}, causal={self.causal})"
+
+
+def sliding_window(window: int, causal: bool = True) -> Mask:
+    """Local attention over `window` keys.
+
+    causal=True: `0 <= q - kv < window` (the query and the window-1 keys before it,
+    as Mistral's sliding window). causal=False: `|q - kv| < window` (symmetric, 2*window-1 keys).
+    """
+    return _SlidingWindow(_check_int("window", window, 1), bool(causal))
+
+
+class _Dilated(Mask):
+    analytic = True
+
+    def __init__(self, window: int, dilation: int, causal: bool):
+        self.window, self.dilation, self.causal = window, dilation, causal
+
+    def _allowed(self, d):
+        span = (self.window - 1) * self.dilation
+        return (d >= 0) & (d <= span) & (d % self.dilation == 0)
+
+    def __call__(self, b, h, q, kv):
+        d = q - kv
+        return self._allowed(d) if self.causal else self._allowed(xp(d).abs(d))
+
+    def _can(self, a, b):
+        # some multiple of `dilation` lies in [a, b] intersected with [0, span]
+        span = (self.window - 1) * self.dilation
+        lo, hi = torch.clamp(a, min=0), torch.clamp(b, max=span)
+        return (lo <= hi) & (torch.div(hi, self.dilation, rounding_mode="floor") * self.dilation >= lo)
+
+    def tile_bounds(self, g):
+        dmin, dmax = _distance_range(g)
+        if self.causal:
+            can = self._can(dmin, dmax)
+            single = self._allowed(dmin)
+            window_full = (dmin >= 0) & (dmax <= self.window - 1)
+        else:
+            can = self._can(dmin, dmax) | self._can(-dmax, -dmin)
+            single = self._allowed(dmin.abs())
+            window_full = (dmin >= 1 - self.window) & (dmax <= self.window - 1)
+        if self.dilation == 1:
+            return can, window_full
+        return can, (dmin == dmax) & single
+
+    def __repr__(self):
+        return f"dilated({self.window}, {self.dilation}, causal={self.causal})"
+
+
+def dilated(window: int, dilation: int, causal: bool = True) -> Mask:
+    """A dilated window: `window` keys spaced `dilation` apart.
+
+    causal=True: q - kv in {0, d, 2d, ..., (window-1)d}; causal=False: |q - kv| in that set.
+    """
+    return _Dilated(_check_int("window", window, 1), _check_int("dilation", dilation, 1), bool(causal))
+
+
+class _PrefixLM(Mask):
+    analytic = True
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __call__(self, b, h, q, kv):
+        return (kv < self.n) | (kv <= q)
+
+    def tile_bounds(self, g):
+        qs, qe = g.q_tiles()
+        ks, ke = g.k_tiles()
+        return (ks < self.n) | (ks <= qe - 1), (ke - 1 < self.n) | (ke - 1 <= qs)
+
+    def __repr__(self):
+        return f"prefix_lm({self.n})"
+
+
+def prefix_lm(n: int) -> Mask:
+    """Bidirectional over the first `n` positions (the prefix), causal after: `kv < n or kv <= q`."""
+    return _PrefixLM(_check_int("n", n, 0))
+
+
+def _as_index_tensor(name, data, ndim_allowed):
+    t = torch.as_tensor(data)
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise TypeError(f"{name} must hold integers, got dtype {t.dtype}")
+    if t.dim() not in ndim_allowed:
+        raise ValueError(f"{name} must have {' or '.join(map(str, ndim_allowed))} dimensions, got shape {tuple(t.shape)}")
+    return t.long()
+
+
+class _Document(Mask):
+    analytic = True
+
+    def __init__(self, ids: torch.Tensor):
+        self.ids = ids if ids.dim() == 2 else ids[None]  # (B' in {1, B}, L)
+
+    @property
+    def batch_hint(self):
+        return self.ids.shape[0] if self.ids.shape[0] > 1 else None
+
+    def validate(self, B, H, Lq, Lk, q_offset):
+        nb, L = self.ids.shape
+        if nb not in (1, B):
+            raise ValueError(f"document ids have batch size {nb} but the call has B={B}")
+        hi = max(Lk, q_offset + Lq)
+        if (Lq and q_offset < 0) or hi > L:
+            raise ValueError(f"document ids cover positions [0, {L}) but the call needs "
+                             f"[{min(0, q_offset)}, {hi}); pass one id per key position")
+
+    def __call__(self, b, h, q, kv):
+        ids = like(self.ids, q)
+        bi = _pick(b, ids.shape[0])
+        return ids[bi, q] == ids[bi, kv]
+
+    def tile_bounds(self, g):
+        ids = self.ids.to(g.device)
+        if ids.shape[1] > 1 and not bool((ids[:, 1:] >= ids[:, :-1]).all()):
+            return None  # unsorted ids: classify by evaluation
+        qs, qe = g.q_tiles()
+        ks, ke = g.k_tiles()
+        # Sorted ids: a tile's ids span [ids[start], ids[end-1]] and every id in between that
+        # occurs at all occurs inside the tile, so interval overlap is exact.
+        qmin, qmax = ids[:, qs[:, 0]], ids[:, qe[:, 0] - 1]  # (B', nQ)
+        kmin, kmax = ids[:, ks[0]], ids[:, ke[0] - 1]        # (B', nK)
+        qmin, qmax = qmin[:, None, :, None], qmax[:, None, :, None]
+        kmin, kmax = kmin[:, None, None, :], kmax[:, None, None, :]
+        can = torch.maximum(qmin, kmin) <= torch.minimum(qmax, kmax)
+        must = (qmin == qmax) & (kmin == kmax) & (qmin == kmin)
+        return can, must
+
+    def __repr__(self):
+        return f"document(ids of shape {tuple(self.ids.shape)})"
+
+
+def document(ids) -> Mask:
+    """Packed sequences: a query attends only to keys of its own document, `ids[q] == ids[kv]`.
+
+    `ids` is (L,) or (B, L), one document id per position (sorted ids give exact
+    analytic tiles; unsorted ids are classified by evaluation). Combine with
+    `causal()` for packed decoder training.
+    """
+    return _Document(_as_index_tensor("ids", ids, (1, 2)))
+
+
+class _Padding(Mask):
+    analytic = True
+
+    def __init__(self, lengths: torch.Tensor):
+        self.lengths = lengths
+
+    @property
+    def batch_hint(self):
+        return self.lengths.shape[0]
+
+    def validate(self, B, H, Lq, Lk, q_offset):
+        if self.lengths.shape[0] != B:
+            raise ValueError(f"padding lengths has {self.lengths.shape[0]} entries but the call has B={B}")
+
+    def __call__(self, b, h, q, kv):
+        return kv < like(self.lengths, q)[b]
+
+    def tile_bounds(self, g):
+        ks, ke = g.k_tiles()
+        n = self.lengths.to(g.device).view(-1, 1, 1, 1)
+        return ks < n, ke - 1 < n
+
+    def __repr__(self):
+        return f"padding({self.lengths.tolist()})"
+
+
+def padding(lengths) -> Mask:
+    """Key padding: in batch row b only the first `lengths[b]` keys are real, `kv < lengths[b]`."""
+    t = _as_index_tensor("lengths", lengths, (1,))
+    if (t < 0).any():
+        raise ValueError(f"padding lengths must be >= 0, got {t.tolist()}")
+    return _Padding(t)
+
+
+class _GlobalTokens(Mask):
+    analytic = True
+
+    def __init__(self, idx: torch.Tensor):
+        self.idx = idx
+
+    def __call__(self, b, h, q, kv):
+        idx = like(self.idx, q)
+        isin = xp(q).isin
+        return isin(q, idx) | isin(kv, idx)
+
+    def tile_bounds(self, g):
+        idx = self.idx.to(g.device)
+        qs, qe = g.q_tiles()
+        ks, ke = g.k_tiles()
+        n_q = ((idx[None, :] >= qs) & (idx[None, :] < qe)).sum(1, keepdim=True)        # (nQ, 1)
+        n_k = ((idx[:, None] >= ks) & (idx[:, None] < ke)).sum(0, keepdim=True)        # (1, nK)
+        # Exact: if neither every row nor every column is global, some element is masked.
+        return (n_q > 0) | (n_k > 0), (n_q == qe - qs) | (n_k == ke - ks)
+
+    def __repr__(self):
+        return f"global_tokens({self.idx.tolist()})"
+
+
+def global_tokens(idx) -> Mask:
+    """Global positions attend everywhere and are attended by everyone: `q in idx or kv in idx`.
+
+    Combine with a symmetric sliding window for Longformer-style attention.
+    """
+    t = _as_index_tensor("idx", idx, (1,))
+    if (t < 0).any():
+        raise ValueError(f"global token positions must be >= 0, got {t.tolist()}")
+    return _GlobalTokens(torch.unique(t))
+
+
+class _BlockSparse(Mask):
+    analytic = True
+
+    def __init__(self, layout: torch.Tensor, bq: int, bk: int):
+        while layout.dim() < 4:
+            layout = layout[None]
+        self.layout, self.bq, self.bk = layout, bq, bk  # (B', H', nQb, nKb)
+
+    batch_hint = property(lambda self: self.layout.shape[0] if self.layout.shape[0] > 1 else None)
+    head_hint = property(lambda self: self.layout.shape[1] if self.layout.shape[1] > 1 else None)
+
+    def validate(self, B, H, Lq, Lk, q_offset):
+        nb, nh, nqb, nkb = self.layout.shape
+        if nb not in (1, B) or nh not in (1, H):
+            raise ValueError(f"block_sparse layout has shape {tuple(self.layout.shape)}; its batch and head "
+                             f"dimensions must be 1 or the call's (B={B}, H={H})")
+        if (Lq and q_offset < 0) or q_offset + Lq > nqb * self.bq or Lk > nkb * self.bk:
+            raise ValueError(f"block_sparse layout covers {nqb * self.bq} query and {nkb * self.bk} key positions, "
+                             f"but the call needs queries [{q_offset}, {q_offset + Lq}) and {Lk} keys")
+
+    def __call__(self, b, h, q, kv):
+        lay = like(self.layout, q)
+        return lay[_pick(b, lay.shape[0]), _pick(h, lay.shape[1]), q // self.bq, kv // self.bk]
+
+    def tile_bounds(self, g):
+        lay = self.layout.to(g.device).long()
+        # summed-area table: sat[..., i, j] = number of allowed blocks in [0, i) x [0, j)
+        sat = F.pad(lay.cumsum(-2).cumsum(-1), (1, 0, 1, 0))
+        qs, qe = g.q_tiles()
+        ks, ke = g.k_tiles()
+        q0, q1 = (qs // self.bq)[:, 0], ((qe - 1) // self.bq)[:, 0] + 1   # block rows [q0, q1) per tile
+        k0, k1 = (ks // self.bk)[0], ((ke - 1) // self.bk)[0] + 1
+        count = (sat[..., q1[:, None], k1] - sat[..., q0[:, None], k1]
+                 - sat[..., q1[:, None], k0] + sat[..., q0[:, None], k0])
+        area = (q1 - q0)[:, None] * (k1 - k0)[None, :]
+        return count > 0, count == area
+
+    def __repr__(self):
+        return f"block_sparse(layout {tuple(self.layout.shape)}, block=({self.bq}, {self.bk}))"
+
+
+def block_sparse(layout, block: int | tuple[int, int]) -> Mask:
+    """A block-level pattern: `layout[..., q // bq, kv // bk]`.
+
+    `layout` is a bool tensor (nQb, nKb), (H, nQb, nKb) or (B, H, nQb, nKb);
+    `block` is an int or (bq, bk).
+    """
+    t = torch.as_tensor(layout)
+    if t.dtype != torch.bool:
+        raise TypeError(f"block_sparse layout must be a bool tensor, got dtype {t.dtype}")
+    if not 2 <= t.dim() <= 4:
+        raise ValueError(f"block_sparse layout must have 2 to 4 dimensions, got shape {tuple(t.shape)}")
+    bq, bk = (block, block) if isinstance(block, (int, np.integer)) else tuple(block)
+    return _BlockSparse(t, _check_int("block", bq, 1), _check_int("block", bk, 1))
+
+
+class _FromDense(Mask):
+    def __init__(self, t: torch.Tensor, q_offset: int | None):
+        while t.dim() < 4:
+            t = t[None]
+        self.t, self.q_offset = t, q_offset  # (B', H', rows, cols)
+
+    batch_hint = property(lambda self: self.t.shape[0] if self.t.shape[0] > 1 else None)
+    head_hint = property(lambda self: self.t.shape[1] if self.t.shape[1] > 1 else None)
+
+    def _offset(self):
+        return self.t.shape[-1] - self.t.shape[-2] if self.q_offset is None else self.q_offset
+
+    def validate(self, B, H, Lq, Lk, q_offset):
+        nb, nh, rows, cols = self.t.shape
+        if nb not in (1, B) or nh not in (1, H) or rows not in (1, Lq) or cols not in (1, Lk):
+            raise ValueError(f"dense mask of shape {tuple(self.t.shape)} does not broadcast to "
+                             f"(B, H, Lq, Lk) = ({B}, {H}, {Lq}, {Lk})")
+
+    def __call__(self, b, h, q, kv):
+        t = like(self.t, q)
+        rows, cols = t.shape[-2:]
+        row = q - self._offset() if rows > 1 else q * 0
+        col = kv if cols > 1 else kv * 0
+        ok = (row >= 0) & (row < rows) & (col < cols)
+        row, col = xp(q).clip(row, 0, rows - 1), xp(q).clip(col, 0, cols - 1)
+        return t[_pick(b, t.shape[0]), _pick(h, t.shape[1]), row, col] & ok
+
+    def __repr__(self):
+        return f"from_dense(shape {tuple(self.t.shape)})"
+
+
+def from_dense(t, q_offset: int | None = None) -> Mask:
+    """A mask from a bool tensor broadcastable to (B, H, Lq, Lk); True = may attend.
+
+    Row r of `t` is query position `q_offset + r` (default: bottom-right, `Lk - Lq`).
+    Tiles are classified by evaluation.
+    """
+    t = torch.as_tensor(t)
+    if t.dtype != torch.bool:
+        raise TypeError(f"a dense mask must be a bool tensor (True = may attend), got dtype {t.dtype}; "
+                        "for an additive float mask use score_mod=qkv.scores.bias(t)")
+    if not 2 <= t.dim() <= 4:
+        raise ValueError(f"a dense mask must have 2 to 4 dimensions (..., Lq, Lk), got shape {tuple(t.shape)}")
+    return _FromDense(t, q_offset)
+
+
+# ----------------------------------------------------------------------------
+# BlockMask
+# ----------------------------------------------------------------------------
+
+class BlockMask:
+    """Which tiles of the attention matrix to skip, compute unmasked, or mask.
+
+    `kind` is an int8 tensor of shape (B', H', nQ, nK) (B' in {1, B}, H' in {1, H})
+    with EMPTY = 0 (skipped), PARTIAL = 1 (mask applied), FULL = 2 (no mask).
+    Tile (i, j) covers query rows [i*block_q, (i+1)*block_q) of the call (absolute
+    positions q_offset + row) and keys [j*block_k, (j+1)*block_k), clipped to Lq, Lk.
+
+    The dense mask is rebuilt tile by tile::
+
+        dense[b, h, r, c] = False             if kind[b, h, r // block_q, c // block_k] == EMPTY
+                            True              if ... == FULL
+                            mask(b, h, q_offset + r, c)   if ... == PARTIAL
+    """
+
+    def __init__(self, kind, mask, Lq, Lk, block_q, block_k, q_offset, B, H):
+        self.kind, self.mask = kind, mask
+        self.Lq, self.Lk, self.block_q, self.block_k = Lq, Lk, block_q, block_k
+        self.q_offset, self.B, self.H = q_offset, B, H
+
+    @property
+    def shape(self):
+        return tuple(self.kind.shape)
+
+    def counts(self) -> dict[str, int]:
+        return {name: int((self.kind == v).sum()) for name, v in (("EMPTY", EMPTY), ("PARTIAL", PARTIAL), ("FULL", FULL))}
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of tiles that are skipped."""
+        n = self.kind.numel()
+        return float((self.kind == EMPTY).sum()) / n if n else 0.0
+
+    def to_dense(self) -> torch.Tensor:
+        """Rebuild the (B', H', Lq, Lk) bool mask from the tiles (evaluates PARTIAL tiles only in effect)."""
+        kind = self.kind.repeat_interleave(self.block_q, dim=2)[:, :, : self.Lq]
+        kind = kind.repeat_interleave(self.block_k, dim=3)[:, :, :, : self.Lk]
+        exact = evaluate(self.mask, self.B, self.H, self.Lq, self.Lk, q_offset=self.q_offset,
+                         device=self.kind.device)
+        return torch.where(kind == FULL, True, torch.where(kind == EMPTY, False, exact))
+
+    def picture(self, b: int = 0, h: int = 0, max_side: int = 64) -> str:
+        """ASCII picture of one (batch, head): '#' FULL, '+' PARTIAL, '.' EMPTY."""
+        k = self.kind[b % self.kind.shape[0], h % self.kind.shape[1]]
+        step_q = max(1, math.ceil(k.shape[0] / max_side))
+        step_k = max(1, math.ceil(k.shape[1] / max_side))
+        chars = {EMPTY: ".", PARTIAL: "+", FULL: "#"}
+        rows = []
+        for i in range(0, k.shape[0], step_q):
+            row = k[i: i + step_q]
+            cells = []
+            for j in range(0, k.shape[1], step_k):
+                cell = row[:, j: j + step_k]
+                v = FULL if bool((cell == FULL).all()) else EMPTY if bool((cell == EMPTY).all()) else PARTIAL
+                cells.append(chars[v])
+            rows.append("".join(cells))
+        return "\n".join(rows)
+
+    def __repr__(self):
+        c = self.counts()
+        return (f"BlockMask(Lq={self.Lq}, Lk={self.Lk}, block=({self.block_q}, {self.block_k}), "
+                f"tiles={tuple(self.kind.shape)}, empty={c['EMPTY']}, partial={c['PARTIAL']}, "
+                f"full={c['FULL']}, sparsity={self.sparsity:.1%}, mask={self.mask!r})")
+
+    def __str__(self):
+        return repr(self) + "\n" + self.picture()

@@ -1,0 +1,191 @@
+"""Score modifiers: functions that change a scaled score before the softmax.
+
+Legend: B batch, H query heads, Lq query length, Lk key length; q/kv are absolute positions.
+
+A score_mod follows FlexAttention's contract::
+
+    score_mod(score, b, h, q_idx, kv_idx) -> new score
+
+`score` is the scaled score q.k * scale (float32, or float64 for float64 inputs),
+shaped (B, H, Lq, Lk) in the materialised backends; `b`, `h`, `q_idx`, `kv_idx`
+are broadcast index arrays as for masks. `h` is the *query* head (with GQA the
+key/value head is h // G). Built-ins work on torch tensors and NumPy arrays,
+so the float64 oracle applies the same function.
+
+Masks (booleans) and score mods (additive changes) are kept apart: a score_mod
+may return -inf, but "may not attend" belongs in `mask`, where kernels can skip it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from qkv._array import is_numpy, like, to_float, xp
+
+__all__ = ["ScoreMod", "alibi", "softcap", "relative_bias", "t5_bucket", "bias", "chain"]
+
+
+class ScoreMod:
+    """Base class for built-in score mods (any callable with the same signature works too)."""
+
+    def __call__(self, score, b, h, q_idx, kv_idx):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class _Alibi(ScoreMod):
+    def __init__(self, slopes: torch.Tensor, symmetric: bool):
+        self.slopes, self.symmetric = slopes, symmetric
+
+    def __call__(self, score, b, h, q, kv):
+        slopes = like(self.slopes, score)[h]
+        dist = to_float(kv - q, score)
+        if self.symmetric:
+            dist = -xp(dist).abs(dist)
+        return score + slopes * dist
+
+    def __repr__(self):
+        return f"alibi({len(self.slopes)} heads, symmetric={self.symmetric})"
+
+
+def alibi(slopes, symmetric: bool = False) -> ScoreMod:
+    """ALiBi (Press et al., 2022): add `slope[h] * (kv - q)`, a penalty linear in distance.
+
+    `slopes` is a tensor of one slope per query head, or an int number of heads
+    (the paper's geometric slopes, `qkv.positional.alibi_slopes`). With
+    symmetric=True the bias is `-slope[h] * |q - kv|`, for bidirectional encoders.
+    """
+    if isinstance(slopes, int) and not isinstance(slopes, bool):
+        from qkv.positional import alibi_slopes
+
+        slopes = alibi_slopes(slopes)
+    t = torch.as_tensor(slopes)
+    if t.dim() != 1 or not t.is_floating_point():
+        raise ValueError(f"alibi slopes must be a 1-D float tensor (one per query head), got {tuple(t.shape)} {t.dtype}")
+    return _Alibi(t, bool(symmetric))
+
+
+class _Softcap(ScoreMod):
+    def __init__(self, cap: float):
+        self.cap = cap
+
+    def __call__(self, score, b, h, q, kv):
+        return self.cap * xp(score).tanh(score / self.cap)
+
+    def __repr__(self):
+        return f"softcap({self.cap})"
+
+
+def softcap(cap: float) -> ScoreMod:
+    """Logit soft-capping (Gemma 2, Grok): `cap * tanh(score / cap)` keeps scores in (-cap, cap)."""
+    cap = float(cap)
+    if not math.isfinite(cap) or cap <= 0:
+        raise ValueError(f"softcap needs a finite cap > 0, got {cap}")
+    return _Softcap(cap)
+
+
+def t5_bucket(relative_position, *, bidirectional: bool = True, num_buckets: int = 32, max_distance: int = 128):
+    """T5's relative-position buckets (Raffel et al., 2020) for `relative_position = kv - q`.
+
+    Half the buckets (per direction when bidirectional) hold exact small distances;
+    the rest grow logarithmically up to `max_distance`, beyond which all share the last bucket.
+    """
+    X = xp(relative_position)
+    rel = relative_position
+    bucket = rel * 0
+    if bidirectional:
+        num_buckets //= 2
+        bucket = bucket + (rel > 0) * num_buckets
+        dist = X.abs(rel)
+    else:
+        dist = -X.minimum(rel, rel * 0)
+    exact = num_buckets // 2
+    is_small = dist < exact
+    # log-spaced buckets for distances in [exact, max_distance), in float32 in both libraries
+    # (as T5 does), so the oracle and the torch backends pick the same bucket.
+    dist_f = dist.astype("float32") if is_numpy(dist) else dist.float()
+    dist_f = X.maximum(dist_f, dist_f * 0 + 1)
+    large = exact + X.log(dist_f / exact) / math.log(max_distance / exact) * (num_buckets - exact)
+    large = X.floor(large)
+    large = large.astype("int64") if is_numpy(large) else large.long()
+    large = X.minimum(large, large * 0 + (num_buckets - 1))
+    return bucket + X.where(is_small, dist, large)
+
+
+class _RelativeBias(ScoreMod):
+    def __init__(self, table, bidirectional, max_distance):
+        self.table, self.bidirectional, self.max_distance = table, bidirectional, max_distance
+
+    def __call__(self, score, b, h, q, kv):
+        table = like(self.table, score)
+        bucket = t5_bucket(kv - q, bidirectional=self.bidirectional, num_buckets=table.shape[0],
+                           max_distance=self.max_distance)
+        return score + table[bucket, h]
+
+    def __repr__(self):
+        return f"relative_bias({tuple(self.table.shape)}, bidirectional={self.bidirectional})"
+
+
+def relative_bias(table, *, bidirectional: bool = True, max_distance: int = 128) -> ScoreMod:
+    """T5-style learned relative-position bias: `score + table[bucket(kv - q), h]`.
+
+    `table` is (num_buckets, H), the layout of T5's `relative_attention_bias.weight`,
+    and may be an `nn.Parameter`: gradients flow to it through the torch backends.
+    """
+    if not isinstance(table, torch.Tensor) or table.dim() != 2:
+        raise ValueError("relative_bias needs a (num_buckets, H) tensor, e.g. nn.Parameter(torch.zeros(32, H))")
+    if table.shape[0] < 2:
+        raise ValueError(f"relative_bias needs at least 2 buckets, got {table.shape[0]}")
+    return _RelativeBias(table, bool(bidirectional), int(max_distance))
+
+
+class _Bias(ScoreMod):
+    def __init__(self, t: torch.Tensor, q_offset):
+        while t.dim() < 4:
+            t = t[None]
+        self.t, self.q_offset = t, q_offset  # (B', H', rows, cols)
+
+    def __call__(self, score, b, h, q, kv):
+        from qkv.masks import _pick
+
+        t = like(self.t, score)
+        rows, cols = t.shape[-2:]
+        offset = cols - rows if self.q_offset is None else self.q_offset
+        row = q - offset if rows > 1 else q * 0
+        col = kv if cols > 1 else kv * 0
+        return score + t[_pick(b, t.shape[0]), _pick(h, t.shape[1]), row, col]
+
+    def __repr__(self):
+        return f"bias(shape {tuple(self.t.shape)})"
+
+
+def bias(t, q_offset: int | None = None) -> ScoreMod:
+    """An additive float bias broadcastable to (B, H, Lq, Lk) (row r is query position q_offset + r)."""
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        raise TypeError("bias needs a floating-point tensor; a bool mask goes in mask=")
+    if not 2 <= t.dim() <= 4:
+        raise ValueError(f"bias must have 2 to 4 dimensions (..., Lq, Lk), got shape {tuple(t.shape)}")
+    return _Bias(t, q_offset)
+
+
+class _Chain(ScoreMod):
+    def __init__(self, mods):
+        self.mods = mods
+
+    def __call__(self, score, b, h, q, kv):
+        for mod in self.mods:
+            score = mod(score, b, h, q, kv)
+        return score
+
+    def __repr__(self):
+        return "chain(" + ", ".join(map(repr, self.mods)) + ")"
+
+
+def chain(*mods: Callable) -> ScoreMod:
+    """Apply several score mods in order."""
+    for m in mods:
+        if not callable(m):
+            raise TypeError(f"chain expects callables, got {type(m).__name__}")
+    return _Chain(list(mods))
