@@ -387,14 +387,15 @@ class RotaryEmbedding(nn.Module):
         if not isinstance(interleaved, bool):
             raise TypeError(f"interleaved must be a bool, got {type(interleaved).__name__}")
 
+        # validates base, scaling and factor too
+        inv_freq64 = rope_frequencies(rotary_dim, base=base, scaling=scaling, factor=factor, dtype=torch.float64)
+
         self.head_dim = head_dim
         self.rotary_dim = rotary_dim
         self.base = float(base)
         self.scaling = scaling
         self.factor = float(factor)
         self.interleaved = interleaved
-
-        inv_freq64 = rope_frequencies(rotary_dim, base=base, scaling=scaling, factor=factor, dtype=torch.float64)
         self._inv_freq64 = inv_freq64  # (rd/2,) float64, deliberately not a buffer (see class docstring)
         self.register_buffer("inv_freq", inv_freq64.to(torch.float32), persistent=False)  # (rd/2,)
         self._cache: tuple[int, torch.device, torch.dtype, Tensor, Tensor] | None = None
@@ -416,10 +417,19 @@ class RotaryEmbedding(nn.Module):
         return cos, sin
 
     def cos_sin(
-        self, length: int, *, positions: Tensor | None = None, offset: int = 0,
-        device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+        self,
+        length: int,
+        *,
+        positions: Tensor | None = None,
+        offset: int = 0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> tuple[Tensor, Tensor]:
-        """cos/sin (L, rd) for offset + arange(length), or (..., L, rd) for explicit positions."""
+        """cos/sin (L, rd) for offset + arange(length), or (..., L, rd) for explicit positions.
+
+        ``offset`` only applies when ``positions`` is None; explicit positions
+        are used as given.
+        """
         device = torch.device(device) if device is not None else self.inv_freq.device
         if positions is not None:
             if positions.shape[-1] != length:

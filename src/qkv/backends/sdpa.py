@@ -74,15 +74,19 @@ class SDPABackend(Backend):
             out = out.view(B, Hq, Lq, Dv)
         else:
             q_groups = q.view(B, Hkv, G, Lq, D)                              # head h = kv * G + g
-            if dense is not None and dense.shape[1] > 1:
-                dense = dense.expand(dense.shape[0], Hq, Lq, Lk).view(dense.shape[0], Hkv, G, Lq, Lk)
+            per_head = dense is not None and dense.shape[1] > 1
+            if per_head:
+                groups = dense.expand(-1, -1, Lq, Lk).unflatten(1, (Hkv, G))  # (B', Hkv, G, Lq, Lk)
             outs = []
             for g in range(G):
-                m = None if dense is None else (dense[:, :, g] if dense.dim() == 5 else dense)
+                m = groups[:, :, g] if per_head else dense
                 outs.append(F.scaled_dot_product_attention(q_groups[:, :, g], k, v, attn_mask=m,
                                                            is_causal=is_causal, **kw))  # (B, Hkv, Lq, Dv)
             out = torch.stack(outs, dim=2).view(B, Hq, Lq, Dv)
 
+        # torch's CPU kernel returns zeros for a query row holding NaN; qkv propagates NaN
+        # (the sum is NaN exactly when the row has a NaN, and adds 0 otherwise)
+        out = out + q.sum(dim=-1, keepdim=True) * 0
         if dense is not None:
             # torch's kernels differ across devices for rows with no allowed key; qkv defines them as 0
             empty_rows = ~dense.any(dim=-1, keepdim=True)

@@ -1,0 +1,60 @@
+"""Shared test helpers: the error-ratio rule and random inputs.
+
+Legend: B batch, Hq query heads, Hkv key/value heads, Lq/Lk lengths, D head dim.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import qkv
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one thread per worker: the workers already use every core
+    torch.set_num_threads(1)
+
+EPS = {
+    torch.float64: torch.finfo(torch.float64).eps,
+    torch.float32: torch.finfo(torch.float32).eps,
+    torch.bfloat16: torch.finfo(torch.bfloat16).eps,
+    torch.float16: torch.finfo(torch.float16).eps,
+}
+
+
+def max_err(x: torch.Tensor, oracle: torch.Tensor) -> float:
+    diff = (x.double() - oracle.double()).abs()
+    if diff.numel() == 0:
+        return 0.0
+    assert not torch.isnan(diff).any(), "NaN where the oracle has a number"
+    return float(diff.max())
+
+
+def assert_error_ratio(candidate, baseline, oracle, *, ratio: float = 2.0, what: str = "") -> None:
+    """DESIGN.md's rule: the candidate's error against the float64 oracle is at most
+    `ratio` x the same-dtype baseline's error, plus one ulp of the dtype at the
+    oracle's scale (so two exact-to-rounding results never fail on a tie at zero)."""
+    err_c = max_err(candidate, oracle)
+    err_b = max_err(baseline, oracle)
+    scale = max(1.0, float(oracle.double().abs().max())) if oracle.numel() else 1.0
+    floor = EPS[candidate.dtype] * scale
+    assert err_c <= ratio * err_b + floor, (
+        f"{what}: candidate error {err_c:.3e} > {ratio} x baseline error {err_b:.3e} + {floor:.1e}")
+
+
+def rand_qkv(B, Hq, Hkv, Lq, Lk, D, Dv=None, *, dtype=torch.float32, seed=0, requires_grad=False):
+    """Fresh random inputs (never zeros), created in float64 then cast, so every dtype sees the same values."""
+    g = torch.Generator().manual_seed(seed)
+    Dv = D if Dv is None else Dv
+    q = torch.randn(B, Hq, Lq, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, Hkv, Lk, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, Hkv, Lk, Dv, generator=g, dtype=torch.float64)
+    out = [t.to(dtype).requires_grad_(requires_grad) for t in (q, k, v)]
+    return tuple(out)
+
+
+@pytest.fixture
+def qkv_module():
+    return qkv
