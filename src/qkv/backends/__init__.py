@@ -260,7 +260,9 @@ def _checked(be: Backend, call: Call) -> Backend:
 
 
 def _who_can(call: Call) -> str:
-    able = [name for name, be in _REGISTRY.items() if be.refusal(call) is None]
+    # suggest auto's backends first (in its order), then the rest (e.g. the oracle)
+    order = [n for n in _AUTO_ORDER if n in _REGISTRY] + [n for n in _REGISTRY if n not in _AUTO_ORDER]
+    able = [name for name in order if _REGISTRY[name].refusal(call) is None]
     if able:
         return f"use backend={able[0]!r}" + (f" (or {', '.join(map(repr, able[1:]))})" if able[1:] else "")
     return "no registered backend supports this combination"

@@ -1,0 +1,126 @@
+"""The `qkv` command: explain attention on a sentence, list backends, run the tour or the benchmark.
+
+    qkv explain "the dog fetches the stick" [--dim 8] [--seed 0] [--causal]
+    qkv backends
+    qkv demo [--out runs/demo] [--quick]
+    qkv bench [--out runs/bench] [--quick]
+    qkv --version
+
+`main(argv)` returns the exit status instead of exiting, so tests can call it
+in-process; the console script (and `python -m qkv`) pass it to `sys.exit`.
+Usage errors print one line on stderr and return 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import qkv
+
+__all__ = ["main", "build_parser"]
+
+
+class UsageError(Exception):
+    """Bad arguments: `main` prints the message on one line and returns 2 (no traceback)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that names the subcommand in its error line and shows a usage hint."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _cmd_explain(args) -> int:
+    from qkv import demo
+
+    try:
+        trace = demo.explain_sentence(args.sentence, dim=args.dim, seed=args.seed, causal=args.causal)
+    except ValueError as exc:  # empty or too long sentence, bad --dim / --seed
+        raise UsageError(str(exc)) from exc
+    print("single-head self-attention, step by step:  softmax(Q K^T / sqrt(d_k)) V\n")
+    print(demo.render_trace(trace, dim=args.dim, seed=args.seed, causal=args.causal))
+    return 0
+
+
+def _cmd_backends(args) -> int:
+    print(qkv.backends.list())
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from qkv import demo
+
+    demo.run(args.out, quick=args.quick)
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from qkv import demo
+
+    demo.bench(args.out, quick=args.quick)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="qkv", description="Self-attention from the textbook formula to fast exact kernels.")
+    parser.add_argument("--version", action="version", version=f"qkv {qkv.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("explain", help="attention on a sentence, step by step (toy vectors, no download)",
+                       description="Print every step of single-head self-attention on a sentence, using "
+                                   "deterministic toy embeddings and random projections (not a trained model).")
+    p.add_argument("sentence", help='the words to attend over, e.g. "the dog fetches the stick"')
+    p.add_argument("--dim", type=int, default=8, help="width of the toy embeddings and projections (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random projections W_q, W_k, W_v (default 0)")
+    p.add_argument("--causal", action="store_true", help="each token may only attend to itself and earlier tokens")
+    p.set_defaults(func=_cmd_explain)
+
+    p = sub.add_parser("backends", help="the registered backends and what each supports")
+    p.set_defaults(func=_cmd_backends)
+
+    p = sub.add_parser("demo", help="the tour: worked example, masks, backend check and timings")
+    p.add_argument("--out", default=os.path.join("runs", "demo"), help="where summary.json/.md go (default runs/demo)")
+    p.add_argument("--quick", action="store_true", help="shorter sequences (a few seconds)")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("bench", help="time math vs sdpa (forward, forward+backward); writes backends.json")
+    p.add_argument("--out", default=os.path.join("runs", "bench"), help="where backends.json goes (default runs/bench)")
+    p.add_argument("--quick", action="store_true", help="L in {256, 512} only")
+    p.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the `qkv` command with `argv` (default: sys.argv[1:]); returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help / --version (0) or a usage error (2, already printed)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    if args.command is None:
+        parser.print_usage(sys.stderr)
+        print("qkv: error: choose a command: explain, backends, demo or bench (qkv --help says more)",
+              file=sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as exc:
+        print(f"qkv {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `qkv explain ... | head`: the reader left; say nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+    except OSError as exc:  # e.g. --out names a file, or a directory we may not write to
+        print(f"qkv {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,585 @@
+"""`qkv demo`: a guided tour of qkv that prints what it does and writes its numbers to disk.
+
+Legend: B batch, H heads, L sequence length (Lq = Lk = L here), D head dim,
+d_model the toy model's width.
+
+The tour is a list of steps (`STEPS`); each prints a header saying what it
+shows and why it matters, and returns a JSON-able dict plus a Markdown section.
+`run()` collects them into `summary.json` and `summary.md`. Capabilities that
+land later append their own `Step` to `STEPS`.
+
+This module also holds what the `qkv explain` and `qkv bench` commands use:
+
+- `toy_model` / `explain_sentence` / `render_trace`: a deterministic toy
+  single-head attention over a sentence (no downloads, no trained weights);
+- `backend_timings`: `math` vs `sdpa` side by side in one process (agreement
+  and median times), shared by the demo, `qkv bench` and
+  `benchmarks/bench_backends.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+import qkv
+from qkv.reference import Trace, explain, format_table
+
+__all__ = [
+    "run", "Step", "STEPS", "toy_embedding", "toy_model", "tokenize", "explain_sentence", "render_trace",
+    "mask_picture", "backend_timings", "timing_table", "bench", "machine_info", "write_atomic",
+    "EXAMPLE_SENTENCE",
+]
+
+EXAMPLE_SENTENCE = "the dog fetches the stick"
+
+
+# ----------------------------------------------------------------------------
+# Small utilities
+# ----------------------------------------------------------------------------
+
+def write_atomic(path, text: str) -> Path:
+    """Write `text` to `path` so readers see the old file or the new one, never half of one.
+
+    The text goes to a temporary file in the same directory (same filesystem),
+    which then replaces the target in one `os.replace`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp creates 0600; results are meant to be read by others
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def machine_info() -> dict:
+    """Where the numbers came from: CPU model, cores, threads, library versions."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        usable = os.cpu_count()
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "usable_cores": usable,
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "qkv": qkv.__version__,
+    }
+
+
+def format_machine(info: dict) -> str:
+    return (f"machine: {info['cpu']}; {info['usable_cores']} usable cores of {info['cpu_count']}, "
+            f"torch threads {info['torch_threads']}; torch {info['torch']}, numpy {info['numpy']}, "
+            f"python {info['python']}, qkv {info['qkv']}")
+
+
+def _peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+# ----------------------------------------------------------------------------
+# The worked example: toy single-head attention over a sentence
+# ----------------------------------------------------------------------------
+
+_SUFFIXES = ("ing", "es", "ed", "s")
+
+
+def _stem(word: str) -> str:
+    """A crude stem so 'dog'/'dogs' and 'fetch'/'fetches' share most of their toy vector."""
+    w = word.lower()
+    for suffix in _SUFFIXES:
+        if w.endswith(suffix) and len(w) - len(suffix) >= 3:
+            return w[: -len(suffix)]
+    return w
+
+
+def _stable_vector(text: str, dim: int) -> np.ndarray:
+    """A standard-normal vector that depends only on `text` (sha256, not Python's salted hash())."""
+    seed = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little")
+    return np.random.default_rng(seed).standard_normal(dim)
+
+
+def toy_embedding(token: str, dim: int = 8) -> np.ndarray:
+    """The toy embedding of one token, shape (dim,): the same word always gets the same vector.
+
+    Mostly a vector of the word's stem plus a little of the word itself, so
+    case and inflection variants ('The'/'the', 'dog'/'dogs') are close and
+    unrelated words are random, nearly orthogonal directions. Entries have
+    variance 1 (0.8^2 + 0.6^2 = 1).
+    """
+    return 0.8 * _stable_vector("stem:" + _stem(token), dim) + 0.6 * _stable_vector("word:" + token.lower(), dim)
+
+
+def toy_model(tokens: Sequence[str], dim: int = 8, seed: int = 0):
+    """Embeddings and projections of a toy single-head attention (not a trained model).
+
+    Returns x (L, d_model), w_q, w_k, w_v (d_model, d_model), multiplying on the
+    right (Q = x W_q). W_q, W_v are random (N(0, 1/dim), so Q, K, V entries keep
+    variance ~1); W_k is W_q plus a little noise, which makes q_i . k_j roughly
+    x_i A A^T x_j: a similarity kernel. A query therefore matches the keys of
+    tokens with similar embeddings (the same word, the same stem). A trained
+    model learns W_q, W_k that match other relations (a verb to its subject).
+    """
+    x = np.stack([toy_embedding(t, dim) for t in tokens])                # (L, d_model)
+    g = np.random.default_rng(seed)
+    w_q = g.standard_normal((dim, dim)) / np.sqrt(dim)                   # (d_model, d_k)
+    w_k = w_q + 0.5 * g.standard_normal((dim, dim)) / np.sqrt(dim)       # (d_model, d_k)
+    w_v = g.standard_normal((dim, dim)) / np.sqrt(dim)                   # (d_model, d_v)
+    return x, w_q, w_k, w_v
+
+
+_TOKEN = re.compile(r"\w+(?:'\w+)?|[^\w\s]")
+MAX_TOKENS = 32
+
+
+def tokenize(sentence: str) -> list[str]:
+    """Words and punctuation marks, in order ("Dog's ball." -> ["Dog's", "ball", "."])."""
+    if not isinstance(sentence, str):
+        raise TypeError(f"sentence must be a string, got {type(sentence).__name__}")
+    tokens = _TOKEN.findall(sentence)
+    if not tokens:
+        raise ValueError('the sentence is empty: pass some words, e.g. qkv explain "the dog fetches the stick"')
+    if len(tokens) > MAX_TOKENS:
+        raise ValueError(f"the sentence has {len(tokens)} tokens; the printed tables stay readable up to "
+                         f"{MAX_TOKENS}: pass a shorter sentence")
+    return tokens
+
+
+def explain_sentence(sentence: str = EXAMPLE_SENTENCE, *, dim: int = 8, seed: int = 0,
+                     causal: bool = False) -> Trace:
+    """The `qkv.reference.explain` trace of the toy model on `sentence`."""
+    if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= 64:
+        raise ValueError(f"dim must be an integer in [1, 64] (the width of the printed tables), got {dim!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    tokens = tokenize(sentence)
+    x, w_q, w_k, w_v = toy_model(tokens, dim, seed)
+    return explain(x, w_q, w_k, w_v, tokens=tokens, causal=causal)
+
+
+def _step_notes(trace: Trace) -> list[tuple[str, np.ndarray, bool, str, str]]:
+    """(title, matrix, rows-and-columns-are-tokens, what it shows, why it matters) per printed table."""
+    d_k = trace.Q.shape[-1]
+    notes = [
+        ("x: token embeddings", trace.x, False,
+         "one row per token: the (toy) vector each word starts with",
+         "attention only ever sees these numbers, never the words"),
+        ("Q = x W_q: queries", trace.Q, False,
+         "what each token is looking for",
+         "row i is compared with every key to decide where token i looks"),
+        ("K = x W_k: keys", trace.K, False,
+         "what each token offers to be found by",
+         "a query and a key that point the same way give a large dot product"),
+        ("V = x W_v: values", trace.V, False,
+         "what each token hands over when it is attended to",
+         "the output is a mix of these rows, so V decides what information moves"),
+        ("step 1: raw scores S = Q K^T", trace.raw_scores, True,
+         "row = query token, column = key token, entry = q_i . k_j",
+         "bigger means a better match; the numbers are not yet comparable across rows"),
+        (f"step 2: scaled scores S / sqrt(d_k) = S / {np.sqrt(d_k):.3f}", trace.scaled_scores, True,
+         "the scores divided by sqrt(d_k)",
+         "dot products grow like sqrt(d_k); without this the softmax saturates to one-hot and its gradients vanish"),
+    ]
+    if not trace.allowed.all():
+        notes.append(("step 2b: masked scores", trace.masked_scores, True,
+                      "pairs a query may not see (here: later tokens) set to -inf",
+                      "exp(-inf) = 0, so no information flows from the future: what teacher-forced training needs"))
+    notes += [
+        ("step 3: softmax weights", trace.weights, True,
+         "each row exponentiated and normalised: a probability distribution over the keys (rows sum to 1)",
+         "these are the attention weights: how much of each token's value flows into the row's token"),
+        ("step 4: output = weights V", trace.output, False,
+         "each token's new vector: a weighted average of the value rows",
+         "this is what the next layer sees; each token now carries context from the tokens it attended to"),
+    ]
+    return notes
+
+
+def most_attended(trace: Trace) -> list[dict]:
+    """For each query position: the key position with the largest weight (first one on ties)."""
+    out = []
+    for i, tok in enumerate(trace.tokens):
+        j = int(np.argmax(trace.weights[i]))
+        out.append({"i": i, "token": tok, "j": j, "attends_to": trace.tokens[j],
+                    "weight": float(trace.weights[i, j])})
+    return out
+
+
+def render_trace(trace: Trace, *, dim: int | None = None, seed: int = 0, causal: bool = False) -> str:
+    """The trace as text: tokens, the toy model, every table with what it shows and why, the argmax."""
+    dim = trace.x.shape[1] if dim is None else dim
+    toks = "  ".join(f"[{i}] {t}" for i, t in enumerate(trace.tokens))
+    lines = [
+        f"tokens ({len(trace.tokens)}): {toks}",
+        f"toy model: d_model = d_k = d_v = {dim}, seed {seed}, {'causal' if causal else 'no'} mask.",
+        "  Toy numbers, not a trained model: each word's embedding is derived from a hash of the word",
+        "  (words sharing a stem share most of it); W_q, W_v are random, W_k = W_q + noise, so a query",
+        "  matches the keys of tokens with similar embeddings (the same word, the same stem).",
+        "",
+    ]
+    for title, matrix, square, shows, why in _step_notes(trace):
+        lines += [title, f"  shows: {shows}", f"  why:   {why}", trace.table(matrix, square), ""]
+    lines.append("which token each token attends to most (largest weight in its row of step 3):")
+    width = max(len(f"[{i}] {t!r}") for i, t in enumerate(trace.tokens))
+    for m in most_attended(trace):
+        who = f"[{m['i']}] {m['token']!r}".rjust(width)
+        lines.append(f"  {who} attends to most: [{m['j']}] {m['attends_to']!r} (weight {m['weight']:.2f})")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------
+# Masks as pictures
+# ----------------------------------------------------------------------------
+
+def mask_picture(mask, L: int = 8) -> list[str]:
+    """An L x L mask as rows of 'x' (may attend) and '.' (masked); rows = queries, columns = keys."""
+    dense = mask.to_dense(L, L)[0, 0]                                      # (L, L) bool
+    return [" ".join("x" if bool(v) else "." for v in row) for row in dense]
+
+
+def side_by_side(pictures: Sequence[tuple[str, list[str]]], gap: int = 4) -> str:
+    """Titled pictures next to each other, each column as wide as its widest line."""
+    widths = [max(len(title), *(len(r) for r in rows)) for title, rows in pictures]
+    height = max(len(rows) for _, rows in pictures)
+    sep = " " * gap
+    out = [sep.join(t.ljust(w) for (t, _), w in zip(pictures, widths)).rstrip()]
+    for i in range(height):
+        out.append(sep.join((rows[i] if i < len(rows) else "").ljust(w)
+                            for (_, rows), w in zip(pictures, widths)).rstrip())
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------
+# Backend timings: math vs sdpa, side by side in one process
+# ----------------------------------------------------------------------------
+
+def _mask_specs(names: Sequence[str]) -> list[tuple[str, dict]]:
+    """Mask names -> qkv.attention keyword arguments."""
+    specs = []
+    for name in names:
+        if name == "none":
+            specs.append((name, {}))
+        elif name == "causal":
+            specs.append((name, {"causal": True}))
+        elif (m := re.fullmatch(r"sliding_window\((\d+)\)", name)):
+            specs.append((name, {"mask": qkv.masks.sliding_window(int(m.group(1)))}))
+        else:
+            raise ValueError(f"unknown mask {name!r}: use 'none', 'causal' or 'sliding_window(W)'")
+    return specs
+
+
+def _median_ms(fn: Callable[[], object], *, warmup: int, min_runs: int, max_runs: int, budget_s: float,
+               first_s: float = 0.0) -> tuple[float, int]:
+    """Median wall time of `fn` in ms after `warmup` more calls, and how many runs it took.
+
+    At least `min_runs` runs (2 when one call, `first_s`, already exceeds the budget:
+    a 4096-long materialised backward takes many seconds), more while within `budget_s`.
+    """
+    for _ in range(warmup):
+        fn()
+    need = min_runs if first_s <= budget_s else min(min_runs, 2)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < need or (len(times) < max_runs and time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3, len(times)
+
+
+def backend_timings(lengths: Sequence[int] = (512, 1024, 2048), masks: Sequence[str] = ("none", "causal"),
+                    passes: Sequence[str] = ("fwd",), *, B: int = 1, H: int = 8, D: int = 64,
+                    dtype: torch.dtype = torch.float32, backends: tuple[str, str] = ("math", "sdpa"),
+                    warmup: int = 1, min_runs: int = 3, max_runs: int = 7, budget_s: float = 1.0,
+                    seed: int = 0, verbose: bool = True) -> list[dict]:
+    """Time two backends on the same inputs, and check they agree.
+
+    For each length L, mask and pass ("fwd" or "fwd+bwd"), both backends run on
+    the same q, k, v (B, H, L, D), one after the other in this process. Each
+    time is the median of `min_runs`..`max_runs` calls after `warmup` calls
+    (only 2 when a single call takes longer than `budget_s`).
+    `max_abs_diff` compares the outputs (and, for "fwd+bwd", the gradients of
+    q, k, v); `agree` holds when it is within 1e-4 x the largest magnitude
+    compared (fp32 kernels that sum in different orders differ by ~1e-6 here).
+    Returns one dict per (L, mask, pass) with times in ms and the ratio
+    first/second backend (> 1: the second is faster).
+    """
+    for p in passes:
+        if p not in ("fwd", "fwd+bwd"):
+            raise ValueError(f"unknown pass {p!r}: use 'fwd' or 'fwd+bwd'")
+    first, second = backends
+    rows = []
+    for L in lengths:
+        g = torch.Generator().manual_seed(seed + L)
+        q, k, v = (torch.randn(B, H, L, D, generator=g, dtype=dtype) for _ in range(3))  # (B, H, L, D) each
+        grad_out = torch.randn(B, H, L, D, generator=g, dtype=dtype)                   # (B, H, L, D)
+        for mask_name, kwargs in _mask_specs(masks):
+            for p in passes:
+                results, times, runs = {}, {}, {}
+                for name in backends:
+                    if p == "fwd":
+                        def fn(name=name):
+                            with torch.no_grad():
+                                return qkv.attention(q, k, v, backend=name, **kwargs)
+                    else:
+                        def fn(name=name):
+                            qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
+                            out = qkv.attention(qg, kg, vg, backend=name, **kwargs)
+                            grads = torch.autograd.grad(out, (qg, kg, vg), grad_out)
+                            return (out.detach(), *grads)
+                    t0 = time.perf_counter()
+                    res = fn()  # the first warm-up call; its result is what the backends are compared on
+                    first_s = time.perf_counter() - t0
+                    results[name] = res if isinstance(res, tuple) else (res,)
+                    times[name], runs[name] = _median_ms(fn, warmup=max(warmup - 1, 0), min_runs=min_runs,
+                                                         max_runs=max_runs, budget_s=budget_s, first_s=first_s)
+                diff = max(float((a - b).abs().max()) for a, b in zip(results[first], results[second]))
+                scale = max(1.0, *(float(a.abs().max()) for a in results[first]))
+                row = {
+                    "L": L, "mask": mask_name, "pass": p, "B": B, "H": H, "D": D, "dtype": str(dtype).replace("torch.", ""),
+                    f"{first}_ms": round(times[first], 3), f"{second}_ms": round(times[second], 3),
+                    "ratio": round(times[first] / times[second], 3) if times[second] > 0 else None,
+                    "max_abs_diff": diff, "agree": diff <= 1e-4 * scale,
+                    "runs": runs,
+                }
+                rows.append(row)
+                if verbose:
+                    print(f"  L={L:<5} {mask_name:<19} {p:<7} {first} {times[first]:9.2f} ms   "
+                          f"{second} {times[second]:9.2f} ms", flush=True)
+    return rows
+
+
+_TABLE_COLUMNS = ("L", "mask", "pass", "{0} ms", "{1} ms", "{0}/{1}", "max|diff|", "agree")
+
+
+def _table_cells(rows: Sequence[dict], backends: tuple[str, str]) -> tuple[list[str], list[list[str]]]:
+    a, b = backends
+    header = [c.format(a, b) for c in _TABLE_COLUMNS]
+    body = []
+    for r in rows:
+        ratio = r["ratio"]
+        body.append([str(r["L"]), r["mask"], r["pass"], f"{r[f'{a}_ms']:.2f}", f"{r[f'{b}_ms']:.2f}",
+                     "-" if ratio is None else f"{ratio:.2f}x", f"{r['max_abs_diff']:.1e}",
+                     "yes" if r["agree"] else "NO"])
+    return header, body
+
+
+def timing_table(rows: Sequence[dict], backends: tuple[str, str] = ("math", "sdpa"), *, markdown: bool = False) -> str:
+    """The rows of `backend_timings` as a plain-text (or Markdown) table."""
+    header, body = _table_cells(rows, backends)
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    fmt = lambda r: "  ".join(c.rjust(w) for c, w in zip(r, widths))  # noqa: E731
+    return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *map(fmt, body)])
+
+
+# ----------------------------------------------------------------------------
+# The benchmark (`qkv bench` and benchmarks/bench_backends.py)
+# ----------------------------------------------------------------------------
+
+BENCH_LENGTHS = (512, 1024, 2048, 4096)
+BENCH_QUICK_LENGTHS = (256, 512)
+BENCH_MASKS = ("none", "causal", "sliding_window(256)")
+BENCH_PASSES = ("fwd", "fwd+bwd")
+
+
+def bench(out_dir="runs/bench", quick: bool = False, *, lengths: Sequence[int] | None = None,
+          masks: Sequence[str] = BENCH_MASKS, passes: Sequence[str] = BENCH_PASSES) -> dict:
+    """math vs sdpa, forward and forward+backward, fp32, B=1, H=8, D=64; writes `backends.json`.
+
+    Prints the machine and a table (ms and ratios); returns what it wrote.
+    """
+    lengths = tuple(lengths) if lengths is not None else (BENCH_QUICK_LENGTHS if quick else BENCH_LENGTHS)
+    info = machine_info()
+    print(format_machine(info))
+    print(f"math vs sdpa, fp32, B=1, H=8, D=64; L in {list(lengths)}; masks {list(masks)}; passes {list(passes)}")
+    print("(median of several runs after a warm-up; ratio > 1: sdpa is faster)\n", flush=True)
+    t0 = time.perf_counter()
+    rows = backend_timings(lengths, masks, passes, min_runs=3, max_runs=7 if not quick else 5,
+                           budget_s=1.0 if quick else 3.0)
+    table = timing_table(rows)
+    print("\n" + table)
+    result = {
+        "benchmark": "backends", "machine": info, "seconds": round(time.perf_counter() - t0, 2),
+        "peak_rss_mib": round(_peak_rss_mib(), 1),
+        "grid": {"lengths": list(lengths), "masks": list(masks), "passes": list(passes),
+                 "B": 1, "H": 8, "D": 64, "dtype": "float32"},
+        "rows": rows,
+    }
+    path = write_atomic(Path(out_dir) / "backends.json", json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {path}")
+    return result
+
+
+# ----------------------------------------------------------------------------
+# The tour
+# ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Step:
+    """One part of the tour: `fn(quick)` prints as it goes and returns (summary dict, Markdown body)."""
+
+    key: str
+    title: str
+    shows: str
+    why: str
+    fn: Callable[[bool], tuple[dict, str]]
+
+
+def _worked_example(quick: bool) -> tuple[dict, str]:
+    trace = explain_sentence(EXAMPLE_SENTENCE)
+    text = render_trace(trace)
+    print(f'qkv explain "{EXAMPLE_SENTENCE}"\n')
+    print(text)
+    data = {
+        "sentence": EXAMPLE_SENTENCE, "tokens": trace.tokens, "dim": int(trace.x.shape[1]), "seed": 0,
+        "weights": np.round(trace.weights, 6).tolist(), "most_attended": most_attended(trace),
+    }
+    md = f'`qkv explain "{EXAMPLE_SENTENCE}"`\n\n```\n{text}\n```'
+    return data, md
+
+
+def _masks(quick: bool) -> tuple[dict, str]:
+    ids = [0, 0, 0, 1, 1, 1, 1, 2]  # three packed documents of lengths 3, 4, 1
+    M = qkv.masks
+    pictures = [
+        ("causal()", mask_picture(M.causal())),
+        ("sliding_window(3)", mask_picture(M.sliding_window(3))),
+        (f"document({ids})".replace(" ", ""), mask_picture(M.document(ids))),
+        ("causal() & document(ids)", mask_picture(M.causal() & M.document(ids))),
+        ("sliding_window(3) & document(ids)", mask_picture(M.sliding_window(3) & M.document(ids))),
+    ]
+    grid = side_by_side(pictures[:3]) + "\n\n" + side_by_side(pictures[3:])
+    print("8 x 8 masks (rows = queries, columns = keys; x = may attend, . = masked):\n")
+    print(grid)
+
+    L, W, block = 16384, 1024, 128
+    long_mask = M.causal() & M.sliding_window(W)
+    t0 = time.perf_counter()
+    bm = long_mask.block_mask(L, L, block=block)
+    ms = (time.perf_counter() - t0) * 1e3
+    counts = bm.counts()
+    n_tiles = sum(counts.values())
+    dense_mib = L * L / 2**20
+    summary_lines = [
+        f"(causal() & sliding_window({W})).block_mask({L}, {L}, block={block}):",
+        f"  {n_tiles} tiles of {block}x{block}: {counts['EMPTY']} EMPTY (skipped), {counts['PARTIAL']} PARTIAL "
+        f"(mask applied), {counts['FULL']} FULL (no mask needed); sparsity {bm.sparsity:.1%}",
+        f"  classified in {ms:.1f} ms from the masks' formulas: no {L} x {L} array was built "
+        f"(as bools that would be {dense_mib:.0f} MiB; the tile table is {bm.kind.numel() / 1024:.0f} KiB)",
+        "  tiles, one character each ('#' FULL, '+' PARTIAL, '.' EMPTY), shrunk to 32 x 32:",
+    ]
+    pic = bm.picture(max_side=32)
+    print("\n" + "\n".join(summary_lines))
+    print("\n".join("    " + r for r in pic.splitlines()))
+    data = {
+        "pictures": {t: rows for t, rows in pictures},
+        "block_mask": {"mask": repr(long_mask), "L": L, "block": block, "counts": counts,
+                       "sparsity": bm.sparsity, "classify_ms": round(ms, 2), "dense_mib_avoided": dense_mib,
+                       "picture": pic.splitlines()},
+    }
+    md = f"```\n{grid}\n```\n\n```\n" + "\n".join(summary_lines) + "\n" + pic + "\n```"
+    return data, md
+
+
+def _backends(quick: bool) -> tuple[dict, str]:
+    info = machine_info()
+    print(format_machine(info))
+    lengths = (256, 512) if quick else (512, 1024, 2048)
+    print(f"B=1, H=8, D=64, fp32, L in {list(lengths)}, forward only; median of several runs after a warm-up")
+    rows = backend_timings(lengths, ("none", "causal"), ("fwd",), budget_s=0.5 if quick else 1.0)
+    table = timing_table(rows)
+    ok = all(r["agree"] for r in rows)
+    print("\n" + table)
+    verdict = ("math and sdpa agree on every shape (max|diff| <= 1e-4 x output scale)" if ok
+               else "WARNING: math and sdpa disagree on some shape (see 'agree')")
+    print(f"\n{verdict}; ratio = math time / sdpa time (how much the fused kernel saves)")
+    print("\ncapability table (qkv backends):\n" + str(qkv.backends.list()))
+    data = {"machine": info, "rows": rows, "all_agree": ok}
+    md = (f"{format_machine(info)}\n\n{timing_table(rows, markdown=True)}\n\n{verdict}.\n\n"
+          f"{qkv.backends.list().markdown()}")
+    return data, md
+
+
+STEPS: list[Step] = [
+    Step("worked_example", "the worked example: attention step by step",
+         "single-head self-attention on 'the dog fetches the stick': Q, K, V, scores, scaling, softmax, output",
+         "every faster path in qkv computes exactly these numbers; this is the formula made visible", _worked_example),
+    Step("masks", "masks: who may attend to whom",
+         "causal, sliding-window and packed-document masks as pictures, and the tile summary of a 16k mask",
+         "masks are small functions that compose with & | ~; kernels skip EMPTY tiles, so sparsity is speed",
+         _masks),
+    Step("backends", "backends: the same answer, different speed",
+         "the materialised 'math' backend and torch's fused 'sdpa' on the same inputs: agreement and time",
+         "'auto' picks the fastest backend that can serve a call; this checks it is exact and shows what it saves",
+         _backends),
+]
+
+
+def _header(i: int, n: int, step: Step) -> str:
+    bar = "=" * 78
+    return f"\n{bar}\n[{i}/{n}] {step.title}\n  shows: {step.shows}\n  why:   {step.why}\n{bar}\n"
+
+
+def run(out_dir="runs/demo", quick: bool = False) -> dict:
+    """Run the tour, print it, write `summary.json` and `summary.md` into `out_dir`; return the summary.
+
+    `quick` shrinks the expensive parts (shorter sequences) for tests and smoke runs.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    summary: dict = {"qkv_version": qkv.__version__, "quick": bool(quick), "machine": machine_info(), "steps": {}}
+    md = [f"# qkv demo{' (quick)' if quick else ''}", "", format_machine(summary["machine"])]
+    for i, step in enumerate(STEPS, 1):
+        print(_header(i, len(STEPS), step), flush=True)
+        t0 = time.perf_counter()
+        data, body = step.fn(quick)
+        seconds = round(time.perf_counter() - t0, 2)
+        summary["steps"][step.key] = {"title": step.title, "shows": step.shows, "why": step.why,
+                                      "seconds": seconds, **data}
+        md += ["", f"## {i}. {step.title}", "", f"*Shows:* {step.shows}. *Why:* {step.why}.", "", body]
+    summary["seconds"] = round(time.perf_counter() - started, 2)
+    json_path = write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    md_path = write_atomic(out / "summary.md", "\n".join(md) + "\n")
+    print(f"\ndemo finished in {summary['seconds']:.1f} s; wrote {json_path} and {md_path}")
+    return summary

@@ -1,0 +1,383 @@
+"""Transformer layers: multi-head attention, feed-forward, RMSNorm, a whole block.
+
+Legend: B batch, Lq query length, Lk key length, Hq query heads, Hkv key/value heads,
+G = Hq // Hkv, D head dim, d_model model width, kv_dim width of a cross-attention context.
+
+These modules only hold parameters and hyper-parameters; the attention maths
+lives in `qkv.attention` (one place, every backend), so a layer is a few
+projections and reshapes around one call::
+
+    x (B, Lq, d_model) --q_proj--> (B, Lq, Hq*D)  --split--> q (B, Hq, Lq, D)  --RoPE--+
+    ctx (B, Lk, kv_dim) --k_proj--> (B, Lk, Hkv*D) --split--> k (B, Hkv, Lk, D) --RoPE--+--> qkv.attention
+    ctx (B, Lk, kv_dim) --v_proj--> (B, Lk, Hkv*D) --split--> v (B, Hkv, Lk, D) --------+        |
+                                                                                              (B, Hq, Lq, D)
+    out (B, Lq, d_model) <--o_proj-- (B, Lq, Hq*D) <--merge-------------------------------------+
+
+Parameter names follow the Llama / Hugging Face convention (q_proj, k_proj,
+v_proj, o_proj; gate_proj, up_proj, down_proj) so that checkpoints map onto
+them with few renames.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import qkv
+from qkv import scores as _scores
+from qkv.positional import RotaryEmbedding
+
+__all__ = ["MultiHeadAttention", "FeedForward", "RMSNorm", "Block", "ACTIVATIONS", "NORMS"]
+
+
+def _check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def _check_dropout(name: str, p) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1), got {p!r}")
+    return float(p)
+
+
+# -----------------------------------------------------------------------------
+# Multi-head attention (MHA / GQA / MQA, self and cross)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention with separate q/k/v/o projections, forwarding to `qkv.attention`.
+
+    Args:
+        d_model: width of the input x (and of the output).
+        n_heads: query heads Hq.
+        n_kv_heads: key/value heads Hkv (default Hq). Hkv = Hq is MHA, 1 < Hkv < Hq
+            is GQA, Hkv = 1 is MQA; Hkv must divide Hq. K/V are never repeated.
+        head_dim: D (default d_model // n_heads, which must then divide exactly).
+        kv_dim: width of the cross-attention context (default d_model).
+        bias: bias on q/k/v projections. out_bias: bias on o_proj (default `bias`).
+        dropout: dropout on the attention weights, in training mode only.
+        scale: multiplies q k^T (default 1 / sqrt(D)).
+        rope: a `qkv.positional.RotaryEmbedding` (its head_dim must be D) or None.
+        alibi: False; True for the paper's slopes for n_heads; or a (n_heads,) tensor of slopes.
+        backend: passed to `qkv.attention` ("auto", "math", "sdpa", ...).
+
+    Positions. RoPE rotates q and k by the absolute positions of their tokens.
+    In self-attention both come from `positions` (default arange(Lq)). In
+    cross-attention the keys belong to another sequence (an encoder output,
+    an image) whose positions are not comparable with the queries', so RoPE is
+    *not* applied there unless the caller opts in by passing
+    `context_positions` (then q is rotated by `positions`, k by `context_positions`).
+    ALiBi is a score_mod: it uses the positions `qkv.attention` gives the
+    scores (keys 0..Lk-1, queries the last Lq of them), in self and cross
+    attention alike.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, *, n_kv_heads: int | None = None,
+                 head_dim: int | None = None, kv_dim: int | None = None, bias: bool = True,
+                 out_bias: bool | None = None, dropout: float = 0.0, scale: float | None = None,
+                 rope: RotaryEmbedding | None = None, alibi: bool | Tensor = False,
+                 backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        _check_positive_int("d_model", d_model)
+        _check_positive_int("n_heads", n_heads)
+        n_kv_heads = n_heads if n_kv_heads is None else _check_positive_int("n_kv_heads", n_kv_heads)
+        if n_heads % n_kv_heads:
+            divisors = [d for d in range(1, n_heads + 1) if n_heads % d == 0]
+            raise ValueError(f"n_kv_heads={n_kv_heads} must divide n_heads={n_heads} (GQA/MQA); "
+                             f"choose one of {divisors}")
+        if head_dim is None:
+            if d_model % n_heads:
+                raise ValueError(f"n_heads={n_heads} does not divide d_model={d_model}; choose n_heads "
+                                 f"among the divisors of d_model or pass head_dim explicitly")
+            head_dim = d_model // n_heads
+        _check_positive_int("head_dim", head_dim)
+        kv_dim = d_model if kv_dim is None else _check_positive_int("kv_dim", kv_dim)
+        out_bias = bias if out_bias is None else out_bias
+        if rope is not None:
+            if not isinstance(rope, RotaryEmbedding):
+                raise TypeError(f"rope must be a qkv.positional.RotaryEmbedding or None, got {type(rope).__name__}")
+            if rope.head_dim != head_dim:
+                raise ValueError(f"rope was built for head_dim={rope.head_dim} but this layer has "
+                                 f"head_dim={head_dim}; build it with RotaryEmbedding({head_dim})")
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                                  or not math.isfinite(scale)):
+            raise ValueError(f"scale must be a finite number or None (1/sqrt(head_dim)), got {scale!r}")
+
+        self.d_model, self.n_heads, self.n_kv_heads = d_model, n_heads, n_kv_heads
+        self.head_dim, self.kv_dim = head_dim, kv_dim
+        self.dropout = _check_dropout("dropout", dropout)
+        self.scale = None if scale is None else float(scale)
+        self.backend = backend
+
+        factory = {"device": device, "dtype": dtype}
+        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=bias, **factory)
+        self.k_proj = nn.Linear(kv_dim, n_kv_heads * head_dim, bias=bias, **factory)
+        self.v_proj = nn.Linear(kv_dim, n_kv_heads * head_dim, bias=bias, **factory)
+        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=out_bias, **factory)
+        self.rope = rope
+
+        # ALiBi slopes live in a (non-persistent) buffer so they follow .to(device);
+        # they are derived from n_heads or given, so checkpoints need not carry them.
+        if isinstance(alibi, Tensor):
+            if alibi.shape != (n_heads,) or not alibi.is_floating_point():
+                raise ValueError(f"alibi slopes must be a float tensor of shape (n_heads,) = ({n_heads},), "
+                                 f"got {tuple(alibi.shape)} {alibi.dtype}")
+            slopes = alibi.detach().clone().float()
+        elif alibi is True:
+            slopes = _scores.alibi(n_heads).slopes.float()
+        elif alibi is False or alibi is None:
+            slopes = None
+        else:
+            raise TypeError(f"alibi must be True, False or a (n_heads,) tensor of slopes, got {type(alibi).__name__}")
+        self.register_buffer("alibi_slopes", None if slopes is None else slopes.to(device=device),
+                             persistent=False)  # (Hq,)
+
+    def forward(self, x: Tensor, context: Tensor | None = None, *, mask=None, causal: bool = False,
+                score_mod=None, positions: Tensor | None = None, context_positions: Tensor | None = None,
+                return_weights: bool = False):
+        """Attend from x (B, Lq, d_model) to itself, or to `context` (B, Lk, kv_dim).
+
+        `mask`, `causal` and `score_mod` are as in `qkv.attention` (over (B, Hq, Lq, Lk));
+        `positions` / `context_positions` are (L,) or (B, L) token positions for RoPE.
+        Returns out (B, Lq, d_model), or (out, weights (B, Hq, Lq, Lk)) with return_weights.
+        """
+        self._check_inputs(x, context, positions, context_positions)
+        B, Lq, _ = x.shape
+        source = x if context is None else context                          # (B, Lk, d_model or kv_dim)
+        Lk = source.shape[1]
+
+        q = self.q_proj(x).view(B, Lq, self.n_heads, self.head_dim)         # (B, Lq, Hq, D)
+        k = self.k_proj(source).view(B, Lk, self.n_kv_heads, self.head_dim)  # (B, Lk, Hkv, D)
+        v = self.v_proj(source).view(B, Lk, self.n_kv_heads, self.head_dim)  # (B, Lk, Hkv, D)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # (B, Hq, Lq, D), (B, Hkv, Lk, D) x2
+
+        if self.rope is not None:
+            if context is None:
+                q, k = self.rope(q, k, positions, positions)                # same tokens, same positions
+            elif context_positions is not None:
+                q, k = self.rope(q, k, positions, context_positions)        # opt-in cross-attention RoPE
+
+        if self.alibi_slopes is not None:
+            alibi = _scores.alibi(self.alibi_slopes)
+            score_mod = alibi if score_mod is None else _scores.chain(alibi, score_mod)
+
+        result = qkv.attention(q, k, v, mask=mask, causal=causal, score_mod=score_mod, scale=self.scale,
+                               dropout_p=self.dropout if self.training else 0.0, backend=self.backend,
+                               return_weights=return_weights)
+        out, weights = result if return_weights else (result, None)         # out (B, Hq, Lq, D)
+        out = out.transpose(1, 2).reshape(B, Lq, self.n_heads * self.head_dim)  # (B, Lq, Hq*D)
+        out = self.o_proj(out)                                              # (B, Lq, d_model)
+        return (out, weights) if return_weights else out
+
+    def _check_inputs(self, x, context, positions, context_positions):
+        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x must be (B, L, d_model={self.d_model}), got {shape}")
+        if context is not None:
+            if not isinstance(context, Tensor) or context.dim() != 3 or context.shape[-1] != self.kv_dim:
+                shape = tuple(context.shape) if isinstance(context, Tensor) else type(context).__name__
+                raise ValueError(f"context must be (B, Lk, kv_dim={self.kv_dim}), got {shape}")
+            if context.shape[0] != x.shape[0]:
+                raise ValueError(f"x and context must share the batch size, got {x.shape[0]} and {context.shape[0]}")
+        if (positions is not None or context_positions is not None) and self.rope is None:
+            raise ValueError("positions/context_positions are only used by RoPE, and this layer has rope=None; "
+                             "pass rope=RotaryEmbedding(head_dim) or drop the positions")
+        if context_positions is not None and context is None:
+            raise ValueError("context_positions given without context; in self-attention pass positions only")
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, "
+                f"head_dim={self.head_dim}, kv_dim={self.kv_dim}, dropout={self.dropout}, "
+                f"alibi={self.alibi_slopes is not None}, backend={self.backend!r}")
+
+
+# -----------------------------------------------------------------------------
+# Feed-forward
+
+
+def _gelu_tanh(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+# name -> (elementwise activation, gated?)
+ACTIVATIONS = {
+    "gelu": (F.gelu, False),            # exact (erf) GELU: BERT
+    "gelu_tanh": (_gelu_tanh, False),   # tanh approximation: GPT-2's "gelu_new"
+    "relu": (F.relu, False),            # the original Transformer
+    "swiglu": (F.silu, True),           # Llama, Mistral: silu(gate) * up
+    "geglu": (F.gelu, True),            # GLU-variants paper, exact GELU: gelu(gate) * up
+}
+
+
+class FeedForward(nn.Module):
+    """The position-wise MLP of a Transformer block.
+
+    Plain: fc2(dropout(act(fc1(x)))). Gated (swiglu, geglu; Shazeer 2020):
+    down_proj(dropout(act(gate_proj(x)) * up_proj(x))): the gate lets each
+    hidden unit scale another multiplicatively, which trains better per
+    parameter; Llama sizes `hidden` ~ 8/3 d_model to keep the cost of its
+    three matrices close to a plain 4 d_model MLP. `dropout` acts on the hidden layer.
+    """
+
+    def __init__(self, d_model: int, hidden: int, *, activation: str = "gelu", bias: bool = True,
+                 dropout: float = 0.0, device=None, dtype=None):
+        super().__init__()
+        _check_positive_int("d_model", d_model)
+        _check_positive_int("hidden", hidden)
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(map(repr, ACTIVATIONS))}; got {activation!r}")
+        self.activation = activation
+        self._act, self.gated = ACTIVATIONS[activation]
+        factory = {"device": device, "dtype": dtype}
+        if self.gated:
+            self.gate_proj = nn.Linear(d_model, hidden, bias=bias, **factory)
+            self.up_proj = nn.Linear(d_model, hidden, bias=bias, **factory)
+            self.down_proj = nn.Linear(hidden, d_model, bias=bias, **factory)
+        else:
+            self.fc1 = nn.Linear(d_model, hidden, bias=bias, **factory)
+            self.fc2 = nn.Linear(hidden, d_model, bias=bias, **factory)
+        self.drop = nn.Dropout(_check_dropout("dropout", dropout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.gated:
+            return self.down_proj(self.drop(self._act(self.gate_proj(x)) * self.up_proj(x)))
+        return self.fc2(self.drop(self._act(self.fc1(x))))
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}"
+
+
+# -----------------------------------------------------------------------------
+# Normalisation
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019), as Llama computes it.
+
+    y = weight * x / sqrt(mean(x^2) + eps): LayerNorm without the mean
+    subtraction and bias. The statistic is computed in float32 whatever the
+    input dtype (a bf16 sum of squares over thousands of channels loses
+    digits), the normalised x is cast back to the input dtype, then scaled by
+    the weight; the output keeps the input dtype.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = True, device=None, dtype=None):
+        super().__init__()
+        _check_positive_int("dim", dim)
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+            raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+        self.dim, self.eps = dim, float(eps)
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+        else:
+            self.register_parameter("weight", None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.float() if x.dtype != torch.float64 else x
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        h = h.to(x.dtype)
+        if self.weight is not None:
+            h = (self.weight * h).to(x.dtype)
+        return h
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}, elementwise_affine={self.weight is not None}"
+
+
+NORMS = ("layer", "rms")
+
+
+def _make_norm(kind: str, dim: int, eps: float, device, dtype) -> nn.Module:
+    if kind == "layer":
+        return nn.LayerNorm(dim, eps=eps, device=device, dtype=dtype)
+    return RMSNorm(dim, eps=eps, device=device, dtype=dtype)
+
+
+# -----------------------------------------------------------------------------
+# Transformer block
+
+
+class Block(nn.Module):
+    """One Transformer layer: self-attention, optional cross-attention, feed-forward.
+
+    norm_position="pre" (GPT-2, Llama; stable deep stacks, a model adds a final norm)::
+
+        x = x + drop(self_attn(norm1(x)))
+        x = x + drop(cross_attn(norm_cross(x), context))     # cross_attention=True only
+        x = x + drop(ffn(norm2(x)))
+
+    norm_position="post" (the original Transformer, BERT)::
+
+        x = norm1(x + drop(self_attn(x)))
+        x = norm_cross(x + drop(cross_attn(x, context)))
+        x = norm2(x + drop(ffn(x)))
+
+    `dropout` is used for the attention weights and the residual branches
+    (GPT-2's attn_pdrop = resid_pdrop); the FFN has no inner dropout. RoPE and
+    ALiBi apply to self-attention only; cross-attention has kv_dim = d_model
+    and the same n_kv_heads. LayerNorm always has its bias; `bias` controls
+    the linear layers.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, *, n_kv_heads: int | None = None,
+                 ffn_hidden: int | None = None, activation: str = "gelu", norm: str = "layer",
+                 norm_position: str = "pre", eps: float = 1e-5, bias: bool = True, dropout: float = 0.0,
+                 cross_attention: bool = False, rope: RotaryEmbedding | None = None,
+                 alibi: bool | Tensor = False, backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {', '.join(map(repr, NORMS))}; got {norm!r}")
+        if norm_position not in ("pre", "post"):
+            raise ValueError(f"norm_position must be 'pre' or 'post'; got {norm_position!r}")
+        _check_positive_int("d_model", d_model)
+        ffn_hidden = 4 * d_model if ffn_hidden is None else ffn_hidden
+        self.norm_position = norm_position
+        self.cross_attention = bool(cross_attention)
+        factory = {"device": device, "dtype": dtype}
+        attn = {"n_kv_heads": n_kv_heads, "bias": bias, "dropout": dropout, "backend": backend, **factory}
+
+        self.norm1 = _make_norm(norm, d_model, eps, **factory)
+        self.self_attn = MultiHeadAttention(d_model, n_heads, rope=rope, alibi=alibi, **attn)
+        if self.cross_attention:
+            self.norm_cross = _make_norm(norm, d_model, eps, **factory)
+            self.cross_attn = MultiHeadAttention(d_model, n_heads, kv_dim=d_model, **attn)
+        self.norm2 = _make_norm(norm, d_model, eps, **factory)
+        self.ffn = FeedForward(d_model, ffn_hidden, activation=activation, bias=bias, **factory)
+        self.drop = nn.Dropout(_check_dropout("dropout", dropout))
+
+    def forward(self, x: Tensor, *, context: Tensor | None = None, mask=None, causal: bool = False,
+                context_mask=None, positions: Tensor | None = None, return_weights: bool = False):
+        """x (B, L, d_model) -> (B, L, d_model); with return_weights, (x, {"self": w, "cross": w or None}).
+
+        `mask`/`causal`/`positions` go to self-attention; `context` (B, Lk, d_model)
+        and `context_mask` (e.g. `qkv.masks.padding(lengths)`) to cross-attention.
+        """
+        if self.cross_attention and context is None:
+            raise ValueError("this Block has cross_attention=True: pass context=(B, Lk, d_model), "
+                             "e.g. the encoder output")
+        if not self.cross_attention and (context is not None or context_mask is not None):
+            raise ValueError("context/context_mask given but this Block has no cross-attention; "
+                             "build it with cross_attention=True")
+        weights = {"self": None, "cross": None}
+        x, weights["self"] = self._sublayer(x, self.norm1, lambda h: self.self_attn(
+            h, mask=mask, causal=causal, positions=positions, return_weights=return_weights), return_weights)
+        if self.cross_attention:
+            x, weights["cross"] = self._sublayer(x, self.norm_cross, lambda h: self.cross_attn(
+                h, context, mask=context_mask, return_weights=return_weights), return_weights)
+        x, _ = self._sublayer(x, self.norm2, self.ffn, False)
+        return (x, weights) if return_weights else x
+
+    def _sublayer(self, x: Tensor, norm: nn.Module, fn, returns_weights: bool):
+        """One residual sublayer, pre- or post-norm; returns (x, fn's weights or None)."""
+        pre = self.norm_position == "pre"
+        h = fn(norm(x) if pre else x)                       # (B, L, d_model) [, weights]
+        h, w = h if returns_weights else (h, None)
+        x = x + self.drop(h)
+        return (x if pre else norm(x)), w
