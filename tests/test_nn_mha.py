@@ -80,7 +80,7 @@ def make_inputs(kind, cfg, dtype=torch.float64, seed=1, n=N):
     return (layout(rnd(n, Lq, E), bf), layout(rnd(n, Sk, kdim), bf), layout(rnd(n, Sk, vdim), bf)), (Lq, Sk)
 
 
-def key_padding(n, Sk, batched, dtype):
+def key_padding(n, Sk, batched):
     """bool (N, S) / (S,) with True = padding; batch b pads its last b % 3 + 1 keys (key 0 never)."""
     pad = torch.zeros(n, Sk, dtype=torch.bool)
     for b in range(n):
@@ -94,10 +94,9 @@ def make_masks(name, n, Lq, Sk, batched, dtype, seed=2):
     g = torch.Generator().manual_seed(seed)
     heads = n * H if batched else H
     kw = {}
-    parts = name.split("+")
-    for part in parts:
+    for part in name.split("+"):
         if part == "kpm_bool":
-            kw["key_padding_mask"] = key_padding(n, Sk, batched, dtype)
+            kw["key_padding_mask"] = key_padding(n, Sk, batched)
         elif part == "kpm_float":
             kpm = torch.randn(n, Sk, generator=g, dtype=torch.float64).to(dtype)
             kpm[0, -1] = float("-inf")
@@ -364,7 +363,7 @@ def test_fully_masked_rows_give_zeros_not_nan(need_weights):
     ref, mod = make_pair(batch_first=True)
     args, _ = make_inputs("cross", dict(batch_first=True))
     args = [a.detach().clone().requires_grad_(True) for a in args]
-    kpm = key_padding(N, S, True, torch.float64)
+    kpm = key_padding(N, S, True)
     kpm[1] = True                                            # batch element 1: every key is padding
     out, w = mod(*args, key_padding_mask=kpm, need_weights=need_weights)
     assert not torch.isnan(out).any()

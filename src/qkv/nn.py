@@ -177,10 +177,10 @@ class MultiheadAttention(nn.Module):
             if isinstance(attn_mask, torch.Tensor) and attn_mask.dim() == 3:
                 am = _check_mask(attn_mask, "attn_mask", (N * H, L, S),
                                  "(N * num_heads, L, S)" if batched else "(num_heads, L, S) for unbatched inputs")
-                am = am.view(N, H, L, S)                                     # (N, H, L, S)
+                am = am.reshape(N, H, L, S)                                   # (N, H, L, S)
             else:
                 am = _check_mask(attn_mask, "attn_mask", (L, S), "(L, S) or (N * num_heads, L, S)")
-                am = am.view(1, 1, L, S)                                     # (1, 1, L, S)
+                am = am.reshape(1, 1, L, S)                                   # (1, 1, L, S)
         if is_causal and am is None:
             raise ValueError("is_causal=True is a hint that attn_mask is causal and needs attn_mask as well "
                              "(as in torch); pass attn_mask=torch.nn.Transformer.generate_square_subsequent_mask(L) "
@@ -195,7 +195,7 @@ class MultiheadAttention(nn.Module):
             v = torch.cat([v, self.bias_v.to(v.dtype).expand(N, 1, E)], dim=1)
             extra += 1
         if self.add_zero_attn:
-            k = torch.cat([k, k.new_zeros(N, 1, E)], dim=1)                     # (N, S'+1, E)
+            k = torch.cat([k, k.new_zeros(N, 1, E)], dim=1)                     # (N, S', E)
             v = torch.cat([v, v.new_zeros(N, 1, E)], dim=1)
             extra += 1
 

@@ -327,7 +327,9 @@ def format_bytes(n: float) -> str:
 from qkv.backends import math as _math  # noqa: E402
 from qkv.backends import reference as _reference  # noqa: E402
 from qkv.backends import sdpa as _sdpa  # noqa: E402
+from qkv.backends import tiled as _tiled  # noqa: E402
 
 register(_reference.ReferenceBackend())
 register(_math.MathBackend())
 register(_sdpa.SDPABackend())
+register(_tiled.TiledBackend())

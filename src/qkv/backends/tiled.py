@@ -1,0 +1,391 @@
+"""The `tiled` backend: exact attention one query tile at a time, skipping what the mask rules out.
+
+Legend: B batch, Hq query heads, Hkv key/value heads, G = Hq // Hkv, Lq/Lk lengths,
+D head dim, Dv value dim, BQ/BK tile sizes, n keys a query tile attends to.
+
+The L x L matrix is never built. The BlockMask says, for each (BQ x BK) tile,
+whether it is EMPTY (skipped), FULL (computed without a mask) or PARTIAL (the
+mask is evaluated on that tile only). For each query tile the non-empty key
+tiles are gathered (a slice when they are contiguous, as for causal or sliding
+windows), their scores computed in one matmul, the mask applied to the columns
+of partial tiles, and the row softmax taken over those keys alone::
+
+    query tile i:   keys  [ FULL FULL FULL PARTIAL . . . . ]   -> S_i (BQ x n), n << Lk
+                    out_i = softmax(S_i) V_sel,  lse_i = logsumexp(S_i)
+
+The backward recomputes each tile's scores from q, k and the saved LSE
+(FlashAttention's trick), so autograd stores q, k, v, out and lse only:
+O(L) memory instead of O(L^2). Tensors held by a score_mod (a learned relative
+bias, ALiBi slopes) receive gradients too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qkv.backends import _FLOATS, Backend, Call, Capabilities, available_bytes, format_bytes
+from qkv.masks import EMPTY, FULL, PARTIAL
+
+DEFAULT_BLOCK = (128, 128)
+
+
+# ----------------------------------------------------------------------------
+# The plan: which keys each query tile reads, and which of them need the mask
+# ----------------------------------------------------------------------------
+
+@dataclass
+class TilePlan:
+    """The work for one query tile (and one batch group)."""
+
+    r0: int                         # query rows [r0, r1) of the call
+    r1: int
+    keys: slice | torch.Tensor      # key positions read: a slice if contiguous, else an index tensor
+    n: int                          # how many keys
+    partial: torch.Tensor | None    # local columns (into the gathered keys) that need the mask
+
+
+def make_plan(call: Call, block=DEFAULT_BLOCK):
+    """Plans per batch group: a list of (batch indices or None for all, [TilePlan per query tile])."""
+    bq, bk = block
+    Lq, Lk = call.Lq, call.Lk
+    n_q, n_k = -(-Lq // bq), -(-Lk // bk)
+    if call.mask is None:
+        kind = torch.full((1, 1, n_q, n_k), FULL, dtype=torch.int8)
+        bm = None
+    else:
+        bm = call.mask.block_mask(Lq, Lk, block=(bq, bk), B=call.B, H=call.Hq, q_offset=call.q_offset,
+                                  device=torch.device("cpu"))
+        kind = bm.kind
+    # Heads are processed together: a tile is skipped only if it is empty for every head,
+    # and unmasked only if it is full for every head.
+    if kind.shape[1] > 1:
+        all_empty = (kind == EMPTY).all(dim=1, keepdim=True)
+        all_full = (kind == FULL).all(dim=1, keepdim=True)
+        kind = torch.where(all_full, FULL, torch.where(all_empty, EMPTY, PARTIAL)).to(torch.int8)
+    groups = []
+    for g in range(kind.shape[0]):
+        batches = None if kind.shape[0] == 1 else torch.tensor([g])
+        groups.append((batches, [_row_plan(kind[g, 0, i], i, bq, bk, Lq, Lk) for i in range(n_q)]))
+    return groups, bm
+
+
+def _row_plan(row: torch.Tensor, i: int, bq: int, bk: int, Lq: int, Lk: int) -> TilePlan:
+    r0, r1 = i * bq, min(Lq, (i + 1) * bq)
+    live = torch.nonzero(row != EMPTY).flatten()
+    if live.numel() == 0:
+        return TilePlan(r0, r1, slice(0, 0), 0, None)
+    j0, j1 = int(live[0]), int(live[-1]) + 1
+    if live.numel() == j1 - j0:  # contiguous run of tiles: a slice, no copy
+        k0, k1 = j0 * bk, min(Lk, j1 * bk)
+        keys, n = slice(k0, k1), k1 - k0
+        starts = (torch.arange(j0, j1) * bk - k0)
+        partial_tiles = row[j0:j1] == PARTIAL
+    else:
+        ranges = [torch.arange(int(j) * bk, min(Lk, (int(j) + 1) * bk)) for j in live]
+        keys = torch.cat(ranges)
+        n = keys.numel()
+        lengths = torch.tensor([len(r) for r in ranges])
+        starts = torch.cumsum(lengths, 0) - lengths
+        partial_tiles = row[live] == PARTIAL
+    partial = None
+    if bool(partial_tiles.any()):
+        cols = [torch.arange(int(s), min(n, int(s) + bk)) for s, p in zip(starts, partial_tiles) if p]
+        partial = torch.cat(cols)
+    return TilePlan(r0, r1, keys, n, partial)
+
+
+# ----------------------------------------------------------------------------
+# One tile's scores
+# ----------------------------------------------------------------------------
+
+def _select_keys(t: torch.Tensor, keys) -> torch.Tensor:
+    """Rows of k or v (B, Hkv, Lk, *) at the plan's key positions."""
+    if isinstance(keys, slice):
+        return t[:, :, keys]
+    return t.index_select(2, keys.to(t.device))
+
+
+def _key_positions(keys, n: int, device) -> torch.Tensor:
+    if isinstance(keys, slice):
+        return torch.arange(keys.start, keys.stop, device=device)
+    return keys.to(device)
+
+
+class _Tile:
+    """Everything one (batch group, query tile) step needs, shared by forward and backward."""
+
+    def __init__(self, call: Call, plan: TilePlan, batches, q, k, v, cdt):
+        B, Hkv, G = q.shape[0], call.Hkv, call.G
+        self.plan, self.batches, self.G = plan, batches, G
+        rows = slice(plan.r0, plan.r1)
+        self.bq = plan.r1 - plan.r0
+        qt = q[:, :, rows]                                                   # (Bs, Hq, bq, D)
+        self.q_rows = qt.reshape(B, Hkv, G * self.bq, qt.shape[-1]).to(cdt)  # (Bs, Hkv, G*bq, D)
+        self.k = _select_keys(k, plan.keys).to(cdt)                          # (Bs, Hkv, n, D)
+        self.v = _select_keys(v, plan.keys).to(cdt)                          # (Bs, Hkv, n, Dv)
+        dev = q.device
+        b = torch.arange(call.B, device=dev) if batches is None else batches.to(dev)
+        self.b_idx = b.view(-1, 1, 1, 1)
+        self.h_idx = torch.arange(call.Hq, device=dev).view(1, -1, 1, 1)
+        self.q_idx = (call.q_offset + torch.arange(plan.r0, plan.r1, device=dev)).view(1, 1, -1, 1)
+        self.kv_idx = _key_positions(plan.keys, plan.n, dev).view(1, 1, 1, -1)
+
+    def raw_scores(self, call: Call) -> torch.Tensor:
+        """q k^T * scale for the tile, (Bs, Hq, bq, n) in the statistics dtype."""
+        s = torch.matmul(self.q_rows, self.k.transpose(-1, -2))              # (Bs, Hkv, G*bq, n)
+        s = s.view(s.shape[0], call.Hq, self.bq, self.plan.n)                # (Bs, Hq, bq, n)
+        return s.to(call.stat_dtype) * call.scale
+
+    def modded(self, call: Call, s: torch.Tensor) -> torch.Tensor:
+        if call.score_mod is None:
+            return s
+        out = call.score_mod(s, self.b_idx, self.h_idx, self.q_idx, self.kv_idx)
+        if not isinstance(out, torch.Tensor) or out.shape != s.shape:
+            raise ValueError(f"score_mod must return a tensor of the score's shape {tuple(s.shape)}")
+        return out
+
+    def masked(self, call: Call, s: torch.Tensor) -> torch.Tensor:
+        """-inf where the mask forbids, evaluated on the partial tiles' columns only."""
+        cols = self.plan.partial
+        if cols is None:
+            return s
+        cols = cols.to(s.device)
+        allowed = call.mask(self.b_idx, self.h_idx, self.q_idx, self.kv_idx[..., cols])
+        if not isinstance(allowed, torch.Tensor):
+            allowed = torch.as_tensor(allowed, device=s.device)
+        sub = s.index_select(-1, cols).masked_fill(~allowed, float("-inf"))
+        return s.index_copy(-1, cols, sub)
+
+    def fold(self, t: torch.Tensor) -> torch.Tensor:
+        """(Bs, Hq, bq, X) -> (Bs, Hkv, G*bq, X): rows of the G query heads sharing a kv head."""
+        return t.reshape(t.shape[0], -1, self.G * self.bq, t.shape[-1])
+
+    def unfold(self, t: torch.Tensor, Hq: int) -> torch.Tensor:
+        """(Bs, Hkv, G*bq, X) -> (Bs, Hq, bq, X)."""
+        return t.reshape(t.shape[0], Hq, self.bq, t.shape[-1])
+
+
+def _batch_view(t: torch.Tensor, batches):
+    return t if batches is None else t.index_select(0, batches.to(t.device))
+
+
+def _compute_dtype(call: Call):
+    # On the CPU half-precision matmuls are emulated and slow: compute tiles in float32.
+    return call.stat_dtype if call.device.type == "cpu" else call.dtype
+
+
+def tiled_forward(call: Call, q, k, v, groups):
+    """out (B, Hq, Lq, Dv) in q's dtype and lse (B, Hq, Lq) in the statistics dtype."""
+    out = q.new_zeros(call.B, call.Hq, call.Lq, call.Dv)
+    lse = torch.full((call.B, call.Hq, call.Lq), float("-inf"), dtype=call.stat_dtype, device=q.device)
+    cdt = _compute_dtype(call)
+    for batches, plans in groups:
+        qb, kb, vb = (_batch_view(t, batches) for t in (q, k, v))
+        for plan in plans:
+            if plan.n == 0:
+                continue  # every key of this tile row is masked: zeros, lse -inf
+            tile = _Tile(call, plan, batches, qb, kb, vb, cdt)
+            s = tile.masked(call, tile.modded(call, tile.raw_scores(call)))   # (Bs, Hq, bq, n)
+            m = s.amax(dim=-1, keepdim=True)
+            m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+            p = torch.exp(s - m)
+            l = p.sum(dim=-1, keepdim=True)                                   # (Bs, Hq, bq, 1)
+            o = torch.matmul(tile.fold(p.to(cdt)), tile.v)                    # (Bs, Hkv, G*bq, Dv)
+            o = tile.unfold(o, call.Hq) / torch.where(l == 0, torch.ones_like(l), l).to(cdt)
+            rows = slice(plan.r0, plan.r1)
+            row_lse = (m + torch.log(l)).squeeze(-1)
+            if batches is None:
+                out[:, :, rows] = o.to(out.dtype)
+                lse[:, :, rows] = row_lse
+            else:
+                out[batches, :, rows] = o.to(out.dtype)
+                lse[batches, :, rows] = row_lse
+    return out, lse
+
+
+def tiled_backward(call: Call, q, k, v, out, lse, dout, groups, params):
+    """Gradients of q, k, v (and of the score_mod's tensors), recomputing each tile."""
+    cdt = _compute_dtype(call)
+    dq = torch.zeros(q.shape, dtype=cdt, device=q.device)
+    dk = torch.zeros(k.shape, dtype=cdt, device=q.device)
+    dv = torch.zeros(v.shape, dtype=cdt, device=q.device)
+    dparams = [torch.zeros_like(p) for p in params]
+    # delta_i = sum_d dout_id * out_id: the softmax Jacobian's row term
+    delta = (dout.to(call.stat_dtype) * out.to(call.stat_dtype)).sum(-1)    # (B, Hq, Lq)
+    safe_lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+    for batches, plans in groups:
+        qb, kb, vb = (_batch_view(t, batches) for t in (q, k, v))
+        for plan in plans:
+            if plan.n == 0:
+                continue
+            tile = _Tile(call, plan, batches, qb, kb, vb, cdt)
+            rows = slice(plan.r0, plan.r1)
+            sel = (slice(None) if batches is None else batches, slice(None), rows)
+            do = dout[sel].to(cdt)                                            # (Bs, Hq, bq, Dv)
+            raw = tile.raw_scores(call)  # backward runs without grad recording
+            s = raw
+            if call.score_mod is not None:
+                # re-run the score_mod on a leaf to get d(score)/d(raw) and d(score)/d(its tensors)
+                raw = raw.requires_grad_()
+                with torch.enable_grad():
+                    s = tile.modded(call, raw)
+            s_masked = tile.masked(call, s.detach())
+            p = torch.exp(s_masked - safe_lse[sel].unsqueeze(-1))             # (Bs, Hq, bq, n)
+            do_rows = tile.fold(do)                                           # (Bs, Hkv, G*bq, Dv)
+            p_rows = tile.fold(p.to(cdt))                                     # (Bs, Hkv, G*bq, n)
+            dv_sel = torch.matmul(p_rows.transpose(-1, -2), do_rows)          # (Bs, Hkv, n, Dv)
+            dp = tile.unfold(torch.matmul(do_rows, tile.v.transpose(-1, -2)), call.Hq)  # (Bs, Hq, bq, n)
+            ds = p * (dp.to(p.dtype) - delta[sel].unsqueeze(-1))              # dL/d(modded score)
+            if call.score_mod is not None:
+                wrt = [raw] + [prm for prm in params]
+                grads = torch.autograd.grad(s, wrt, ds, allow_unused=True)
+                ds = grads[0]
+                for acc, g in zip(dparams, grads[1:]):
+                    if g is not None:
+                        acc += g
+            ds_rows = tile.fold((ds * call.scale).to(cdt))                    # (Bs, Hkv, G*bq, n)
+            dq_rows = torch.matmul(ds_rows, tile.k)                           # (Bs, Hkv, G*bq, D)
+            dk_sel = torch.matmul(ds_rows.transpose(-1, -2), tile.q_rows)     # (Bs, Hkv, n, D)
+            dq_t = tile.unfold(dq_rows, call.Hq)                              # (Bs, Hq, bq, D)
+            if batches is None:
+                dq[:, :, rows] += dq_t
+                _scatter_add(dk, plan.keys, dk_sel)
+                _scatter_add(dv, plan.keys, dv_sel)
+            else:
+                dq[batches, :, rows] += dq_t
+                _scatter_add(dk, plan.keys, dk_sel, batches)
+                _scatter_add(dv, plan.keys, dv_sel, batches)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dparams
+
+
+def _scatter_add(acc: torch.Tensor, keys, val: torch.Tensor, batches=None) -> None:
+    if batches is not None:
+        b = int(batches[0])
+        acc = acc[b:b + 1]
+    if isinstance(keys, slice):
+        acc[:, :, keys] += val
+    else:
+        acc.index_add_(2, keys.to(acc.device), val)
+
+
+class _TiledAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, call, groups, q, k, v, *params):
+        out, lse = tiled_forward(call, q, k, v, groups)
+        ctx.call, ctx.groups = call, groups
+        ctx.save_for_backward(q, k, v, out, lse, *params)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, *params = ctx.saved_tensors
+        dq, dk, dv, dparams = tiled_backward(ctx.call, q, k, v, out, lse, dout, ctx.groups, params)
+        return (None, None, dq, dk, dv, *dparams)
+
+
+def score_mod_tensors(score_mod) -> list[torch.Tensor]:
+    """Tensors requiring grad that a score_mod holds: attributes of qkv's built-ins
+    (recursively through `chain`), and tensors a plain function captures in its
+    closure or names from its module's globals. These become inputs of the autograd
+    function so that they receive gradients."""
+    found: list[torch.Tensor] = []
+    seen: set[int] = set()
+
+    def visit(obj, depth=0):
+        if depth > 4 or id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            if obj.requires_grad:
+                found.append(obj)
+            return
+        if isinstance(obj, (list, tuple)):
+            for x in obj:
+                visit(x, depth + 1)
+            return
+        if isinstance(obj, torch.nn.Module):
+            for prm in obj.parameters():
+                visit(prm, depth + 1)
+            return
+        code = getattr(obj, "__code__", None)
+        if code is not None:  # a plain function: tensors it names from its module's globals
+            glb = getattr(obj, "__globals__", {})
+            for name in code.co_names:
+                if isinstance(glb.get(name), torch.Tensor):
+                    visit(glb[name], depth + 1)
+        closure = getattr(obj, "__closure__", None)
+        if closure:
+            for cell in closure:
+                try:
+                    visit(cell.cell_contents, depth + 1)
+                except ValueError:  # empty cell
+                    pass
+        if hasattr(obj, "__dict__") and not isinstance(obj, type):
+            for x in vars(obj).values():
+                visit(x, depth + 1)
+
+    if score_mod is not None:
+        visit(score_mod)
+    return found
+
+
+def weights_for_rows(call: Call, lse: torch.Tensor, rows: torch.Tensor | None = None,
+                     block=DEFAULT_BLOCK) -> torch.Tensor:
+    """Softmax weights (B, Hq, len(rows), Lk) recomputed from the LSE, one query tile at a time.
+
+    Only the query tiles holding the requested rows are computed, so asking for a
+    few rows of a very long sequence costs a few tiles' work and rows x Lk memory.
+    """
+    rows = torch.arange(call.Lq) if rows is None else torch.as_tensor(rows).cpu().long()
+    out = torch.zeros(call.B, call.Hq, len(rows), call.Lk, dtype=call.stat_dtype, device=call.device)
+    groups, _ = make_plan(call, block)
+    safe_lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+    cdt = _compute_dtype(call)
+    with torch.no_grad():
+        for batches, plans in groups:
+            qb, kb, vb = (_batch_view(t, batches) for t in (call.q, call.k, call.v))
+            b0 = 0 if batches is None else int(batches[0])
+            out_b = out if batches is None else out[b0:b0 + 1]                       # a view
+            lse_b = safe_lse if batches is None else safe_lse[b0:b0 + 1]
+            for i in sorted(set((rows // block[0]).tolist())):
+                plan = plans[i]
+                if plan.n == 0:
+                    continue  # fully masked rows keep weight 0
+                tile = _Tile(call, plan, batches, qb, kb, vb, cdt)
+                s = tile.masked(call, tile.modded(call, tile.raw_scores(call)))    # (Bs, Hq, bq, n)
+                p = torch.exp(s - lse_b[:, :, plan.r0:plan.r1].unsqueeze(-1))
+                local = torch.nonzero((rows >= plan.r0) & (rows < plan.r1)).flatten().to(call.device)
+                picked = p.index_select(2, (rows.to(call.device)[local] - plan.r0))   # (Bs, Hq, r, n)
+                full = picked.new_zeros(*picked.shape[:3], call.Lk)
+                full.index_copy_(-1, _key_positions(plan.keys, plan.n, call.device), picked)
+                out_b[:, :, local] = full
+    return out
+
+
+class TiledBackend(Backend):
+    name = "tiled"
+    capabilities = Capabilities(
+        devices=("any",), dtypes=_FLOATS, masks=True, score_mod=True, dropout=False, gqa=True,
+        backward=True, return_lse=True, return_weights=True, exact=True, auto=True,
+        notes="BlockMask-driven: skips EMPTY tiles, FULL tiles unmasked; O(L) memory, backward recomputes tiles",
+    )
+    block = DEFAULT_BLOCK
+
+    def extra_refusal(self, call: Call) -> str | None:
+        if call.return_weights:
+            need = call.B * call.Hq * call.Lq * call.Lk * (8 if call.stat_dtype == torch.float64 else 4)
+            free = available_bytes(call.device)
+            if free is not None and need > free:
+                return (f"the weights you asked for need {format_bytes(need)} and only {format_bytes(free)} "
+                        f"is available; ask for chosen rows with qkv.attention_weights(..., rows=...)")
+        return None
+
+    def forward(self, call: Call):
+        groups, _ = make_plan(call, self.block)
+        params = score_mod_tensors(call.score_mod)
+        out, lse = _TiledAttention.apply(call, groups, call.q, call.k, call.v, *params)
+        weights = weights_for_rows(call, lse.detach(), block=self.block) if call.return_weights else None
+        return out, lse, weights
