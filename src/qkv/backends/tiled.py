@@ -44,6 +44,7 @@ class TilePlan:
     keys: slice | torch.Tensor      # key positions read: a slice if contiguous, else an index tensor
     n: int                          # how many keys
     partial: torch.Tensor | None    # local columns (into the gathered keys) that need the mask
+    segments: list                  # [(k0, k1, is_partial)]: maximal runs of FULL or of PARTIAL tiles
 
 
 def make_plan(call: Call, block=DEFAULT_BLOCK):
@@ -75,7 +76,14 @@ def _row_plan(row: torch.Tensor, i: int, bq: int, bk: int, Lq: int, Lk: int) -> 
     r0, r1 = i * bq, min(Lq, (i + 1) * bq)
     live = torch.nonzero(row != EMPTY).flatten()
     if live.numel() == 0:
-        return TilePlan(r0, r1, slice(0, 0), 0, None)
+        return TilePlan(r0, r1, slice(0, 0), 0, None, [])
+    segments = []
+    for j in live.tolist():
+        k0, k1, part = j * bk, min(Lk, (j + 1) * bk), bool(row[j] == PARTIAL)
+        if segments and segments[-1][1] == k0 and segments[-1][2] == part:
+            segments[-1] = (segments[-1][0], k1, part)
+        else:
+            segments.append((k0, k1, part))
     j0, j1 = int(live[0]), int(live[-1]) + 1
     if live.numel() == j1 - j0:  # contiguous run of tiles: a slice, no copy
         k0, k1 = j0 * bk, min(Lk, j1 * bk)
@@ -93,7 +101,7 @@ def _row_plan(row: torch.Tensor, i: int, bq: int, bk: int, Lq: int, Lk: int) -> 
     if bool(partial_tiles.any()):
         cols = [torch.arange(int(s), min(n, int(s) + bk)) for s, p in zip(starts, partial_tiles) if p]
         partial = torch.cat(cols)
-    return TilePlan(r0, r1, keys, n, partial)
+    return TilePlan(r0, r1, keys, n, partial, segments)
 
 
 # ----------------------------------------------------------------------------
@@ -270,10 +278,138 @@ def _scatter_add(acc: torch.Tensor, keys, val: torch.Tensor, batches=None) -> No
         acc.index_add_(2, keys.to(acc.device), val)
 
 
+# ----------------------------------------------------------------------------
+# The fused engine: torch's CPU flash kernel as the tile kernel
+# ----------------------------------------------------------------------------
+#
+# On the CPU, torch ships a fused flash-attention kernel that also returns the
+# LSE (and a backward that takes out and lse). qkv uses it as its inner kernel
+# for each (query tile, run of key tiles): FULL runs go in without a mask,
+# PARTIAL runs with a small additive mask for that block only, and the runs of
+# one query tile are merged by their LSE. Because the backward kernel forms
+# P = exp(S - lse) from the lse it is given, passing the *merged* out and lse
+# gives each run its exact share of the gradient.
+
+_FUSED_FWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FUSED_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+def fused_applies(call: Call) -> bool:
+    """The fused engine serves CPU calls without score_mod whose value dim equals the head dim."""
+    return (_FUSED_FWD is not None and call.device.type == "cpu" and call.score_mod is None
+            and call.D == call.Dv and call.D > 0)
+
+
+class _Rows:
+    """A query tile's inputs laid out for the fused kernel (GQA heads folded into rows)."""
+
+    def __init__(self, call: Call, plan: TilePlan, batches, q):
+        self.G, self.bq = call.G, plan.r1 - plan.r0
+        qt = q[:, :, plan.r0:plan.r1]                                            # (Bs, Hq, bq, D)
+        self.q = qt.reshape(qt.shape[0], call.Hkv, self.G * self.bq, call.D)    # (Bs, Hkv, G*bq, D)
+        dev = q.device
+        b = torch.arange(call.B, device=dev) if batches is None else batches.to(dev)
+        self.b_idx = b.view(-1, 1, 1, 1)
+        self.h_idx = torch.arange(call.Hq, device=dev).view(1, -1, 1, 1)
+        self.q_idx = (call.q_offset + torch.arange(plan.r0, plan.r1, device=dev)).view(1, 1, -1, 1)
+
+    def fold(self, t: torch.Tensor) -> torch.Tensor:
+        """(Bs, Hq, bq, ...) -> (Bs, Hkv, G*bq, ...)."""
+        return t.reshape(t.shape[0], -1, self.G * self.bq, *t.shape[3:])
+
+    def bias(self, call: Call, k0: int, k1: int):
+        """Additive mask (0 / -inf) for keys [k0, k1), folded like q, and the rows with no allowed key."""
+        kv = torch.arange(k0, k1, device=self.q.device).view(1, 1, 1, -1)
+        allowed = call.mask(self.b_idx, self.h_idx, self.q_idx, kv)
+        if not isinstance(allowed, torch.Tensor):
+            allowed = torch.as_tensor(allowed, device=self.q.device)
+        while allowed.dim() < 4:
+            allowed = allowed.unsqueeze(0)
+        allowed = allowed.expand(allowed.shape[0], allowed.shape[1], self.bq, k1 - k0)
+        if allowed.shape[1] == 1:
+            allowed = allowed.repeat(1, 1, self.G, 1)                            # (b, 1, G*bq, n)
+        else:
+            allowed = self.fold(allowed)                                         # (b, Hkv, G*bq, n)
+        bias = torch.zeros(allowed.shape, dtype=self.q.dtype, device=self.q.device)
+        bias.masked_fill_(~allowed, float("-inf"))
+        return bias, ~allowed.any(dim=-1)                                         # (b, H', G*bq)
+
+
+def _merge(acc, o, lse):
+    """Combine two partial softmax results over disjoint keys by their log-sum-exp."""
+    if acc is None:
+        return o, lse
+    o0, lse0 = acc
+    new = torch.logaddexp(lse0, lse)
+    finite = torch.isfinite(new)
+    w0 = torch.where(finite, torch.exp(lse0 - new), torch.zeros_like(new)).unsqueeze(-1)
+    w1 = torch.where(finite, torch.exp(lse - new), torch.zeros_like(new)).unsqueeze(-1)
+    return o0 * w0 + o * w1, new
+
+
+def fused_forward(call: Call, q, k, v, groups):
+    out = q.new_zeros(call.B, call.Hq, call.Lq, call.Dv)
+    lse = torch.full((call.B, call.Hq, call.Lq), float("-inf"), dtype=call.stat_dtype, device=q.device)
+    for batches, plans in groups:
+        qb, kb, vb = (_batch_view(t, batches) for t in (q, k, v))
+        b0 = 0 if batches is None else int(batches[0])
+        out_b = out if batches is None else out[b0:b0 + 1]
+        lse_b = lse if batches is None else lse[b0:b0 + 1]
+        for plan in plans:
+            if not plan.segments:
+                continue
+            rows = _Rows(call, plan, batches, qb)
+            acc = None
+            for k0, k1, partial in plan.segments:
+                bias = empty = None
+                if partial:
+                    bias, empty = rows.bias(call, k0, k1)
+                o, l = _FUSED_FWD(rows.q, kb[:, :, k0:k1], vb[:, :, k0:k1], 0.0, False,
+                                  attn_mask=bias, scale=call.scale)              # (Bs, Hkv, G*bq, D), (Bs, Hkv, G*bq)
+                l = l.to(call.stat_dtype)
+                if empty is not None:  # the kernel reports lse 0 for rows it could not attend
+                    l = l.masked_fill(empty.expand_as(l), float("-inf"))
+                acc = _merge(acc, o.to(call.stat_dtype) if len(plan.segments) > 1 else o, l)
+            o, l = acc
+            Bs = o.shape[0]
+            out_b[:, :, plan.r0:plan.r1] = o.reshape(Bs, call.Hq, rows.bq, call.Dv).to(out.dtype)
+            lse_b[:, :, plan.r0:plan.r1] = l.reshape(Bs, call.Hq, rows.bq)
+    return out, lse
+
+
+def fused_backward(call: Call, q, k, v, out, lse, dout, groups):
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    # rows with no allowed key: lse = +inf makes the kernel's exp(S - lse) exactly 0
+    lse_bw = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
+    for batches, plans in groups:
+        qb, kb, vb = (_batch_view(t, batches) for t in (q, k, v))
+        b0 = 0 if batches is None else int(batches[0])
+        sl = slice(None) if batches is None else slice(b0, b0 + 1)
+        for plan in plans:
+            if not plan.segments:
+                continue
+            rows = _Rows(call, plan, batches, qb)
+            r = slice(plan.r0, plan.r1)
+            o_rows = rows.fold(out[sl, :, r]).contiguous()                         # (Bs, Hkv, G*bq, Dv)
+            do_rows = rows.fold(dout[sl, :, r]).contiguous()
+            l_rows = rows.fold(lse_bw[sl, :, r]).contiguous()                      # (Bs, Hkv, G*bq)
+            dq_rows = torch.zeros_like(rows.q)
+            for k0, k1, partial in plan.segments:
+                bias = rows.bias(call, k0, k1)[0] if partial else None
+                gq, gk, gv = _FUSED_BWD(do_rows, rows.q, kb[:, :, k0:k1], vb[:, :, k0:k1], o_rows, l_rows,
+                                        0.0, False, attn_mask=bias, scale=call.scale)
+                dq_rows += gq
+                dk[sl, :, k0:k1] += gk
+                dv[sl, :, k0:k1] += gv
+            dq[sl, :, r] = dq_rows.reshape(dq_rows.shape[0], call.Hq, rows.bq, call.D)
+    return dq, dk, dv
+
+
 class _TiledAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, call, groups, q, k, v, *params):
-        out, lse = tiled_forward(call, q, k, v, groups)
+        ctx.fused = fused_applies(call)
+        out, lse = (fused_forward if ctx.fused else tiled_forward)(call, q, k, v, groups)
         ctx.call, ctx.groups = call, groups
         ctx.save_for_backward(q, k, v, out, lse, *params)
         ctx.mark_non_differentiable(lse)
@@ -282,6 +418,9 @@ class _TiledAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, *params = ctx.saved_tensors
+        if ctx.fused:
+            dq, dk, dv = fused_backward(ctx.call, q, k, v, out, lse, dout.contiguous(), ctx.groups)
+            return (None, None, dq, dk, dv)
         dq, dk, dv, dparams = tiled_backward(ctx.call, q, k, v, out, lse, dout, ctx.groups, params)
         return (None, None, dq, dk, dv, *dparams)
 
