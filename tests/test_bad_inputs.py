@@ -61,7 +61,7 @@ CATALOGUE = [
     ("unknown backend", lambda: A(q, k, v, backend="flash2"), ValueError, "unknown backend 'flash2'"),
     ("backend not a string", lambda: A(q, k, v, backend=None), TypeError, "backend must be a string"),
     ("sdpa + score_mod", lambda: A(q, k, v, score_mod=S.softcap(5.0), backend="sdpa"), ValueError,
-     "cannot serve.*score_mod.*use backend='math'"),
+     "cannot serve.*score_mod.*use backend='tiled'"),
     ("use_backend unknown", lambda: qkv.use_backend("nope").__enter__(), ValueError, "unknown backend 'nope'"),
     ("softcap zero", lambda: S.softcap(0), ValueError, "finite cap > 0"),
     ("block size zero", lambda: M.causal().block_mask(8, 8, block=0), ValueError, "block sizes must be positive"),

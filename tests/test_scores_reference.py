@@ -157,7 +157,7 @@ def test_score_mods_match_their_definition_on_every_backend_that_takes_them(name
     mod, definition = _score_mod_cases(Hq)[name]
     q, k, v = rand_qkv(2, Hq, Hkv, Lq, Lk, 8, dtype=torch.float64)
     ref = qkv.attention(q, k, v, score_mod=mod, causal=True, backend="reference")
-    out = qkv.attention(q, k, v, score_mod=mod, causal=True)  # auto -> math (sdpa cannot)
+    out = qkv.attention(q, k, v, score_mod=mod, causal=True)  # auto -> tiled (sdpa cannot)
     assert max_err(out, ref) < 1e-12
     if definition is not None:  # the same mod written as a plain torch function
         direct = qkv.attention(q, k, v, score_mod=definition, causal=True, backend="math")

@@ -16,12 +16,12 @@ from __future__ import annotations
 import importlib
 
 from qkv import backends, masks, reference, scores
-from qkv.attention import attention
+from qkv.attention import attention, attention_weights
 from qkv.backends import use_backend
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "use_backend", "backends", "masks", "scores", "reference",
+__all__ = ["attention", "attention_weights", "use_backend", "backends", "masks", "scores", "reference",
            "positional", "layers", "nn", "__version__"]
 
 _LAZY = {"positional", "layers", "nn", "cli", "demo"}

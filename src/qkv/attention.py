@@ -15,7 +15,7 @@ from qkv import backends as _backends
 from qkv.backends import Call, zeros_output
 from qkv.masks import Mask, as_mask, causal as _causal_mask, from_dense
 
-__all__ = ["attention"]
+__all__ = ["attention", "attention_weights"]
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask=None, causal: bool = False,
@@ -68,6 +68,32 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask=None, c
         out, lse, weights = _backends.select(call, backend).forward(call)
     extras = ((lse,) if return_lse else ()) + ((weights,) if return_weights else ())
     return (out, *extras) if extras else out
+
+
+def attention_weights(q: torch.Tensor, k: torch.Tensor, *, rows=None, heads=None, mask=None, causal: bool = False,
+                      score_mod=None, scale: float | None = None, q_offset: int | None = None) -> torch.Tensor:
+    """The attention weights of chosen query rows (and heads), without the full matrix.
+
+    Recomputes softmax(q k^T * scale) for the query tiles that hold `rows` only,
+    so the weights of a few rows of a 100k-token sequence cost a few tiles of
+    work and (B, Hq, len(rows), Lk) memory. Arguments as in `qkv.attention`;
+    `rows` (default all) and `heads` (default all) are index lists or tensors.
+
+    Returns (B, len(heads), len(rows), Lk) in float32 (float64 for float64 inputs).
+    """
+    from qkv.backends.tiled import weights_for_rows
+
+    call = _make_call(q, k, k, mask=mask, causal=causal, score_mod=score_mod, scale=scale, dropout_p=0.0,
+                      return_lse=False, return_weights=True, q_offset=q_offset)
+    rows_t = torch.arange(call.Lq) if rows is None else torch.as_tensor(rows).long().flatten().cpu()
+    if rows_t.numel() and (int(rows_t.min()) < 0 or int(rows_t.max()) >= call.Lq):
+        raise ValueError(f"rows must lie in [0, Lq={call.Lq}), got {rows_t.min().item()}..{rows_t.max().item()}")
+    heads_t = None if heads is None else torch.as_tensor(heads).long().flatten()
+    if heads_t is not None and heads_t.numel() and (int(heads_t.min()) < 0 or int(heads_t.max()) >= call.Hq):
+        raise ValueError(f"heads must lie in [0, Hq={call.Hq})")
+    with torch.no_grad():
+        w = weights_for_rows(call, None, rows_t)
+    return w if heads_t is None else w.index_select(1, heads_t.to(w.device))
 
 
 def _degenerate(call: Call):

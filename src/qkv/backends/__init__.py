@@ -148,12 +148,16 @@ class Backend:
     def extra_refusal(self, call: Call) -> str | None:
         return None
 
+    def auto_refusal(self, call: Call) -> str | None:
+        """Why `auto` should pass this call on to a later backend although this one could serve it."""
+        return None
+
     def forward(self, call: Call):  # pragma: no cover - abstract
         raise NotImplementedError
 
 
 _REGISTRY: dict[str, Backend] = {}
-_AUTO_ORDER: tuple[str, ...] = ("sdpa", "math")
+_AUTO_ORDER: tuple[str, ...] = ("sdpa", "tiled", "math")
 _PREFERRED: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar("qkv_backend", default=None)
 
 
@@ -246,6 +250,10 @@ def select(call: Call, backend: str = "auto") -> Backend:
         raise BackendError(f"no backend in use_backend({', '.join(map(repr, preferred))}) can serve this call "
                            f"({'; '.join(reasons)}); {_who_can(call)}")
     for name in _AUTO_ORDER:
+        be = _REGISTRY.get(name)
+        if be is not None and be.capabilities.auto and be.refusal(call) is None and be.auto_refusal(call) is None:
+            return be
+    for name in _AUTO_ORDER:  # every backend had a preference against it: take the first that can
         be = _REGISTRY.get(name)
         if be is not None and be.capabilities.auto and be.refusal(call) is None:
             return be

@@ -20,8 +20,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from qkv.backends import _FLOATS, Backend, Call, Capabilities, zeros_output
+from qkv.backends import _FLOATS, Backend, Call, Capabilities, available_bytes, format_bytes, zeros_output
 from qkv.masks import FULL, EMPTY, TileGrid, _Causal, bounds, evaluate
+
+
+def tiled_applies(call: Call) -> bool:
+    from qkv.backends import _REGISTRY
+
+    tiled = _REGISTRY.get("tiled")
+    return tiled is not None and tiled.refusal(call) is None
 
 
 def _whole_matrix_kind(call: Call):
@@ -37,6 +44,21 @@ def _whole_matrix_kind(call: Call):
     return None
 
 
+# `auto` hands a masked call to `tiled` when at most this fraction of (128 x 128) tiles has
+# any allowed pair: sdpa then computes every score through a dense mask, tiled only the live
+# tiles. Measured by benchmarks/bench_attention.py on a 2-core CPU (see README).
+TILED_DENSITY = 0.5
+
+
+def _needs_dense_mask(call: Call) -> bool:
+    if call.mask is None:
+        return False
+    kind = _whole_matrix_kind(call)
+    if kind in (FULL, EMPTY):
+        return False
+    return not (isinstance(call.mask, _Causal) and call.q_offset == 0)
+
+
 class SDPABackend(Backend):
     name = "sdpa"
     capabilities = Capabilities(
@@ -44,6 +66,23 @@ class SDPABackend(Backend):
         backward=True, return_lse=False, return_weights=False, exact=True, auto=True,
         notes="torch.nn.functional.scaled_dot_product_attention; masks other than causal are passed densely",
     )
+
+    def extra_refusal(self, call: Call) -> str | None:
+        if _needs_dense_mask(call):
+            need = call.B * call.Hq * call.Lq * call.Lk  # one byte per (b, h, q, kv), at most
+            free = available_bytes(call.device)
+            if free is not None and need > free:
+                return (f"its dense mask could need {format_bytes(need)} and only {format_bytes(free)} is "
+                        f"available on {call.device}")
+        return None
+
+    def auto_refusal(self, call: Call) -> str | None:
+        if _needs_dense_mask(call) and tiled_applies(call):
+            bm = call.mask.block_mask(call.Lq, call.Lk, block=128, B=call.B, H=call.Hq, q_offset=call.q_offset)
+            density = 1.0 - bm.sparsity
+            if density <= TILED_DENSITY:
+                return f"only {density:.0%} of the tiles are live: tiled skips the rest"
+        return None
 
     def forward(self, call: Call):
         q, k, v = call.q, call.k, call.v

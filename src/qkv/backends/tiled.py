@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qkv.backends import _FLOATS, Backend, Call, Capabilities, available_bytes, format_bytes
+from qkv.backends import _FLOATS, _REGISTRY, Backend, Call, Capabilities, available_bytes, format_bytes
 from qkv.masks import EMPTY, FULL, PARTIAL
 
 DEFAULT_BLOCK = (128, 128)
@@ -47,8 +47,10 @@ class TilePlan:
     segments: list                  # [(k0, k1, is_partial)]: maximal runs of FULL or of PARTIAL tiles
 
 
-def make_plan(call: Call, block=DEFAULT_BLOCK):
-    """Plans per batch group: a list of (batch indices or None for all, [TilePlan per query tile])."""
+def make_plan(call: Call, block=DEFAULT_BLOCK, tiles=None):
+    """Plans per batch group: a list of (batch indices or None for all, {query tile: TilePlan}).
+
+    `tiles` limits the plan to some query tiles (default: all)."""
     bq, bk = block
     Lq, Lk = call.Lq, call.Lk
     n_q, n_k = -(-Lq // bq), -(-Lk // bk)
@@ -68,7 +70,8 @@ def make_plan(call: Call, block=DEFAULT_BLOCK):
     groups = []
     for g in range(kind.shape[0]):
         batches = None if kind.shape[0] == 1 else torch.tensor([g])
-        groups.append((batches, [_row_plan(kind[g, 0, i], i, bq, bk, Lq, Lk) for i in range(n_q)]))
+        wanted = range(n_q) if tiles is None else tiles
+        groups.append((batches, {i: _row_plan(kind[g, 0, i], i, bq, bk, Lq, Lk) for i in wanted}))
     return groups, bm
 
 
@@ -191,7 +194,7 @@ def tiled_forward(call: Call, q, k, v, groups):
     cdt = _compute_dtype(call)
     for batches, plans in groups:
         qb, kb, vb = (_batch_view(t, batches) for t in (q, k, v))
-        for plan in plans:
+        for plan in plans.values():
             if plan.n == 0:
                 continue  # every key of this tile row is masked: zeros, lse -inf
             tile = _Tile(call, plan, batches, qb, kb, vb, cdt)
@@ -225,7 +228,7 @@ def tiled_backward(call: Call, q, k, v, out, lse, dout, groups, params):
     safe_lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
     for batches, plans in groups:
         qb, kb, vb = (_batch_view(t, batches) for t in (q, k, v))
-        for plan in plans:
+        for plan in plans.values():
             if plan.n == 0:
                 continue
             tile = _Tile(call, plan, batches, qb, kb, vb, cdt)
@@ -355,7 +358,7 @@ def fused_forward(call: Call, q, k, v, groups):
         b0 = 0 if batches is None else int(batches[0])
         out_b = out if batches is None else out[b0:b0 + 1]
         lse_b = lse if batches is None else lse[b0:b0 + 1]
-        for plan in plans:
+        for plan in plans.values():
             if not plan.segments:
                 continue
             rows = _Rows(call, plan, batches, qb)
@@ -385,7 +388,7 @@ def fused_backward(call: Call, q, k, v, out, lse, dout, groups):
         qb, kb, vb = (_batch_view(t, batches) for t in (q, k, v))
         b0 = 0 if batches is None else int(batches[0])
         sl = slice(None) if batches is None else slice(b0, b0 + 1)
-        for plan in plans:
+        for plan in plans.values():
             if not plan.segments:
                 continue
             rows = _Rows(call, plan, batches, qb)
@@ -407,8 +410,8 @@ def fused_backward(call: Call, q, k, v, out, lse, dout, groups):
 
 class _TiledAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, call, groups, q, k, v, *params):
-        ctx.fused = fused_applies(call)
+    def forward(ctx, call, groups, engine, q, k, v, *params):
+        ctx.fused = engine == "auto" and fused_applies(call)
         out, lse = (fused_forward if ctx.fused else tiled_forward)(call, q, k, v, groups)
         ctx.call, ctx.groups = call, groups
         ctx.save_for_backward(q, k, v, out, lse, *params)
@@ -420,9 +423,9 @@ class _TiledAttention(torch.autograd.Function):
         q, k, v, out, lse, *params = ctx.saved_tensors
         if ctx.fused:
             dq, dk, dv = fused_backward(ctx.call, q, k, v, out, lse, dout.contiguous(), ctx.groups)
-            return (None, None, dq, dk, dv)
+            return (None, None, None, dq, dk, dv)
         dq, dk, dv, dparams = tiled_backward(ctx.call, q, k, v, out, lse, dout, ctx.groups, params)
-        return (None, None, dq, dk, dv, *dparams)
+        return (None, None, None, dq, dk, dv, *dparams)
 
 
 def score_mod_tensors(score_mod) -> list[torch.Tensor]:
@@ -471,31 +474,38 @@ def score_mod_tensors(score_mod) -> list[torch.Tensor]:
     return found
 
 
-def weights_for_rows(call: Call, lse: torch.Tensor, rows: torch.Tensor | None = None,
+def weights_for_rows(call: Call, lse: torch.Tensor | None, rows: torch.Tensor | None = None,
                      block=DEFAULT_BLOCK) -> torch.Tensor:
-    """Softmax weights (B, Hq, len(rows), Lk) recomputed from the LSE, one query tile at a time.
+    """Softmax weights (B, Hq, len(rows), Lk) recomputed tile by tile.
 
     Only the query tiles holding the requested rows are computed, so asking for a
     few rows of a very long sequence costs a few tiles' work and rows x Lk memory.
+    With `lse` (from the forward) the weights are exp(S - lse); without it the
+    tile's own log-sum-exp is used (the same number: a tile row holds every live key).
     """
     rows = torch.arange(call.Lq) if rows is None else torch.as_tensor(rows).cpu().long()
     out = torch.zeros(call.B, call.Hq, len(rows), call.Lk, dtype=call.stat_dtype, device=call.device)
-    groups, _ = make_plan(call, block)
-    safe_lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+    wanted = sorted(set((rows // block[0]).tolist()))
+    groups, _ = make_plan(call, block, tiles=wanted)
+    safe_lse = None if lse is None else torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
     cdt = _compute_dtype(call)
     with torch.no_grad():
         for batches, plans in groups:
             qb, kb, vb = (_batch_view(t, batches) for t in (call.q, call.k, call.v))
             b0 = 0 if batches is None else int(batches[0])
             out_b = out if batches is None else out[b0:b0 + 1]                       # a view
-            lse_b = safe_lse if batches is None else safe_lse[b0:b0 + 1]
-            for i in sorted(set((rows // block[0]).tolist())):
+            for i in wanted:
                 plan = plans[i]
                 if plan.n == 0:
                     continue  # fully masked rows keep weight 0
                 tile = _Tile(call, plan, batches, qb, kb, vb, cdt)
                 s = tile.masked(call, tile.modded(call, tile.raw_scores(call)))    # (Bs, Hq, bq, n)
-                p = torch.exp(s - lse_b[:, :, plan.r0:plan.r1].unsqueeze(-1))
+                if safe_lse is not None:
+                    row_lse = (safe_lse if batches is None else safe_lse[b0:b0 + 1])[:, :, plan.r0:plan.r1]
+                else:
+                    row_lse = torch.logsumexp(s, dim=-1)
+                    row_lse = torch.where(torch.isneginf(row_lse), torch.zeros_like(row_lse), row_lse)
+                p = torch.exp(s - row_lse.unsqueeze(-1))
                 local = torch.nonzero((rows >= plan.r0) & (rows < plan.r1)).flatten().to(call.device)
                 picked = p.index_select(2, (rows.to(call.device)[local] - plan.r0))   # (Bs, Hq, r, n)
                 full = picked.new_zeros(*picked.shape[:3], call.Lk)
@@ -512,6 +522,9 @@ class TiledBackend(Backend):
         notes="BlockMask-driven: skips EMPTY tiles, FULL tiles unmasked; O(L) memory, backward recomputes tiles",
     )
     block = DEFAULT_BLOCK
+    #: "auto": torch's fused CPU kernel per tile run where it applies, else the generic engine;
+    #: "generic": always the generic engine (pure torch ops; any device, score_mod, Dv != D)
+    engine = "auto"
 
     def extra_refusal(self, call: Call) -> str | None:
         if call.return_weights:
@@ -522,9 +535,17 @@ class TiledBackend(Backend):
                         f"is available; ask for chosen rows with qkv.attention_weights(..., rows=...)")
         return None
 
+    def auto_refusal(self, call: Call) -> str | None:
+        if call.return_weights and _REGISTRY["math"].refusal(call) is None:
+            return "the weights are materialised anyway: math computes them in one pass"
+        return None
+
     def forward(self, call: Call):
         groups, _ = make_plan(call, self.block)
         params = score_mod_tensors(call.score_mod)
-        out, lse = _TiledAttention.apply(call, groups, call.q, call.k, call.v, *params)
+        if self.engine not in ("auto", "generic"):
+            raise ValueError(f"tiled engine must be 'auto' or 'generic', got {self.engine!r}")
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (call.q, call.k, call.v))
+        out, lse = _TiledAttention.apply(call, groups, self.engine, q, k, v, *params)
         weights = weights_for_rows(call, lse.detach(), block=self.block) if call.return_weights else None
         return out, lse, weights
