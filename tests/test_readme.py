@@ -1,0 +1,28 @@
+"""The README's claims that code can check: its tour runs, its capability table is current."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import qkv
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def test_the_python_tour_runs(capsys):
+    code = re.findall(r"```python\n(.*?)```", README, re.S)
+    assert code, "README has no python block"
+    namespace: dict = {}
+    exec(compile(code[0], "README.md", "exec"), namespace)
+    assert namespace["out"].shape == (2, 8, 1024, 64)
+    assert namespace["w_rows"].shape == (2, 8, 3, 1024)
+    assert "tiled" in capsys.readouterr().out
+
+
+def test_capability_table_is_current():
+    assert qkv.backends.list().markdown() in README
+
+
+def test_two_commands_are_documented():
+    assert "make demo" in README and "make test" in README
