@@ -240,3 +240,14 @@ def test_from_dense_rows_follow_bottom_right_alignment():
 def test_mask_returning_non_bool_is_refused():
     with pytest.raises(TypeError, match="must return booleans"):
         M.as_mask(lambda b, h, q, kv: (q - kv).float()).to_dense(4, 4)
+
+
+@pytest.mark.parametrize("name", ["causal", "document", "padding", "block_sparse", "callable", "nested"])
+def test_long_masks_are_evaluated_in_row_bands(monkeypatch, name):
+    """Above a size threshold `evaluate` fills the bool result band by band; same answer."""
+    rng = np.random.default_rng(5)
+    mask, _ = CASES[name](rng, 2, 3, 40)
+    whole = M.evaluate(mask, 2, 3, 33, 40).expand(2, 3, 33, 40)
+    monkeypatch.setattr(M, "_CHUNK_ELEMENTS", 100)  # bands of 2 rows
+    banded = M.evaluate(mask, 2, 3, 33, 40)
+    assert banded.dtype == torch.bool and torch.equal(banded.expand(2, 3, 33, 40), whole)

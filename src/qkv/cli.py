@@ -4,6 +4,7 @@
     qkv backends
     qkv demo [--out runs/demo] [--quick]
     qkv bench [--out runs/bench] [--quick]
+    qkv bench attention [--quick] [--lengths L ...] [--out runs/bench] [--no-flex] [--no-memory]
     qkv --version
 
 `main(argv)` returns the exit status instead of exiting, so tests can call it
@@ -61,6 +62,17 @@ def _cmd_demo(args) -> int:
 def _cmd_bench(args) -> int:
     from qkv import demo
 
+    if args.what == "attention":
+        from qkv import bench
+
+        try:
+            bench.run(args.out, quick=args.quick, lengths=args.lengths, flex=not args.no_flex,
+                      memory=not args.no_memory)
+        except ValueError as exc:  # e.g. --lengths 4
+            raise UsageError(str(exc)) from exc
+        return 0
+    if args.lengths or args.no_flex or args.no_memory:
+        raise UsageError("--lengths, --no-flex and --no-memory belong to `qkv bench attention`")
     demo.bench(args.out, quick=args.quick)
     return 0
 
@@ -87,9 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="shorter sequences (a few seconds)")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("bench", help="time math vs sdpa (forward, forward+backward); writes backends.json")
-    p.add_argument("--out", default=os.path.join("runs", "bench"), help="where backends.json goes (default runs/bench)")
-    p.add_argument("--quick", action="store_true", help="L in {256, 512} only")
+    p = sub.add_parser("bench", help="time math vs sdpa (forward, forward+backward); writes backends.json",
+                       description="`qkv bench`: math vs sdpa (backends.json). `qkv bench attention`: tiled, auto, "
+                                   "sdpa and FlexAttention on long masked sequences (attention.json, attention.md).")
+    p.add_argument("what", nargs="?", choices=("backends", "attention"), default="backends",
+                   help="which benchmark (default backends)")
+    p.add_argument("--out", default=os.path.join("runs", "bench"), help="where the results go (default runs/bench)")
+    p.add_argument("--quick", action="store_true", help="backends: L in {256, 512}; attention: L in {1024, 4096}")
+    p.add_argument("--lengths", type=int, nargs="+", metavar="L", help="attention: sequence lengths "
+                   "(default 4096 16384 32768)")
+    p.add_argument("--no-flex", action="store_true", help="attention: skip FlexAttention (no compilation)")
+    p.add_argument("--no-memory", action="store_true", help="attention: skip the 131072-token memory case")
     p.set_defaults(func=_cmd_bench)
     return parser
 

@@ -120,13 +120,24 @@ def evaluate(mask, B: int, H: int, Lq: int, Lk: int, *, q_offset: int | None = N
     q_offset = Lk - Lq if q_offset is None else q_offset
     if numpy:
         q_pos = q_offset + np.arange(Lq)
-        grids = _index_grids(B, H, q_pos, Lk, q_pos)
-    else:
-        dev = torch.device(device) if device is not None else torch.device("cpu")
-        q_pos = q_offset + torch.arange(Lq, device=dev)
-        grids = _index_grids(B, H, q_pos, Lk, q_pos)
-    out = mask(*grids)
-    return _check_bool(out, mask, grids[2])
+        return _check_bool(mask(*_index_grids(B, H, q_pos, Lk, q_pos)), mask, q_pos)
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    q_pos = q_offset + torch.arange(Lq, device=dev)
+    rows = max(1, _CHUNK_ELEMENTS // max(1, Lk))
+    if Lq <= rows:
+        return _check_bool(mask(*_index_grids(B, H, q_pos, Lk, q_pos)), mask, q_pos)
+    # Long sequences: evaluate a band of rows at a time into the bool result, so the
+    # temporaries (int64 differences, comparisons) never reach Lq x Lk.
+    out = None
+    for r0 in range(0, Lq, rows):
+        part = q_pos[r0:r0 + rows]
+        m = _check_bool(mask(*_index_grids(B, H, part, Lk, part)), mask, part)
+        while m.dim() < 4:
+            m = m.unsqueeze(0)
+        if out is None:
+            out = torch.empty(m.shape[0], m.shape[1], Lq, Lk, dtype=torch.bool, device=dev)
+        out[:, :, r0:r0 + len(part)] = m
+    return out
 
 
 def _check_bool(out, mask, ref):

@@ -1,0 +1,796 @@
+"""`qkv bench attention`: qkv's tiled executor against torch SDPA and FlexAttention on long masked sequences.
+
+Legend: B batch, H heads, L sequence length (Lq = Lk = L), D head dim; fp32 throughout.
+
+Side by side in one process, on the same q, k, v (B=1, H=8, D=64), for each case,
+length L (4k, 16k, 32k; --quick: 1k, 4k) and pass (forward; forward+backward):
+
+    case                            qkv mask                          Flex mask_mod (b, h, q, kv)
+    causal                          causal=True                       q >= kv
+    sliding_window(1024) & causal   causal() & sliding_window(1024)   (q >= kv) & (q < kv + 1024)
+    document & causal               causal() & document(ids)          (ids[q] == ids[kv]) & (q >= kv)
+    prefix_lm(1024)                 prefix_lm(1024)                   (kv < 1024) | (kv <= q)
+
+(`ids`: 8 packed sequences of random lengths, seeded.) The contenders:
+
+- tiled: `qkv.attention(..., backend="tiled")`, the BlockMask-driven executor;
+- auto:  `qkv.attention(..., backend="auto")`, whatever qkv picks for the call;
+- sdpa:  torch's `scaled_dot_product_attention`, `is_causal=True` for the plain causal
+  case, else a dense bool mask `mask.to_dense(L, L)[0, 0]` built once per (case, L);
+  building it is timed apart ("mask ms") and not included in sdpa's time;
+- flex:  `torch.compile(flex_attention)` with `create_block_mask(mask_mod)`. Its first
+  call after `torch._dynamo.reset()` (block mask creation + compilation + run, with a
+  cold inductor cache) and its steady state are reported. A failed compile, or one
+  longer than `flex_timeout_s`, is recorded and flex shows 'n/a' from then on; so is a
+  backward Flex cannot run on this device.
+
+Also: qkv's first call with a fresh mask object (its BlockMask cache is empty, so the
+tile classification is included) against Flex's first call; the machine's matmul
+rate (a (8, 2048, 64) x (8, 64, 2048) fp32 bmm) and tiled's efficiency: the FLOPs of
+the tiles it executes (4 * D * (q, kv) pairs in FULL and PARTIAL tiles, per batch and
+head) per second, as a fraction of that rate; agreement of every contender with sdpa
+at L = 4096; and the memory case (L = 131072, causal, forward+backward, tiled) in a
+fresh subprocess, whose peak RSS (VmHWM on Linux: see `_memory_child`) is compared with
+the bytes of q, k, v, out and their gradients.
+
+Ratios are speed-ups of tiled (or auto): the other's ms / tiled's ms, so > 1 means
+tiled is faster. Timings are for reading; nothing here passes or fails a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+import qkv
+from qkv.demo import _median_ms, format_machine, machine_info, write_atomic
+from qkv.masks import EMPTY, FULL, PARTIAL
+
+__all__ = ["run", "main", "CASES", "make_case", "document_ids", "live_pairs", "measure", "matmul_rate",
+           "memory_case", "format_table"]
+
+B, H, D = 1, 8, 64
+DTYPE = torch.float32
+CASES = ("causal", "sliding_window", "document", "prefix_lm")
+LENGTHS = (4096, 16384, 32768)
+QUICK_LENGTHS = (1024, 4096)
+WINDOW = 1024            # sliding_window(WINDOW) & causal
+PREFIX = 1024            # prefix_lm(PREFIX)
+N_DOCS = 8               # packed sequences in the document case
+GOAL_LENGTH = 16384      # the length the goals are judged at (else the longest measured)
+AGREE_LENGTH = 4096      # the length agreement is checked at (else the shortest measured)
+MEMORY_LENGTH = 131072
+PASSES = ("fwd", "fwd+bwd")
+IMPLS = ("tiled", "auto", "sdpa", "flex")
+
+
+# ----------------------------------------------------------------------------
+# The cases: one mask, spelled for qkv and for Flex
+# ----------------------------------------------------------------------------
+
+def document_ids(L: int, n_docs: int = N_DOCS, seed: int = 0) -> torch.Tensor:
+    """(L,) sorted document ids of `n_docs` packed sequences of random lengths (each >= 1)."""
+    if L < n_docs:
+        raise ValueError(f"L must be at least n_docs={n_docs} to pack {n_docs} sequences, got L={L}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.zeros(L, dtype=torch.long)
+    starts[torch.randperm(L - 1, generator=g)[: n_docs - 1] + 1] = 1   # n_docs - 1 distinct boundaries
+    return torch.cumsum(starts, 0)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark case at one length. `qkv_mask()` returns a *fresh* mask object each
+    time (an empty BlockMask cache), `flex_mask_mod` is the same mask in Flex's contract."""
+
+    name: str
+    label: str
+    plain_causal: bool
+    qkv_mask: Callable[[], qkv.masks.Mask]
+    flex_mask_mod: Callable
+    info: dict
+
+    def qkv_kwargs(self, mask) -> dict:
+        """Keyword arguments of qkv.attention: `causal=True` for the plain case, as users write it."""
+        return {"causal": True} if self.plain_causal else {"mask": mask}
+
+
+def make_case(name: str, L: int, seed: int = 0) -> Case:
+    M = qkv.masks
+    if name == "causal":
+        return Case(name, "causal", True, M.causal, lambda b, h, q, kv: q >= kv, {})
+    if name == "sliding_window":
+        W = WINDOW
+        # `q < kv + W` rather than `q - kv < W`: Flex's create_block_mask evaluates the whole
+        # L x L grid, and this spelling keeps every L x L intermediate boolean
+        return Case(name, f"sliding_window({W}) & causal", False, lambda: M.causal() & M.sliding_window(W),
+                    lambda b, h, q, kv: (q >= kv) & (q < kv + W), {"window": W})
+    if name == "document":
+        ids = document_ids(L, N_DOCS, seed)
+        lengths = torch.bincount(ids).tolist()
+        return Case(name, "document & causal", False, lambda: M.causal() & M.document(ids),
+                    lambda b, h, q, kv: (ids[q] == ids[kv]) & (q >= kv), {"doc_lengths": lengths, "seed": seed})
+    if name == "prefix_lm":
+        n = PREFIX
+        return Case(name, f"prefix_lm({n})", False, lambda: M.prefix_lm(n),
+                    lambda b, h, q, kv: (kv < n) | (kv <= q), {"prefix": n})
+    raise ValueError(f"unknown case {name!r}; choose from {', '.join(CASES)}")
+
+
+# ----------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------
+
+def measure(fn: Callable[[], object], budget_s: float, *, max_runs: int = 7) -> tuple[object, float, int, float]:
+    """(result of the first call, median ms, runs, first call ms).
+
+    The first call is a warm-up. When it alone takes half the budget or more (a
+    32k dense backward takes a minute on 2 cores) it is the measurement (runs = 1);
+    otherwise the median of 3..max_runs further calls within the budget.
+    """
+    t0 = time.perf_counter()
+    result = fn()
+    first_s = time.perf_counter() - t0
+    if first_s >= budget_s / 2:
+        return result, first_s * 1e3, 1, first_s * 1e3
+    ms, runs = _median_ms(fn, warmup=0, min_runs=3, max_runs=max_runs, budget_s=budget_s - first_s,
+                          first_s=first_s)
+    return result, ms, runs, first_s * 1e3
+
+
+def _pass_fn(attn: Callable, q, k, v, dout, pass_: str) -> Callable[[], tuple]:
+    """A no-argument callable running `attn(q, k, v)` for one pass; returns (out,) or (out, dq, dk, dv)."""
+    if pass_ == "fwd":
+        def fn():
+            with torch.no_grad():
+                return (attn(q, k, v),)
+    else:
+        def fn():
+            qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
+            out = attn(qg, kg, vg)
+            return (out.detach(), *torch.autograd.grad(out, (qg, kg, vg), dout))
+    return fn
+
+
+def matmul_rate(budget_s: float = 2.0) -> dict:
+    """GFLOP/s of a (8, 2048, 64) x (8, 64, 2048) fp32 bmm: the shape of one head-batched QK^T."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(8, 2048, 64, generator=g)                                 # (H, L, D)
+    b = torch.randn(8, 64, 2048, generator=g)                                 # (H, D, L)
+    flops = 2 * 8 * 2048 * 2048 * 64
+    torch.bmm(a, b)
+    _, ms, runs, _ = measure(lambda: torch.bmm(a, b), budget_s, max_runs=15)
+    return {"shape": "(8, 2048, 64) x (8, 64, 2048)", "dtype": "float32", "ms": round(ms, 3), "runs": runs,
+            "gflops": round(flops / (ms / 1e3) / 1e9, 2)}
+
+
+# ----------------------------------------------------------------------------
+# Work done: live (q, kv) pairs of the tiles tiled executes
+# ----------------------------------------------------------------------------
+
+def live_pairs(mask, L: int, block: tuple[int, int]) -> tuple[int, dict]:
+    """(q, kv) pairs in the FULL and PARTIAL tiles tiled computes, summed over batch and heads,
+    and the tile counts. Heads run together in tiled, so a tile is live if it is for any head."""
+    bq, bk = block
+    bm = mask.block_mask(L, L, block=(bq, bk), B=B, H=H, q_offset=0)
+    kind = bm.kind                                                            # (B', H', nQ, nK)
+    live = (kind != EMPTY).any(dim=1)                                         # (B', nQ, nK)
+    rows = torch.tensor([min(L, (i + 1) * bq) - i * bq for i in range(kind.shape[2])])
+    cols = torch.tensor([min(L, (j + 1) * bk) - j * bk for j in range(kind.shape[3])])
+    area = (live.long() * rows.view(1, -1, 1) * cols.view(1, 1, -1)).sum()   # pairs per head, summed over B'
+    pairs = int(area) * (B // kind.shape[0]) * H
+    counts = {"EMPTY": int((kind == EMPTY).sum()), "PARTIAL": int((kind == PARTIAL).sum()),
+              "FULL": int((kind == FULL).sum())}
+    return pairs, counts
+
+
+# ----------------------------------------------------------------------------
+# FlexAttention: compiled per (case, L), failures recorded instead of raised
+# ----------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _deadline(seconds: float | None):
+    """Raise TimeoutError in the block after `seconds` (main thread on Unix; otherwise no limit)."""
+    if (seconds is None or not hasattr(signal, "SIGALRM")
+            or threading.current_thread() is not threading.main_thread()):
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise TimeoutError(f"took longer than {seconds:.0f} s")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+class _Flex:
+    """FlexAttention on the CPU. `error` says why it stopped (then every later cell is n/a);
+    `bwd_error` why its backward cannot run."""
+
+    def __init__(self, enabled: bool, timeout_s: float):
+        self.timeout_s = timeout_s
+        self.error: str | None = None if enabled else "skipped (--no-flex)"
+        self.bwd_error: str | None = None
+        self.compiled_once = False
+        self.fn = self.block_mask = None
+        if enabled:
+            try:
+                from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+                self._create, self._flex = create_block_mask, flex_attention
+            except ImportError as exc:
+                self.error = f"unavailable in torch {torch.__version__}: {_short(exc)}"
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def first_call(self, mask_mod, q, k, v, L: int):
+        """(out, first ms incl. block mask + compile, block mask ms), or None (and `error` set)."""
+        self.fn = self.block_mask = None
+        torch._dynamo.reset()  # every (case, L) compiles afresh, as a new program would
+        try:
+            with _deadline(self.timeout_s), torch.no_grad():
+                t0 = time.perf_counter()
+                bm = self._create(mask_mod, None, None, L, L, device=str(q.device))
+                t1 = time.perf_counter()
+                fn = torch.compile(self._flex, dynamic=False)
+                out = fn(q, k, v, block_mask=bm)
+                t2 = time.perf_counter()
+        except Exception as exc:  # noqa: BLE001 - a compile failure must not end the benchmark
+            self.error = f"compile failed: {_short(exc)}"
+            return None
+        self.compiled_once = True
+        self.fn, self.block_mask = fn, bm
+        return out, (t2 - t0) * 1e3, (t1 - t0) * 1e3
+
+    def attn(self, q, k, v):
+        return self.fn(q, k, v, block_mask=self.block_mask)
+
+
+@contextlib.contextmanager
+def _cold_inductor_cache():
+    """Compile into a fresh inductor cache directory, so Flex's first calls include compilation."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
+    except ImportError:  # an older torch: use whatever cache there is
+        yield "default (could not switch)"
+        return
+    with tempfile.TemporaryDirectory(prefix="qkv-bench-inductor-") as d, temporary_cache_dir(d):
+        yield "cold (a fresh TORCHINDUCTOR_CACHE_DIR for this run)"
+
+
+# ----------------------------------------------------------------------------
+# The memory case, in a fresh process
+# ----------------------------------------------------------------------------
+
+def _status_bytes(field: str) -> int | None:
+    """A `VmRSS:`-style field of /proc/self/status in bytes (Linux), else None."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024  # kB
+    return None
+
+
+def _ru_maxrss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
+def _reset_peak() -> bool:
+    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _memory_child(L: int) -> dict:
+    """Runs in the subprocess: causal forward+backward with tiled at length L; time and memory.
+
+    The peak comes from VmHWM, reset just before q, k, v are allocated: ru_maxrss of a
+    process started by vfork + exec (what subprocess does) starts from the *parent's* peak,
+    so after a 32k dense-mask case it would report the parent's gigabytes. ru_maxrss is
+    recorded too; it is the peak only where VmHWM is unavailable.
+    """
+    torch.manual_seed(0)
+    # one small call first: thread pools and kernels allocate once, and that belongs to the baseline
+    small = [torch.randn(B, H, 256, D, requires_grad=True) for _ in range(3)]
+    qkv.attention(*small, causal=True, backend="tiled").sum().backward()
+    del small
+    gc.collect()
+    hwm = _reset_peak() and _status_bytes("VmHWM") is not None
+    base = _status_bytes("VmRSS") if hwm else _ru_maxrss_bytes()
+    q, k, v = (torch.randn(B, H, L, D, requires_grad=True) for _ in range(3))   # (B, H, L, D) each
+    dout = torch.randn(B, H, L, D)
+    t0 = time.perf_counter()
+    out = qkv.attention(q, k, v, causal=True, backend="tiled")
+    t1 = time.perf_counter()
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    t2 = time.perf_counter()
+    ru_peak = _ru_maxrss_bytes()
+    peak = _status_bytes("VmHWM") if hwm else ru_peak
+    tensor_bytes = sum(t.numel() * t.element_size() for t in (q, k, v, out, dout, dq, dk, dv))
+    extra = peak - base - tensor_bytes
+    return {"L": L, "mask": "causal", "B": B, "H": H, "D": D, "dtype": "float32", "backend": "tiled",
+            "fwd_ms": round((t1 - t0) * 1e3, 1), "fwd_bwd_ms": round((t2 - t0) * 1e3, 1),
+            "baseline_rss_bytes": base, "peak_rss_bytes": peak, "ru_maxrss_bytes": ru_peak,
+            "peak_source": "VmHWM, reset at the baseline" if hwm else "ru_maxrss",
+            "tensor_bytes": tensor_bytes, "tensors": "q, k, v, out, dout, dq, dk, dv", "extra_bytes": extra,
+            "extra_ratio": round(extra / tensor_bytes, 3)}
+
+
+def memory_case(L: int = MEMORY_LENGTH, *, timeout_s: float | None = 7200) -> dict:
+    """The memory case in a fresh `python -m qkv.bench --memory-child L` process, so that peak
+    RSS (which only grows) is not polluted by earlier cases. Errors are returned, not raised."""
+    cmd = [sys.executable, "-m", "qkv.bench", "--memory-child", str(L)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"L": L, "error": f"timed out after {timeout_s:.0f} s"}
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+        return {"L": L, "error": f"exit status {proc.returncode}: {tail}"}
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        return {"L": L, "error": f"unreadable output: {proc.stdout[-300:]!r}"}
+
+
+# ----------------------------------------------------------------------------
+# One (case, L): every contender, both passes
+# ----------------------------------------------------------------------------
+
+def _ratio(num, den):
+    return round(num / den, 3) if num is not None and den else None
+
+
+def _max_diff(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> tuple[float, float]:
+    """(largest |a - b| over the tensors, largest |b|, at least 1): the error and its scale."""
+    diff = max(float((x - y).abs().max()) for x, y in zip(a, b))
+    scale = max(1.0, *(float(y.abs().max()) for y in b))
+    return diff, scale
+
+
+def _bench_case(case: Case, L: int, flex: _Flex, *, budget_s: float, check: bool, seed: int,
+                log: Callable[[str], None]) -> tuple[list[dict], dict | None]:
+    g = torch.Generator().manual_seed(seed + L)
+    q, k, v = (torch.randn(B, H, L, D, generator=g, dtype=DTYPE) for _ in range(3))   # (B, H, L, D) each
+    dout = torch.randn(B, H, L, D, generator=g, dtype=DTYPE)                         # (B, H, L, D)
+    tiled_block = tuple(qkv.backends.get("tiled").block)
+
+    # qkv's first call: a fresh mask object, so classifying its tiles is part of the call
+    t0 = time.perf_counter()
+    case.qkv_mask().block_mask(L, L, block=tiled_block, B=B, H=H, q_offset=0)
+    qkv_bm_ms = (time.perf_counter() - t0) * 1e3
+    fresh = case.qkv_mask()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        qkv.attention(q, k, v, backend="tiled", **case.qkv_kwargs(fresh))
+    qkv_first_ms = (time.perf_counter() - t0) * 1e3
+    del fresh
+
+    pairs, tiles = live_pairs(case.qkv_mask(), L, tiled_block)
+    mask = case.qkv_mask()  # shared by tiled and auto: its BlockMask is built once, as in a training loop
+    kwargs = case.qkv_kwargs(mask)
+
+    # sdpa's dense mask, built (and timed) apart from the attention call
+    dense, mask_ms = None, None
+    if not case.plain_causal:
+        dense, mask_ms, _, _ = measure(lambda: case.qkv_mask().to_dense(L, L)[0, 0], budget_s, max_runs=3)  # (L, L)
+
+    attns = {
+        "tiled": lambda a, b, c: qkv.attention(a, b, c, backend="tiled", **kwargs),
+        "auto": lambda a, b, c: qkv.attention(a, b, c, backend="auto", **kwargs),
+        "sdpa": (lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True)) if dense is None
+        else (lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=dense)),
+    }
+
+    flex_first = None
+    if flex.ok:
+        log(f"  compiling FlexAttention for {case.label}, L={L} ...")
+        flex_first = flex.first_call(case.flex_mask_mod, q, k, v, L)
+        if flex_first is None:
+            log(f"  flex: {flex.error}")
+
+    rows, outputs = [], {}
+    for p in PASSES:
+        row = {"case": case.name, "label": case.label, "L": L, "pass": p, "B": B, "H": H, "D": D,
+               "dtype": "float32"}
+        for name in IMPLS:
+            row[f"{name}_ms"] = row[f"{name}_runs"] = None
+            if name == "flex":
+                if not flex.ok or flex.fn is None:
+                    row["flex_error"] = flex.error or "not compiled"
+                    continue
+                if p == "fwd+bwd" and flex.bwd_error is not None:
+                    row["flex_error"] = f"backward {flex.bwd_error}"
+                    continue
+                fn = _pass_fn(flex.attn, q, k, v, dout, p)
+                try:
+                    if p == "fwd+bwd":  # compiles the backward: an extra call, timed as its first call
+                        with _deadline(flex.timeout_s):
+                            t0 = time.perf_counter()
+                            fn()
+                            row["flex_bwd_first_ms"] = round((time.perf_counter() - t0) * 1e3, 2)
+                    res, ms, runs, _ = measure(fn, budget_s)
+                except Exception as exc:  # noqa: BLE001 - e.g. no backward on this device
+                    if p == "fwd+bwd":
+                        flex.bwd_error = f"unsupported: {_short(exc)}"
+                        row["flex_error"] = f"backward {flex.bwd_error}"
+                    else:
+                        flex.error = f"run failed: {_short(exc)}"
+                        row["flex_error"] = flex.error
+                    log(f"  flex {p}: {row['flex_error']}")
+                    continue
+            else:
+                res, ms, runs, _ = measure(_pass_fn(attns[name], q, k, v, dout, p), budget_s)
+            row[f"{name}_ms"], row[f"{name}_runs"] = round(ms, 3), runs
+            if check:
+                outputs[(name, p)] = res
+            del res
+        row["sdpa_mask_ms"] = None if mask_ms is None else round(mask_ms, 3)
+        row["speedup_vs_flex"] = _ratio(row["flex_ms"], row["tiled_ms"])
+        row["speedup_vs_sdpa"] = _ratio(row["sdpa_ms"], row["tiled_ms"])
+        row["auto_vs_sdpa"] = _ratio(row["sdpa_ms"], row["auto_ms"])
+        if p == "fwd":
+            row["qkv_block_mask_ms"] = round(qkv_bm_ms, 3)
+            row["qkv_first_ms"] = round(qkv_first_ms, 3)
+            row["flex_first_ms"] = None if flex_first is None else round(flex_first[1], 1)
+            row["flex_block_mask_ms"] = None if flex_first is None else round(flex_first[2], 3)
+            row["first_call_ratio"] = _ratio(row["flex_first_ms"], row["qkv_first_ms"])
+            flops = 4 * D * pairs
+            row["live_pairs"], row["tiles"], row["tiled_flops"] = pairs, tiles, flops
+            row["tiled_gflops"] = round(flops / (row["tiled_ms"] / 1e3) / 1e9, 2)
+        rows.append(row)
+        log("  " + _progress(row))
+
+    agreement = None
+    if check:
+        agreement = {"L": L}
+        ref_fwd = outputs[("sdpa", "fwd")]
+        others = [("tiled", "fwd"), ("auto", "fwd"), ("flex", "fwd"), ("tiled", "fwd+bwd"), ("auto", "fwd+bwd")]
+        agree = True
+        for name, p in others:
+            key = name if p == "fwd" else f"{name}_grads"
+            got = outputs.get((name, p))
+            if got is None:
+                agreement[key] = None
+                continue
+            diff, scale = _max_diff(got, outputs[("sdpa", p)])
+            agreement[key] = diff
+            agree = agree and diff <= 1e-4 * scale
+        if flex_first is not None:
+            diff, scale = _max_diff((flex_first[0],), ref_fwd)
+            agreement["flex_first_call"] = diff
+            agree = agree and diff <= 1e-4 * scale
+        agreement["agree"] = bool(agree)
+        agreement["rule"] = "max |x - sdpa| <= 1e-4 x max(1, max |sdpa|), outputs (and dq, dk, dv for *_grads)"
+    del outputs, dense, flex_first
+    flex.fn = flex.block_mask = None
+    gc.collect()
+    return rows, agreement
+
+
+def _fmt_ms(ms) -> str:
+    if ms is None:
+        return "n/a"
+    return f"{ms:.0f}" if ms >= 1000 else f"{ms:.1f}" if ms >= 10 else f"{ms:.2f}"
+
+
+def _fmt_x(r) -> str:
+    return "n/a" if r is None else f"{r:.2f}x"
+
+
+def _progress(r: dict) -> str:
+    return (f"{r['label']:<30} L={r['L']:<6} {r['pass']:<7} tiled {_fmt_ms(r['tiled_ms'])} ms, "
+            f"auto {_fmt_ms(r['auto_ms'])} ms, sdpa {_fmt_ms(r['sdpa_ms'])} ms, flex {_fmt_ms(r['flex_ms'])} ms")
+
+
+# ----------------------------------------------------------------------------
+# Goals and tables
+# ----------------------------------------------------------------------------
+
+def _goal(goal, case, L, p, measured, target, direction=">=") -> dict:
+    met = None if measured is None else (measured >= target if direction == ">=" else measured <= target)
+    return {"goal": goal, "case": case, "L": L, "pass": p, "measured": measured, "target": target,
+            "direction": direction, "met": met}
+
+
+def evaluate_goals(rows: Sequence[dict], memory: dict | None, goal_L: int) -> list[dict]:
+    """The issue's goals with their measured ratios, judged at `goal_L`."""
+    at = {(r["case"], r["L"], r["pass"]): r for r in rows}
+    goals = []
+    for case in dict.fromkeys(r["case"] for r in rows):
+        fwd, both = at.get((case, goal_L, "fwd")), at.get((case, goal_L, "fwd+bwd"))
+        if case == "causal":
+            for r in (fwd, both):
+                if r is not None:
+                    goals.append(_goal("dense causal: tiled >= 0.8x SDPA speed", case, goal_L, r["pass"],
+                                       r["speedup_vs_sdpa"], 0.8))
+                    goals.append(_goal("dense causal: auto >= 0.95x SDPA speed", case, goal_L, r["pass"],
+                                       r["auto_vs_sdpa"], 0.95))
+        else:
+            if fwd is not None:
+                goals.append(_goal("masked fwd: tiled >= 1.2x Flex steady-state speed", case, goal_L, "fwd",
+                                   fwd["speedup_vs_flex"], 1.2))
+                goals.append(_goal("masked fwd: tiled >= 5x SDPA with dense mask", case, goal_L, "fwd",
+                                   fwd["speedup_vs_sdpa"], 5.0))
+                goals.append(_goal("masked: qkv first call (BlockMask incl.) >= 20x faster than Flex's",
+                                   case, goal_L, "fwd", fwd["first_call_ratio"], 20.0))
+            if both is not None:
+                goals.append(_goal("masked fwd+bwd: tiled >= 3x SDPA with dense mask", case, goal_L, "fwd+bwd",
+                                   both["speedup_vs_sdpa"], 3.0))
+        if fwd is not None:
+            goals.append(_goal("efficiency: tiled FLOP/s >= 70% of the matmul rate", case, goal_L, "fwd",
+                               fwd.get("efficiency"), 0.70))
+    if memory is not None:
+        goals.append(_goal("memory: causal fwd+bwd peak extra <= 2x bytes of q,k,v,out,grads", "causal",
+                           memory.get("L"), "fwd+bwd", memory.get("extra_ratio"), 2.0, "<="))
+    return goals
+
+
+def format_table(header: Sequence[str], body: Sequence[Sequence[str]], *, left: Sequence[int] = (0,),
+                 markdown: bool = False) -> str:
+    """Plain text (or Markdown): numbers right-aligned, the text columns `left` left-aligned."""
+    if markdown:
+        rule = "|" + "".join("---|" if i in left else "---:|" for i in range(len(header)))
+        return "\n".join(["| " + " | ".join(header) + " |", rule] + ["| " + " | ".join(r) + " |" for r in body])
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    fmt = lambda r: "  ".join(c.ljust(w) if i in left else c.rjust(w)  # noqa: E731
+                              for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+    return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *map(fmt, body)])
+
+
+_MAIN_HEADER = ("case", "L", "pass", "tiled ms", "auto ms", "sdpa ms", "mask ms", "flex ms", "vs flex",
+                "vs sdpa", "auto vs sdpa", "qkv 1st ms", "flex 1st ms", "1st ratio", "eff")
+
+
+def _main_cells(rows: Sequence[dict]) -> list[list[str]]:
+    body = []
+    for r in rows:
+        fwd = r["pass"] == "fwd"
+        no_bwd = r["flex_ms"] is None and (r.get("flex_error") or "").startswith("backward unsupported")
+        body.append([
+            r["label"], str(r["L"]), r["pass"], _fmt_ms(r["tiled_ms"]), _fmt_ms(r["auto_ms"]), _fmt_ms(r["sdpa_ms"]),
+            "-" if r["sdpa_mask_ms"] is None else _fmt_ms(r["sdpa_mask_ms"]),
+            "no bwd" if no_bwd else _fmt_ms(r["flex_ms"]),
+            _fmt_x(r["speedup_vs_flex"]), _fmt_x(r["speedup_vs_sdpa"]), _fmt_x(r["auto_vs_sdpa"]),
+            _fmt_ms(r["qkv_first_ms"]) if fwd else "-", _fmt_ms(r["flex_first_ms"]) if fwd else "-",
+            _fmt_x(r["first_call_ratio"]) if fwd else "-",
+            f"{r['efficiency']:.0%}" if fwd and r.get("efficiency") is not None else "-",
+        ])
+    return body
+
+
+def _goal_cells(goals: Sequence[dict]) -> list[list[str]]:
+    body = []
+    for g in goals:
+        m = g["measured"]
+        shown = "n/a" if m is None else (f"{m:.0%}" if "efficiency" in g["goal"] else f"{m:.2f}x")
+        target = f"{g['target']:.0%}" if "efficiency" in g["goal"] else f"{g['target']:g}x"
+        verdict = "n/a" if g["met"] is None else ("met" if g["met"] else "NOT met")
+        body.append([g["goal"], g["case"], str(g["L"]), g["pass"], shown, f"{g['direction']} {target}", verdict])
+    return body
+
+
+_GOAL_HEADER = ("goal", "case", "L", "pass", "measured", "target", "verdict")
+
+
+def _agreement_cells(agreement: dict) -> list[list[str]]:
+    f = lambda x: "n/a" if x is None else f"{x:.1e}"  # noqa: E731
+    return [[case, str(a["L"]), f(a["tiled"]), f(a["auto"]), f(a["flex"]), f(a["tiled_grads"]), f(a["auto_grads"]),
+             "yes" if a["agree"] else "NO"] for case, a in agreement.items()]
+
+
+_AGREE_HEADER = ("case", "L", "tiled", "auto", "flex", "tiled grads", "auto grads", "agree")
+
+
+def _notes(result: dict) -> list[str]:
+    mm = result["matmul"]
+    fl = result["flex"]
+    notes = [
+        f"matmul rate: {mm['gflops']:.1f} GFLOP/s ({mm['shape']} fp32 bmm; "
+        f"start {mm['start']['gflops']:.1f}, end {mm['end']['gflops']:.1f})",
+        f"flex: {fl['status']}; backward: {fl['backward']}; compile cache: {fl['cache']}",
+    ]
+    mem = result["memory"]
+    if "skipped" in mem:
+        notes.append(f"memory case: skipped ({mem['skipped']})")
+    elif "error" in mem:
+        notes.append(f"memory case (L={mem['L']}): {mem['error']}")
+    else:
+        notes.append(f"memory case: L={mem['L']} causal fwd+bwd tiled in {mem['fwd_bwd_ms'] / 1e3:.1f} s "
+                     f"(fwd {mem['fwd_ms'] / 1e3:.1f} s); peak RSS {mem['peak_rss_bytes'] / 2**30:.2f} GiB "
+                     f"({mem['peak_source']}), "
+                     f"extra {mem['extra_bytes'] / 2**30:.2f} GiB = {mem['extra_ratio']:.2f}x the "
+                     f"{mem['tensor_bytes'] / 2**30:.2f} GiB of {mem['tensors']}")
+    return notes
+
+
+_LEGEND = ("ms: median of a few calls after a warm-up (one call when it takes half the budget); "
+           "flex 'no bwd': FlexAttention has no backward on this device; 'vs X' = X ms / tiled ms (> 1: tiled faster); 'auto vs sdpa' = sdpa ms / auto ms; "
+           "mask ms: building sdpa's dense mask, not in sdpa ms; 1st: first call, BlockMask (and Flex's "
+           "compile) included, '1st ratio' = flex 1st / qkv 1st; eff: tiled fwd FLOP/s of live tiles / matmul rate")
+
+
+def render(result: dict, *, markdown: bool = False) -> str:
+    """The result as text (or Markdown): main table, goals, agreement, notes."""
+    main = format_table(_MAIN_HEADER, _main_cells(result["rows"]), left=(0, 2), markdown=markdown)
+    goals = format_table(_GOAL_HEADER, _goal_cells(result["goals"]), left=(0, 1, 3, 6), markdown=markdown)
+    agree = (format_table(_AGREE_HEADER, _agreement_cells(result["agreement"]), markdown=markdown)
+             if result["agreement"] else "(not checked)")
+    notes = _notes(result)
+    if markdown:
+        return "\n".join([
+            f"# qkv attention benchmark{' (quick)' if result['quick'] else ''}", "",
+            format_machine(result["machine"]) + ".", "",
+            "B=1, H=8, D=64, fp32. " + _LEGEND + ".", "", main, "",
+            f"## Goals (judged at L = {result['config']['goal_length']})", "", goals, "",
+            "## Agreement with sdpa (max |diff|)", "", agree, "",
+            *[f"- {n}" for n in notes], "",
+        ])
+    return "\n".join([main, "", _LEGEND, "", f"goals (judged at L = {result['config']['goal_length']}):", goals, "",
+                      "agreement with sdpa (max |diff|):", agree, "", *notes])
+
+
+# ----------------------------------------------------------------------------
+# The benchmark
+# ----------------------------------------------------------------------------
+
+def run(out_dir="runs/bench", quick: bool = False, *, lengths: Sequence[int] | None = None,
+        cases: Sequence[str] = CASES, flex: bool = True, memory: bool = True, budget_s: float | None = None,
+        memory_length: int = MEMORY_LENGTH, flex_timeout_s: float = 120.0, seed: int = 0,
+        verbose: bool = True) -> dict:
+    """Run the attention benchmark; print the tables; write attention.json and attention.md.
+
+    `quick`: L in {1024, 4096}, a shorter budget per measurement, no memory case.
+    Returns what was written to attention.json.
+    """
+    lengths = tuple(lengths) if lengths else (QUICK_LENGTHS if quick else LENGTHS)
+    for L in lengths:
+        if isinstance(L, bool) or not isinstance(L, int) or L < N_DOCS:
+            raise ValueError(f"lengths must be integers >= {N_DOCS}, got {L!r}")
+    for c in cases:
+        if c not in CASES:
+            raise ValueError(f"unknown case {c!r}; choose from {', '.join(CASES)}")
+    budget_s = budget_s if budget_s is not None else (1.0 if quick else 4.0)
+    memory = memory and not quick
+    goal_L = GOAL_LENGTH if GOAL_LENGTH in lengths else max(lengths)
+    agree_L = AGREE_LENGTH if AGREE_LENGTH in lengths else min(lengths)
+    log = (lambda s: print(s, flush=True)) if verbose else (lambda s: None)
+
+    started = time.perf_counter()
+    info = machine_info()
+    log(format_machine(info))
+    log(f"attention benchmark: B={B}, H={H}, D={D}, fp32; L in {list(lengths)}; cases {list(cases)}; "
+        f"budget {budget_s:g} s per measurement{'; quick' if quick else ''}")
+
+    # warm up torch's kernels and thread pool so the first measured cell is not charged for it
+    w = [torch.randn(B, H, 256, D) for _ in range(4)]
+    for be in ("tiled", "auto", "sdpa"):
+        _pass_fn(lambda a, b, c: qkv.attention(a, b, c, causal=True, backend=be), *w, "fwd+bwd")()
+
+    mm_start = matmul_rate()
+    log(f"matmul rate: {mm_start['gflops']:.1f} GFLOP/s ({mm_start['shape']}, fp32 bmm)")
+
+    fx = _Flex(flex, flex_timeout_s)
+    rows, agreement, case_info = [], {}, {}
+    cache_ctx = _cold_inductor_cache() if fx.ok else contextlib.nullcontext("not used")
+    with cache_ctx as cache_state:
+        for name in cases:
+            for L in lengths:
+                case = make_case(name, L, seed)
+                case_rows, agree = _bench_case(case, L, fx, budget_s=budget_s, check=(L == agree_L), seed=seed,
+                                               log=log)
+                rows += case_rows
+                if agree is not None:
+                    agreement[name] = agree
+                if case.info:
+                    case_info.setdefault(name, {})[str(L)] = case.info
+    mm_end = matmul_rate()
+    rate = max(mm_start["gflops"], mm_end["gflops"])  # the machine's capability; noise only slows it
+    for r in rows:
+        if r["pass"] == "fwd":
+            r["efficiency"] = round(r["tiled_gflops"] / rate, 3)
+
+    if memory:
+        log(f"memory case: L={memory_length}, causal, fwd+bwd, tiled, in a fresh process ...")
+        mem = memory_case(memory_length)
+    else:
+        mem = {"skipped": "quick mode" if quick else "--no-memory"}
+    goals = evaluate_goals(rows, None if "skipped" in mem else mem, goal_L)
+
+    if not flex:
+        status = "skipped (--no-flex)"
+    elif fx.compiled_once and fx.ok:
+        status = "compiled and ran on the CPU"
+    elif fx.compiled_once:
+        status = f"compiled, then stopped: {fx.error}"
+    else:
+        status = f"n/a: {fx.error}"
+    backward = ("not tried" if not fx.compiled_once else
+                fx.bwd_error if fx.bwd_error else "supported")
+    result = {
+        "benchmark": "attention", "quick": bool(quick), "machine": info,
+        "config": {"B": B, "H": H, "D": D, "dtype": "float32", "lengths": list(lengths), "cases": list(cases),
+                   "labels": {c: make_case(c, max(lengths), seed).label for c in cases},
+                   "window": WINDOW, "prefix": PREFIX, "n_docs": N_DOCS, "case_info": case_info, "seed": seed,
+                   "budget_s": budget_s,
+                   "goal_length": goal_L, "agree_length": agree_L,
+                   "tiled_block": list(qkv.backends.get("tiled").block), "passes": list(PASSES)},
+        "matmul": {"shape": mm_start["shape"], "dtype": "float32", "gflops": rate, "start": mm_start, "end": mm_end},
+        "flex": {"status": status, "compiled": fx.compiled_once, "error": fx.error if flex else None,
+                 "backward": backward, "cache": cache_state, "timeout_s": flex_timeout_s},
+        "rows": rows, "agreement": agreement, "memory": mem, "goals": goals,
+    }
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    log("\n" + render(result))
+    out = Path(out_dir)
+    json_path = write_atomic(out / "attention.json", json.dumps(result, indent=2) + "\n")
+    md_path = write_atomic(out / "attention.md", render(result, markdown=True))
+    log(f"\nfinished in {result['seconds']:.0f} s; wrote {json_path} and {md_path}")
+    return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="L in {1024, 4096}, short budgets, no memory case")
+    parser.add_argument("--lengths", type=int, nargs="+", metavar="L",
+                        help="sequence lengths (default 4096 16384 32768)")
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES), help="which masks (default all)")
+    parser.add_argument("--out", default=os.path.join("runs", "bench"), help="where attention.json/.md go")
+    parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (no compilation)")
+    parser.add_argument("--no-memory", action="store_true", help=f"skip the L={MEMORY_LENGTH} memory case")
+    parser.add_argument("--budget", type=float, default=None, help="seconds per measurement (default 4, quick 1)")
+    parser.add_argument("--memory-length", type=int, default=MEMORY_LENGTH, metavar="L",
+                        help=f"length of the memory case (default {MEMORY_LENGTH})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m qkv.bench` / benchmarks/bench_attention.py (and the memory case's subprocess)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--memory-child"]:
+        print(json.dumps(_memory_child(int(argv[1]))))
+        return 0
+    parser = argparse.ArgumentParser(prog="bench_attention", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        run(args.out, quick=args.quick, lengths=args.lengths, cases=args.cases, flex=not args.no_flex,
+            memory=not args.no_memory, budget_s=args.budget, memory_length=args.memory_length)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
