@@ -26,9 +26,9 @@ import torch
 
 import qkv
 from qkv import masks as M
-from qkv.masks import EMPTY
 from qkv import scores as S
 from qkv.backends.tiled import make_plan
+from qkv.masks import EMPTY
 from conftest import assert_error_ratio, max_err, rand_qkv
 from test_attention import DTYPES, HEADS, MASK_NAMES, check_forward, mask_cases
 
@@ -195,6 +195,26 @@ def test_gradients_tiled_vs_math(mask_name, dtype, engine):
             assert_error_ratio(c, b, o, ratio=3.0, what=what, scale=grad_scale)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_gradients_summed_over_many_query_tiles(dtype, engine):
+    """dk and dv are sums over every query tile that reads a key: with 40+ query tiles the
+    accumulation must not round more than math's single matmul does."""
+    B, Hq, Hkv, L, D = 1, 4, 2, 300, 16
+    mask = M.causal() | M.global_tokens([0, 150])
+    q0, k0, v0 = rand_qkv(B, Hq, Hkv, L, L, D, dtype=torch.float64, seed=8)
+    dout = torch.randn(B, Hq, L, D, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    oracle = grads_of("math", q0, k0, v0, dout, torch.float64, mask=mask)
+    grad_scale = max(float(t.abs().max()) for t in oracle[1:])
+    base = grads_of("math", q0, k0, v0, dout, dtype, mask=mask)
+    for block in [(7, 5), (16, 16)]:
+        with tiled_as(engine, block):
+            cand = grads_of("tiled", q0, k0, v0, dout, dtype, mask=mask)
+        assert_error_ratio(cand[0], base[0], oracle[0], what=f"out {dtype} block={block} {engine}")
+        for name, c, b, o in zip("qkv", cand[1:], base[1:], oracle[1:]):
+            assert_error_ratio(c, b, o, ratio=3.0, what=f"d{name} {dtype} block={block} {engine}", scale=grad_scale)
+
+
 # -- score_mod (the generic engine serves it, whatever the engine setting) ------------------
 
 def _score_mods(Hq, B, Lq, Lk):
@@ -245,6 +265,41 @@ def test_score_mods_outputs_and_gradients_equal_math(mod_name, engine):
             assert max_err(a, b) < 1e-12, what
         for t in got[4:]:
             assert (t != 0).any(), f"{mod_name}: zero gradient to the score_mod's tensor"
+
+
+class _MethodScorer(torch.nn.Module):
+    """A layer whose method is the score_mod: the pattern a model uses for a learned bias."""
+
+    def __init__(self, H):
+        super().__init__()
+        self.slope = torch.nn.Parameter(torch.linspace(0.5, 1.0, H, dtype=torch.float64))
+
+    def score(self, s, b, h, q_idx, kv_idx):
+        return s + self.slope[h] * (kv_idx - q_idx).to(s.dtype) * 0.1
+
+
+def _scaled_by(w, s, b, h, q_idx, kv_idx):
+    return s * w[h]
+
+
+@pytest.mark.parametrize("kind", ["bound_method", "partial"])
+def test_score_mod_tensors_held_by_a_bound_method_or_partial_get_gradients(kind):
+    import functools
+
+    Hq = 4
+    if kind == "bound_method":
+        scorer = _MethodScorer(Hq)
+        mod, held = scorer.score, scorer.slope
+    else:
+        held = torch.linspace(0.5, 2.0, Hq, dtype=torch.float64).requires_grad_()
+        mod = functools.partial(_scaled_by, held)
+    q0, k0, v0 = rand_qkv(1, Hq, 2, 9, 9, 8, dtype=torch.float64)
+    dout = torch.randn(1, Hq, 9, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    expected = grads_of("math", q0, k0, v0, dout, torch.float64, extra=[held], causal=True, score_mod=mod)
+    assert expected[4] is not None and (expected[4] != 0).any()
+    got = grads_of("tiled", q0, k0, v0, dout, torch.float64, extra=[held], causal=True, score_mod=mod)
+    assert got[4] is not None, f"no gradient reaches the tensor a {kind} score_mod holds"
+    assert max_err(got[4], expected[4]) < 1e-12
 
 
 def test_score_mod_with_value_dim_and_return_weights():
@@ -378,7 +433,7 @@ def test_non_contiguous_inputs(layout, engine):
         leaves, views = zip(*(arrange(t.to(dtype)) for t in (q0, k0, v0)))
         assert all(not x.is_contiguous() for x in views) or layout == "expanded_kv"
         out = qkv.attention(*views, mask=mask, backend=backend)
-        return (out, *torch.autograd.grad(out, leaves, dout.to(dtype)))
+        return (out.detach(), *torch.autograd.grad(out, leaves, dout.to(dtype)))
 
     with tiled_as(engine, (7, 5)):
         got = run_layout("tiled", torch.float64)
@@ -400,7 +455,7 @@ def test_value_dim_differs_and_explicit_q_offset(engine):
         full = qkv.attention(q.detach(), k.detach(), v.detach(), causal=True, q_offset=0, backend="tiled")
         part = qkv.attention(q.detach()[:, :, 2:7], k.detach(), v.detach(), causal=True, q_offset=2,
                              backend="tiled")
-    assert max_err(out, qkv.attention(q.detach(), k.detach(), v.detach(), causal=True,
+    assert max_err(out.detach(), qkv.attention(q.detach(), k.detach(), v.detach(), causal=True,
                                       backend="reference")) < 1e-12
     assert max_err(part, full[:, :, 2:7]) < 1e-12
     assert max_err(full, qkv.attention(q.detach(), k.detach(), v.detach(), causal=True, q_offset=0,
@@ -493,3 +548,23 @@ def test_auto_on_a_sparse_mask_equals_the_oracle():
     mask = M.causal() & M.sliding_window(40)
     assert qkv.backends.select(make_call(q, k, v, mask=mask)).name == "tiled"
     check_forward(q, k, v, mask, backends=("auto",), what="auto sparse")
+
+
+@pytest.mark.parametrize("engine", ["auto", "generic"])
+def test_lse_is_differentiable_like_math(engine):
+    """A loss on the returned LSE (d lse / d s = p) gets the same gradients as through math."""
+    q0, k0, v0 = rand_qkv(2, 4, 2, 37, 50, 8, dtype=torch.float64, seed=3)
+    mask = M.causal() & M.sliding_window(20)
+    g = torch.randn(2, 4, 37, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def grads(backend):
+        q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
+        out, lse = qkv.attention(q, k, v, mask=mask, backend=backend, return_lse=True)
+        finite = torch.isfinite(lse)
+        ((out * g).sum() + (lse[finite] ** 2).sum()).backward()
+        return q.grad, k.grad, v.grad
+
+    with tiled_as(engine, (16, 16)):
+        got = grads("tiled")
+    for a, b in zip(got, grads("math")):
+        assert max_err(a, b) < 1e-12

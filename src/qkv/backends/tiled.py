@@ -21,6 +21,7 @@ bias, ALiBi slopes) receive gradients too.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -216,8 +217,11 @@ def tiled_forward(call: Call, q, k, v, groups):
     return out, lse
 
 
-def tiled_backward(call: Call, q, k, v, out, lse, dout, groups, params):
-    """Gradients of q, k, v (and of the score_mod's tensors), recomputing each tile."""
+def tiled_backward(call: Call, q, k, v, out, lse, dout, groups, params, dlse=None):
+    """Gradients of q, k, v (and of the score_mod's tensors), recomputing each tile.
+
+    `dlse` is the gradient reaching the returned LSE (d lse_i / d s_ij = p_ij), if any.
+    """
     cdt = _compute_dtype(call)
     dq = torch.zeros(q.shape, dtype=cdt, device=q.device)
     dk = torch.zeros(k.shape, dtype=cdt, device=q.device)
@@ -225,6 +229,8 @@ def tiled_backward(call: Call, q, k, v, out, lse, dout, groups, params):
     dparams = [torch.zeros_like(p) for p in params]
     # delta_i = sum_d dout_id * out_id: the softmax Jacobian's row term
     delta = (dout.to(call.stat_dtype) * out.to(call.stat_dtype)).sum(-1)    # (B, Hq, Lq)
+    if dlse is not None:
+        delta = delta - dlse.to(call.stat_dtype)  # ds = p * (dp - delta + dlse)
     safe_lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
     for batches, plans in groups:
         qb, kb, vb = (_batch_view(t, batches) for t in (q, k, v))
@@ -381,7 +387,8 @@ def fused_forward(call: Call, q, k, v, groups):
 
 
 def fused_backward(call: Call, q, k, v, out, lse, dout, groups):
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    acc = call.stat_dtype  # sums over tiles in float32 even for half-precision inputs
+    dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (q, k, v))
     # rows with no allowed key: lse = +inf makes the kernel's exp(S - lse) exactly 0
     lse_bw = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
     for batches, plans in groups:
@@ -396,7 +403,7 @@ def fused_backward(call: Call, q, k, v, out, lse, dout, groups):
             o_rows = rows.fold(out[sl, :, r]).contiguous()                         # (Bs, Hkv, G*bq, Dv)
             do_rows = rows.fold(dout[sl, :, r]).contiguous()
             l_rows = rows.fold(lse_bw[sl, :, r]).contiguous()                      # (Bs, Hkv, G*bq)
-            dq_rows = torch.zeros_like(rows.q)
+            dq_rows = torch.zeros(rows.q.shape, dtype=acc, device=q.device)
             for k0, k1, partial in plan.segments:
                 bias = rows.bias(call, k0, k1)[0] if partial else None
                 gq, gk, gv = _FUSED_BWD(do_rows, rows.q, kb[:, :, k0:k1], vb[:, :, k0:k1], o_rows, l_rows,
@@ -405,7 +412,7 @@ def fused_backward(call: Call, q, k, v, out, lse, dout, groups):
                 dk[sl, :, k0:k1] += gk
                 dv[sl, :, k0:k1] += gv
             dq[sl, :, r] = dq_rows.reshape(dq_rows.shape[0], call.Hq, rows.bq, call.D)
-    return dq, dk, dv
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 class _TiledAttention(torch.autograd.Function):
@@ -415,12 +422,15 @@ class _TiledAttention(torch.autograd.Function):
         out, lse = (fused_forward if ctx.fused else tiled_forward)(call, q, k, v, groups)
         ctx.call, ctx.groups = call, groups
         ctx.save_for_backward(q, k, v, out, lse, *params)
-        ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
-    def backward(ctx, dout, _dlse):
+    def backward(ctx, dout, dlse):
         q, k, v, out, lse, *params = ctx.saved_tensors
+        if dlse is not None and bool((dlse != 0).any()):
+            # the fused kernel's backward has no LSE input: the generic engine handles this case
+            dq, dk, dv, dparams = tiled_backward(ctx.call, q, k, v, out, lse, dout, ctx.groups, params, dlse)
+            return (None, None, None, dq, dk, dv, *dparams)
         if ctx.fused:
             dq, dk, dv = fused_backward(ctx.call, q, k, v, out, lse, dout.contiguous(), ctx.groups)
             return (None, None, None, dq, dk, dv)
@@ -447,6 +457,19 @@ def score_mod_tensors(score_mod) -> list[torch.Tensor]:
         if isinstance(obj, (list, tuple)):
             for x in obj:
                 visit(x, depth + 1)
+            return
+        if isinstance(obj, dict):
+            for x in obj.values():
+                visit(x, depth + 1)
+            return
+        if isinstance(obj, functools.partial):
+            visit(obj.func, depth + 1)
+            visit(obj.args, depth + 1)
+            visit(obj.keywords, depth + 1)
+            return
+        if hasattr(obj, "__self__") and hasattr(obj, "__func__"):  # a bound method: its object and function
+            visit(obj.__self__, depth + 1)
+            visit(obj.__func__, depth + 1)
             return
         if isinstance(obj, torch.nn.Module):
             for prm in obj.parameters():
