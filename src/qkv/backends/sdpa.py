@@ -46,8 +46,10 @@ def _whole_matrix_kind(call: Call):
 
 # `auto` hands a masked call to `tiled` when at most this fraction of (128 x 128) tiles has
 # any allowed pair: sdpa then computes every score through a dense mask, tiled only the live
-# tiles. Measured by benchmarks/bench_attention.py on a 2-core CPU (see README).
-TILED_DENSITY = 0.5
+# tiles. benchmarks/bench_attention.py on a 2-core CPU (README): with prefix_lm(1024) at
+# L = 16k (53% of tiles live) tiled took 3.4 s and sdpa with its dense mask 6.2 s; sdpa never
+# skips a masked score, so tiled wins until nearly every tile is live.
+TILED_DENSITY = 0.9
 
 
 def _needs_dense_mask(call: Call) -> bool:
