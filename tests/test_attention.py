@@ -102,16 +102,24 @@ def test_masks_dtypes_heads(mask_name, dtype):
         check_forward(q, k, v, mask, what=f"{mask_name} {hname} Lq={Lq} Lk={Lk}")
 
 
-@pytest.mark.parametrize("combo", ["and", "or", "not_and", "triple"])
-def test_mask_combinations(combo):
-    B, Hq, Hkv, Lq, Lk = 2, 4, 2, 30, 45
+COMBOS = ["and", "or", "not_and", "triple"]
+
+
+def mask_combo(combo, B, Hq, Lq, Lk):
+    """Combinations of the built-ins with &, | and ~ for one call shape."""
     c = mask_cases(B, Hq, Lq, Lk)
-    mask = {
+    return {
         "and": c["sliding_window"] & c["padding"],
         "or": c["prefix_lm"] | c["dilated"],
         "not_and": ~c["sliding_window_sym"] & M.causal(),
         "triple": (c["document"] | c["longformer"]) & ~c["block_sparse"],
     }[combo]
+
+
+@pytest.mark.parametrize("combo", COMBOS)
+def test_mask_combinations(combo):
+    B, Hq, Hkv, Lq, Lk = 2, 4, 2, 30, 45
+    mask = mask_combo(combo, B, Hq, Lq, Lk)
     for dtype in (torch.float64, torch.float32, torch.float16):
         q, k, v = rand_qkv(B, Hq, Hkv, Lq, Lk, 16, dtype=dtype)
         check_forward(q, k, v, mask, what=combo)

@@ -30,7 +30,7 @@ from qkv import scores as S
 from qkv.backends.tiled import make_plan
 from qkv.masks import EMPTY
 from conftest import assert_error_ratio, max_err, rand_qkv
-from test_attention import DTYPES, HEADS, MASK_NAMES, check_forward, mask_cases
+from test_attention import COMBOS, DTYPES, HEADS, MASK_NAMES, check_forward, mask_cases, mask_combo
 
 ENGINES = ["auto", "generic"]
 BLOCKS = [(7, 5), (16, 32), (128, 128), (64, 16)]
@@ -122,18 +122,12 @@ def test_masks_dtypes_heads(mask_name, dtype, engine):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-@pytest.mark.parametrize("combo", ["and", "or", "not_and", "triple"])
+@pytest.mark.parametrize("combo", COMBOS)
 def test_mask_combinations(combo, engine):
     B, Hq, Hkv, Lq, Lk = 2, 4, 2, 30, 45
-    c = mask_cases(B, Hq, Lq, Lk)
-    mask = {
-        "and": c["sliding_window"] & c["padding"],
-        "or": c["prefix_lm"] | c["dilated"],
-        "not_and": ~c["sliding_window_sym"] & M.causal(),
-        "triple": (c["document"] | c["longformer"]) & ~c["block_sparse"],
-    }[combo]
+    mask = mask_combo(combo, B, Hq, Lq, Lk)
     for j, dtype in enumerate(DTYPES):
-        block = random_block(50 + 4 * j + ["and", "or", "not_and", "triple"].index(combo))
+        block = random_block(50 + 4 * j + COMBOS.index(combo))
         q, k, v = rand_qkv(B, Hq, Hkv, Lq, Lk, 16, dtype=dtype)
         with tiled_as(engine, block):
             check_forward(q, k, v, mask, backends=("tiled",), what=f"{combo} {dtype} block={block} {engine}")

@@ -307,6 +307,15 @@ def zeros_output(call: Call) -> torch.Tensor:
     return out
 
 
+def memory_refusal(call: Call, need: int, what: str, hint: str = "") -> str | None:
+    """A refusal when `need` bytes (for `what`) exceed the memory available on the call's device."""
+    free = available_bytes(call.device)
+    if free is None or need <= free:
+        return None
+    return (f"{what} would need {format_bytes(need)} and only {format_bytes(free)} is available on "
+            f"{call.device}{hint}")
+
+
 def available_bytes(device: torch.device) -> int | None:
     """Memory a new allocation could use on `device`, or None if unknown."""
     if device.type == "cuda":

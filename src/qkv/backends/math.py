@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from qkv.backends import _FLOATS, Backend, Call, Capabilities, available_bytes, format_bytes
+from qkv.backends import _FLOATS, Backend, Call, Capabilities, memory_refusal
 from qkv.masks import evaluate
 
 
@@ -58,12 +58,7 @@ class MathBackend(Backend):
     )
 
     def extra_refusal(self, call: Call) -> str | None:
-        need = scores_bytes(call)
-        free = available_bytes(call.device)
-        if free is not None and need > free:
-            return (f"it would need {format_bytes(need)} for the score matrix and only "
-                    f"{format_bytes(free)} is available on {call.device}")
-        return None
+        return memory_refusal(call, scores_bytes(call), "its score matrix")
 
     def forward(self, call: Call):
         q, k, v = call.q, call.k, call.v

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from qkv.backends import _FLOATS, Backend, Call, Capabilities, available_bytes, format_bytes, zeros_output
+from qkv.backends import _FLOATS, Backend, Call, Capabilities, memory_refusal, zeros_output
 from qkv.masks import FULL, EMPTY, TileGrid, _Causal, bounds, evaluate
 
 
@@ -70,12 +70,8 @@ class SDPABackend(Backend):
     )
 
     def extra_refusal(self, call: Call) -> str | None:
-        if _needs_dense_mask(call):
-            need = call.B * call.Hq * call.Lq * call.Lk  # one byte per (b, h, q, kv), at most
-            free = available_bytes(call.device)
-            if free is not None and need > free:
-                return (f"its dense mask could need {format_bytes(need)} and only {format_bytes(free)} is "
-                        f"available on {call.device}")
+        if _needs_dense_mask(call):  # at most one byte per (b, h, q, kv)
+            return memory_refusal(call, call.B * call.Hq * call.Lq * call.Lk, "its dense mask")
         return None
 
     def auto_refusal(self, call: Call) -> str | None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qkv.backends import _FLOATS, _REGISTRY, Backend, Call, Capabilities, available_bytes, format_bytes
+from qkv.backends import _FLOATS, _REGISTRY, Backend, Call, Capabilities, memory_refusal
 from qkv.masks import EMPTY, FULL, PARTIAL
 
 DEFAULT_BLOCK = (256, 256)  # measured: on 2 CPU cores 256-row tiles beat 128 by 1.3-1.5x at 16k
@@ -552,10 +552,8 @@ class TiledBackend(Backend):
     def extra_refusal(self, call: Call) -> str | None:
         if call.return_weights:
             need = call.B * call.Hq * call.Lq * call.Lk * (8 if call.stat_dtype == torch.float64 else 4)
-            free = available_bytes(call.device)
-            if free is not None and need > free:
-                return (f"the weights you asked for need {format_bytes(need)} and only {format_bytes(free)} "
-                        f"is available; ask for chosen rows with qkv.attention_weights(..., rows=...)")
+            return memory_refusal(call, need, "the weights you asked for",
+                                  "; ask for chosen rows with qkv.attention_weights(..., rows=...)")
         return None
 
     def auto_refusal(self, call: Call) -> str | None:
