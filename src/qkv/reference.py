@@ -49,6 +49,12 @@ def softmax(x: np.ndarray, axis: int = -1):
     return w, lse
 
 
+def _grids(B: int, H: int, Lq: int, Lk: int, q_offset: int):
+    """Broadcast index arrays (b, h, q_idx, kv_idx); queries sit at q_offset + row."""
+    return (np.arange(B).reshape(B, 1, 1, 1), np.arange(H).reshape(1, H, 1, 1),
+            (q_offset + np.arange(Lq)).reshape(1, 1, Lq, 1), np.arange(Lk).reshape(1, 1, 1, Lk))
+
+
 def mask_array(mask, B: int, H: int, Lq: int, Lk: int, q_offset: int | None = None) -> np.ndarray:
     """Evaluate a mask on NumPy index grids: bool array of shape (B, H, Lq, Lk).
 
@@ -57,11 +63,7 @@ def mask_array(mask, B: int, H: int, Lq: int, Lk: int, q_offset: int | None = No
     """
     q_offset = Lk - Lq if q_offset is None else q_offset
     if callable(mask):
-        b = np.arange(B).reshape(B, 1, 1, 1)
-        h = np.arange(H).reshape(1, H, 1, 1)
-        q = (q_offset + np.arange(Lq)).reshape(1, 1, Lq, 1)
-        kv = np.arange(Lk).reshape(1, 1, 1, Lk)
-        out = np.asarray(mask(b, h, q, kv))
+        out = np.asarray(mask(*_grids(B, H, Lq, Lk, q_offset)))
     else:
         out = np.asarray(_f64(mask) != 0 if hasattr(mask, "detach") else mask)
     if out.dtype != np.bool_:
@@ -96,11 +98,8 @@ def attention(q, k, v, *, mask=None, causal: bool = False, score_mod=None, scale
 
     scores = np.einsum("bhqd,bhkd->bhqk", q, k) * scale      # (B, Hq, Lq, Lk)
     if score_mod is not None:
-        b = np.arange(B).reshape(B, 1, 1, 1)
-        h = np.arange(Hq).reshape(1, Hq, 1, 1)
-        qi = (q_offset + np.arange(Lq)).reshape(1, 1, Lq, 1)
-        ki = np.arange(Lk).reshape(1, 1, 1, Lk)
-        scores = np.broadcast_to(np.asarray(score_mod(scores, b, h, qi, ki), dtype=np.float64), scores.shape)
+        modded = score_mod(scores, *_grids(B, Hq, Lq, Lk, q_offset))
+        scores = np.broadcast_to(np.asarray(modded, dtype=np.float64), scores.shape)
     allowed = np.ones((1, 1, Lq, Lk), dtype=bool)
     if mask is not None:
         allowed = allowed & mask_array(mask, B, Hq, Lq, Lk, q_offset)

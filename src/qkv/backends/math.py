@@ -15,17 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from qkv.backends import _FLOATS, Backend, Call, Capabilities, memory_refusal
-from qkv.masks import evaluate
+from qkv.masks import _index_grids, evaluate
 
 
 def index_grids(call: Call):
     """Broadcast (b, h, q_idx, kv_idx) index tensors for mask and score functions."""
-    dev = call.device
-    b = torch.arange(call.B, device=dev).view(-1, 1, 1, 1)
-    h = torch.arange(call.Hq, device=dev).view(1, -1, 1, 1)
-    q_idx = (call.q_offset + torch.arange(call.Lq, device=dev)).view(1, 1, -1, 1)
-    kv_idx = torch.arange(call.Lk, device=dev).view(1, 1, 1, -1)
-    return b, h, q_idx, kv_idx
+    q_pos = call.q_offset + torch.arange(call.Lq, device=call.device)
+    return _index_grids(call.B, call.Hq, q_pos, call.Lk, q_pos)
 
 
 def safe_softmax(scores: torch.Tensor):

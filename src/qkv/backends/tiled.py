@@ -125,6 +125,14 @@ def _key_positions(keys, n: int, device) -> torch.Tensor:
     return keys.to(device)
 
 
+def _tile_indices(call: Call, plan: TilePlan, batches, device):
+    """Broadcast (b, h, q_idx) index tensors of one query tile, for masks and score mods."""
+    b = torch.arange(call.B, device=device) if batches is None else batches.to(device)
+    h = torch.arange(call.Hq, device=device)
+    q = call.q_offset + torch.arange(plan.r0, plan.r1, device=device)
+    return b.view(-1, 1, 1, 1), h.view(1, -1, 1, 1), q.view(1, 1, -1, 1)
+
+
 class _Tile:
     """Everything one (batch group, query tile) step needs, shared by forward and backward."""
 
@@ -137,12 +145,8 @@ class _Tile:
         self.q_rows = qt.reshape(B, Hkv, G * self.bq, qt.shape[-1]).to(cdt)  # (Bs, Hkv, G*bq, D)
         self.k = _select_keys(k, plan.keys).to(cdt)                          # (Bs, Hkv, n, D)
         self.v = _select_keys(v, plan.keys).to(cdt)                          # (Bs, Hkv, n, Dv)
-        dev = q.device
-        b = torch.arange(call.B, device=dev) if batches is None else batches.to(dev)
-        self.b_idx = b.view(-1, 1, 1, 1)
-        self.h_idx = torch.arange(call.Hq, device=dev).view(1, -1, 1, 1)
-        self.q_idx = (call.q_offset + torch.arange(plan.r0, plan.r1, device=dev)).view(1, 1, -1, 1)
-        self.kv_idx = _key_positions(plan.keys, plan.n, dev).view(1, 1, 1, -1)
+        self.b_idx, self.h_idx, self.q_idx = _tile_indices(call, plan, batches, q.device)
+        self.kv_idx = _key_positions(plan.keys, plan.n, q.device).view(1, 1, 1, -1)
 
     def raw_scores(self, call: Call) -> torch.Tensor:
         """q k^T * scale for the tile, (Bs, Hq, bq, n) in the statistics dtype."""
@@ -316,11 +320,7 @@ class _Rows:
         self.G, self.bq = call.G, plan.r1 - plan.r0
         qt = q[:, :, plan.r0:plan.r1]                                            # (Bs, Hq, bq, D)
         self.q = qt.reshape(qt.shape[0], call.Hkv, self.G * self.bq, call.D)    # (Bs, Hkv, G*bq, D)
-        dev = q.device
-        b = torch.arange(call.B, device=dev) if batches is None else batches.to(dev)
-        self.b_idx = b.view(-1, 1, 1, 1)
-        self.h_idx = torch.arange(call.Hq, device=dev).view(1, -1, 1, 1)
-        self.q_idx = (call.q_offset + torch.arange(plan.r0, plan.r1, device=dev)).view(1, 1, -1, 1)
+        self.b_idx, self.h_idx, self.q_idx = _tile_indices(call, plan, batches, q.device)
 
     def fold(self, t: torch.Tensor) -> torch.Tensor:
         """(Bs, Hq, bq, ...) -> (Bs, Hkv, G*bq, ...)."""
