@@ -141,14 +141,21 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None, *, mask=None, causal: bool = False,
                 score_mod=None, positions: Tensor | None = None, context_positions: Tensor | None = None,
-                return_weights: bool = False):
+                return_weights: bool = False, cache=None):
         """Attend from x (B, Lq, d_model) to itself, or to `context` (B, Lk, kv_dim).
 
         `mask`, `causal` and `score_mod` are as in `qkv.attention` (over (B, Hq, Lq, Lk));
         `positions` / `context_positions` are (L,) or (B, L) token positions for RoPE.
         Returns out (B, Lq, d_model), or (out, weights (B, Hq, Lq, Lk)) with return_weights.
+
+        `cache` (a `qkv.cache.LayerCache`, causal self-attention only): x holds the
+        *new* tokens; their keys/values are appended to the cache and the queries
+        attend to everything cached (with the cache's window, if any). Pass the new
+        tokens' `positions` for RoPE (default: the cache lengths onwards).
         """
         self._check_inputs(x, context, positions, context_positions)
+        if cache is not None:
+            return self._cached(x, cache, positions, score_mod, mask, return_weights, context)
         B, Lq, _ = x.shape
         source = x if context is None else context                          # (B, Lk, d_model or kv_dim)
         Lk = source.shape[1]
@@ -175,6 +182,25 @@ class MultiHeadAttention(nn.Module):
         out = out.transpose(1, 2).reshape(B, Lq, self.n_heads * self.head_dim)  # (B, Lq, Hq*D)
         out = self.o_proj(out)                                              # (B, Lq, d_model)
         return (out, weights) if return_weights else out
+
+    def _cached(self, x, cache, positions, score_mod, mask, return_weights, context):
+        if context is not None or mask is not None or return_weights:
+            raise ValueError("with a KV cache, attention is causal self-attention over the cached tokens: "
+                             "context=, mask= and return_weights= are not available; run without cache=")
+        B, n, _ = x.shape
+        q = self.q_proj(x).view(B, n, self.n_heads, self.head_dim).transpose(1, 2)       # (B, Hq, n, D)
+        k = self.k_proj(x).view(B, n, self.n_kv_heads, self.head_dim).transpose(1, 2)    # (B, Hkv, n, D)
+        v = self.v_proj(x).view(B, n, self.n_kv_heads, self.head_dim).transpose(1, 2)    # (B, Hkv, n, D)
+        if self.rope is not None:
+            if positions is None:
+                positions = cache.length[:, None] + torch.arange(n)                      # (B, n)
+            q, k = self.rope(q, k, positions.to(x.device), positions.to(x.device))
+        if self.alibi_slopes is not None:
+            alibi = _scores.alibi(self.alibi_slopes)
+            score_mod = alibi if score_mod is None else _scores.chain(alibi, score_mod)
+        out = cache.attention(q, k, v, scale=self.scale, score_mod=score_mod, backend=self.backend)  # (B, Hq, n, D)
+        out = out.transpose(1, 2).reshape(B, n, self.n_heads * self.head_dim)            # (B, n, Hq*D)
+        return self.o_proj(out)                                                           # (B, n, d_model)
 
     def _check_inputs(self, x, context, positions, context_positions):
         if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
@@ -330,7 +356,8 @@ class Block(nn.Module):
                  ffn_hidden: int | None = None, activation: str = "gelu", norm: str = "layer",
                  norm_position: str = "pre", eps: float = 1e-5, bias: bool = True, dropout: float = 0.0,
                  cross_attention: bool = False, rope: RotaryEmbedding | None = None,
-                 alibi: bool | Tensor = False, backend: str = "auto", device=None, dtype=None):
+                 alibi: bool | Tensor = False, backend: str = "auto", head_dim: int | None = None,
+                 device=None, dtype=None):
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {', '.join(map(repr, NORMS))}; got {norm!r}")
@@ -341,7 +368,8 @@ class Block(nn.Module):
         self.norm_position = norm_position
         self.cross_attention = bool(cross_attention)
         factory = {"device": device, "dtype": dtype}
-        attn = {"n_kv_heads": n_kv_heads, "bias": bias, "dropout": dropout, "backend": backend, **factory}
+        attn = {"n_kv_heads": n_kv_heads, "head_dim": head_dim, "bias": bias, "dropout": dropout,
+                "backend": backend, **factory}
 
         self.norm1 = _make_norm(norm, d_model, eps, **factory)
         self.self_attn = MultiHeadAttention(d_model, n_heads, rope=rope, alibi=alibi, **attn)
@@ -353,12 +381,25 @@ class Block(nn.Module):
         self.drop = nn.Dropout(_check_dropout("dropout", dropout))
 
     def forward(self, x: Tensor, *, context: Tensor | None = None, mask=None, causal: bool = False,
-                context_mask=None, positions: Tensor | None = None, return_weights: bool = False):
+                context_mask=None, positions: Tensor | None = None, return_weights: bool = False,
+                cache=None):
         """x (B, L, d_model) -> (B, L, d_model); with return_weights, (x, {"self": w, "cross": w or None}).
 
         `mask`/`causal`/`positions` go to self-attention; `context` (B, Lk, d_model)
         and `context_mask` (e.g. `qkv.masks.padding(lengths)`) to cross-attention.
+        `cache` (a `qkv.cache.LayerCache`): x is the new tokens of a causal decoder,
+        self-attention reads and extends the cache (see MultiHeadAttention).
         """
+        if cache is not None:
+            if return_weights or mask is not None:
+                raise ValueError("a cached step cannot take mask= or return_weights=; run without cache=")
+            x, _ = self._sublayer(x, self.norm1, lambda h: self.self_attn(h, positions=positions, cache=cache),
+                                  False)
+            if self.cross_attention:
+                x, _ = self._sublayer(x, self.norm_cross, lambda h: self.cross_attn(h, context, mask=context_mask),
+                                      False)
+            x, _ = self._sublayer(x, self.norm2, self.ffn, False)
+            return x
         if self.cross_attention and context is None:
             raise ValueError("this Block has cross_attention=True: pass context=(B, Lk, d_model), "
                              "e.g. the encoder output")

@@ -193,7 +193,7 @@ class LearnedPositions(nn.Module):
 # They are the same maths on a permuted channel order; weights trained with
 # one need that same layout at inference.
 
-_ROPE_SCALINGS = (None, "linear", "ntk")
+_ROPE_SCALINGS = (None, "linear", "ntk", "llama3")
 
 
 def rope_frequencies(
@@ -203,6 +203,8 @@ def rope_frequencies(
     scaling: str | None = None,
     factor: float = 1.0,
     original_max_len: int | None = None,
+    low_freq_factor: float = 1.0,
+    high_freq_factor: float = 4.0,
     dtype: torch.dtype = torch.float64,
 ) -> Tensor:
     """Inverse frequencies inv_freq[i] = base^(-2i/rotary_dim), shape (rotary_dim // 2,).
@@ -219,8 +221,14 @@ def rope_frequencies(
       untouched, so local detail keeps full resolution, while the lowest
       frequency is slowed by exactly ``factor``, i.e. it gets interpolated.
 
+    * ``"llama3"`` (Llama 3.1): frequency-dependent. A pair whose wavelength
+      2*pi/inv_freq is longer than original_max_len / low_freq_factor is
+      interpolated (divided by ``factor``); one shorter than
+      original_max_len / high_freq_factor is kept; in between the two are
+      blended linearly in original_max_len / wavelength. Needs ``original_max_len``.
+
     ``original_max_len`` is accepted (and validated) for configs that carry the
-    training context length, but neither static rule above needs it.
+    training context length; only ``"llama3"`` uses it.
     """
     _check_int("rotary_dim", rotary_dim, minimum=2)
     if rotary_dim % 2 != 0:
@@ -243,6 +251,18 @@ def rope_frequencies(
     inv_freq = base ** (-exponents)  # (rd/2,)
     if scaling == "linear":
         inv_freq = inv_freq / factor
+    elif scaling == "llama3":
+        if original_max_len is None:
+            raise ValueError("scaling='llama3' needs original_max_len (the training context length)")
+        low = _check_positive_float("low_freq_factor", low_freq_factor)
+        high = _check_positive_float("high_freq_factor", high_freq_factor)
+        if not high > low:
+            raise ValueError(f"high_freq_factor must exceed low_freq_factor, got {high} <= {low}")
+        wavelength = 2 * math.pi / inv_freq  # (rd/2,)
+        blend = (original_max_len / wavelength - low) / (high - low)  # 0 at the long end, 1 at the short end
+        blended = (1 - blend) * inv_freq / factor + blend * inv_freq
+        inv_freq = torch.where(wavelength > original_max_len / low, inv_freq / factor,
+                               torch.where(wavelength < original_max_len / high, inv_freq, blended))
     return inv_freq.to(dtype)
 
 
@@ -361,6 +381,9 @@ class RotaryEmbedding(nn.Module):
         scaling: str | None = None,
         factor: float = 1.0,
         interleaved: bool = False,
+        original_max_len: int | None = None,
+        low_freq_factor: float = 1.0,
+        high_freq_factor: float = 4.0,
     ):
         super().__init__()
         _check_int("head_dim", head_dim, minimum=2)
@@ -388,7 +411,9 @@ class RotaryEmbedding(nn.Module):
             raise TypeError(f"interleaved must be a bool, got {type(interleaved).__name__}")
 
         # validates base, scaling and factor too
-        inv_freq64 = rope_frequencies(rotary_dim, base=base, scaling=scaling, factor=factor, dtype=torch.float64)
+        inv_freq64 = rope_frequencies(rotary_dim, base=base, scaling=scaling, factor=factor,
+                                      original_max_len=original_max_len, low_freq_factor=low_freq_factor,
+                                      high_freq_factor=high_freq_factor, dtype=torch.float64)
 
         self.head_dim = head_dim
         self.rotary_dim = rotary_dim

@@ -1,0 +1,682 @@
+"""KV caches: the keys and values of earlier tokens, kept so a decode step need not recompute them.
+
+Legend: B batch (sequences), Hq query heads, Hkv key/value heads, G = Hq // Hkv,
+n new tokens this step, L tokens stored, D head dim, bs block size, N pool slots.
+
+A decoder step appends the new tokens' keys and values to every layer's cache and
+attends from the new queries to everything stored. Three layouts, one interface::
+
+    layer.length               (B,) tokens stored per sequence (tracked explicitly)
+    layer.append(k, v)         k, v (B, Hkv, n, D): n new tokens for every sequence
+    layer.read()               -> (k, v, allowed): what a query may attend to
+    layer.attention(q, k, v)   append, then qkv.attention over the cache (what layers call)
+
+- `ContiguousCache`: one preallocated (B, Hkv, max_len, D) buffer per layer for K
+  and for V. A step writes n columns in place; nothing is concatenated or copied.
+  Sequences of different lengths waste the tail of their rows.
+- `PagedCache`: one pool of fixed-size blocks per layer (bs tokens each) and, per
+  sequence, a block table listing its blocks. Blocks come from a free list, are
+  reference-counted so sequences can share a prompt prefix, and go back when the
+  last user frees them; waste is at most bs - 1 tokens per sequence. A decode
+  step attends from all B queries to the pool's live slots in one call, with a
+  mask that keeps each query on its own sequence's slots: the pool is read once
+  and no block is gathered into a contiguous copy.
+- `RingCache`: for a sliding-window layer (window W), a (B, Hkv, W, D) buffer
+  written at position % W: memory stays bounded however long the sequence grows.
+
+Keys are stored after RoPE, so a decode query needs no key positions: softmax
+over a set of keys does not depend on their order, which is what lets the paged
+and ring layouts hand the keys over in storage order.
+
+GQA: caches hold the Hkv key/value heads only, G times smaller than the Hq query
+heads; `qkv.attention` shares each kv head between its G query heads.
+
+`Cache` bundles one layer cache per decoder layer; `Decoder.new_cache()` builds
+the right kind per layer (a ring for sliding-window layers of a contiguous cache).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+import qkv
+
+__all__ = ["LayerCache", "ContiguousCache", "RingCache", "PagedCache", "BlockPool", "Cache", "CacheFull",
+           "cache_bytes"]
+
+
+class CacheFull(ValueError):
+    """An append needs more room than the cache was built with."""
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+# -----------------------------------------------------------------------------
+# The interface
+
+
+class LayerCache:
+    """One layer's cache for a batch of B sequences. Subclasses store; this class attends."""
+
+    n_kv_heads: int
+    head_dim: int
+    window: int | None = None      # a sliding-window layer attends to the last `window` keys only
+
+    @property
+    def length(self) -> Tensor:
+        """(B,) int64: tokens stored per sequence."""
+        return self._lengths
+
+    @property
+    def batch(self) -> int:
+        return self._lengths.shape[0]
+
+    def append(self, k: Tensor, v: Tensor) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def read(self):  # pragma: no cover - abstract
+        """(k (B', Hkv, L, D), v, allowed (B, L) bool or None (all allowed))."""
+        raise NotImplementedError
+
+    def _check_new(self, k: Tensor, v: Tensor) -> int:
+        expected = (self.batch, self.n_kv_heads, None, self.head_dim)
+        for name, t in (("k", k), ("v", v)):
+            if not isinstance(t, Tensor) or t.dim() != 4 or t.shape[0] != self.batch or t.shape[1] != self.n_kv_heads \
+                    or t.shape[3] != self.head_dim:
+                shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(f"{name} must be (B={expected[0]}, Hkv={expected[1]}, n, D={expected[3]}) "
+                                 f"for this cache, got {shape}")
+        if k.shape != v.shape:
+            raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        return k.shape[2]
+
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, score_mod=None,
+                  backend: str = "auto") -> Tensor:
+        """Append k, v (B, Hkv, n, D), then attend from q (B, Hq, n, D) to the whole cache.
+
+        Query i of sequence b sits at position length[b] + i (its own token's
+        position): it sees every stored key up to itself (causal), and with a
+        window W only the last W of them. Returns (B, Hq, n, D).
+        """
+        n = self._check_new(k, v)
+        before = self._lengths.clone()
+        self.append(k, v)
+        keys, values, allowed = self.read()                              # (B, Hkv, L, D) x2, (B, L)
+        mask = _new_token_mask(before, n, keys.shape[2], self.window, allowed)
+        if score_mod is not None and (allowed is not None or not bool((before == before[0]).all())):
+            raise ValueError("a score_mod needs key positions, which this cache only has for a batch of equal "
+                             "lengths in a contiguous layout; use a ContiguousCache and equal lengths")
+        return qkv.attention(q, keys, values, mask=mask, scale=scale, score_mod=score_mod, backend=backend)
+
+
+def _new_token_mask(before: Tensor, n: int, L: int, window: int | None, allowed: Tensor | None):
+    """Mask (B, 1, n, L) for n new queries per sequence over L chronologically stored keys.
+
+    Sequence b's query i sits at position before[b] + i and stored key j at position j.
+    Returns None when the plain bottom-right causal rule of qkv.attention suffices.
+    """
+    uniform = bool((before == before[0]).all()) and allowed is None
+    if uniform and int(before[0]) + n == L:
+        if window is not None:
+            return qkv.masks.sliding_window(window)
+        return None if n == 1 else qkv.masks.causal()
+    device = allowed.device if allowed is not None else before.device
+    q_pos = before.to(device)[:, None] + torch.arange(n, device=device)                # (B, n)
+    kv = torch.arange(L, device=device)                                               # (L,)
+    ok = kv[None, None, :] <= q_pos[:, :, None]                                       # (B, n, L)
+    if window is not None:
+        ok &= kv[None, None, :] > q_pos[:, :, None] - window
+    if allowed is not None:
+        ok &= allowed[:, None, :]
+    return ok[:, None]                                                                # (B, 1, n, L)
+
+
+# -----------------------------------------------------------------------------
+# Contiguous
+
+
+class ContiguousCache(LayerCache):
+    """Preallocated (B, Hkv, max_len, D) K and V; appends write in place.
+
+    Args:
+        batch, n_kv_heads, head_dim, max_len: the buffer shape.
+        window: for a sliding-window layer: attention sees the last `window` keys
+            (all keys are still stored; a `RingCache` stores only the window).
+    """
+
+    def __init__(self, batch: int, n_kv_heads: int, head_dim: int, max_len: int, *, window: int | None = None,
+                 dtype: torch.dtype = torch.float32, device=None, _views=None):
+        self.n_kv_heads, self.head_dim = _check_int("n_kv_heads", n_kv_heads, 1), _check_int("head_dim", head_dim, 1)
+        self.max_len = _check_int("max_len", max_len, 1)
+        self.window = None if window is None else _check_int("window", window, 1)
+        if _views is not None:
+            self.k, self.v, self._lengths = _views
+            return
+        _check_int("batch", batch, 1)
+        self.k = torch.zeros(batch, n_kv_heads, max_len, head_dim, dtype=dtype, device=device)  # (B, Hkv, max_len, D)
+        self.v = torch.zeros_like(self.k)                                                       # (B, Hkv, max_len, D)
+        self._lengths = torch.zeros(batch, dtype=torch.long)
+
+    def row(self, b: int) -> "ContiguousCache":
+        """A view of sequence b alone (B = 1) sharing this cache's storage and lengths."""
+        return ContiguousCache(1, self.n_kv_heads, self.head_dim, self.max_len, window=self.window,
+                               _views=(self.k[b:b + 1], self.v[b:b + 1], self._lengths[b:b + 1]))
+
+    def append(self, k: Tensor, v: Tensor) -> None:
+        n = self._check_new(k, v)
+        end = self._lengths + n
+        if int(end.max()) > self.max_len:
+            raise CacheFull(f"KV cache full: a sequence would hold {int(end.max())} tokens but the cache was built "
+                            f"for max_len={self.max_len}; build it with a larger max_len")
+        start = int(self._lengths[0])
+        if bool((self._lengths == start).all()):
+            self.k[:, :, start:start + n] = k                                    # n columns, in place
+            self.v[:, :, start:start + n] = v
+        elif n == 1:
+            rows = torch.arange(self.batch, device=self.k.device)
+            cols = self._lengths.to(self.k.device)
+            self.k[rows, :, cols] = k[:, :, 0]                                   # (B, Hkv, D) scattered
+            self.v[rows, :, cols] = v[:, :, 0]
+        else:
+            for b in range(self.batch):
+                s = int(self._lengths[b])
+                self.k[b, :, s:s + n] = k[b]
+                self.v[b, :, s:s + n] = v[b]
+        self._lengths += n
+
+    def read(self):
+        L = int(self._lengths.max())
+        keys, values = self.k[:, :, :L], self.v[:, :, :L]                          # views (B, Hkv, L, D)
+        if bool((self._lengths == L).all()):
+            return keys, values, None
+        allowed = torch.arange(L, device=self.k.device)[None, :] < self._lengths.to(self.k.device)[:, None]
+        return keys, values, allowed                                              # (B, L): key j < length[b]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+    @property
+    def used_bytes(self) -> int:
+        per_token = self.n_kv_heads * self.head_dim * self.k.element_size() * 2
+        return int(self._lengths.sum()) * per_token
+
+
+# -----------------------------------------------------------------------------
+# Ring buffer for sliding-window layers
+
+
+class RingCache(LayerCache):
+    """A sliding-window layer's cache: the last `window` tokens in a (B, Hkv, window, D) ring.
+
+    Token p lives in slot p % window. A decode step (n = 1) attends to the slots
+    in storage order; a longer append first attends to the ring's contents
+    unrolled into time order plus the new tokens, then keeps the last `window`.
+    """
+
+    def __init__(self, batch: int, n_kv_heads: int, head_dim: int, window: int, *, dtype=torch.float32,
+                 device=None, _views=None):
+        self.n_kv_heads, self.head_dim = _check_int("n_kv_heads", n_kv_heads, 1), _check_int("head_dim", head_dim, 1)
+        self.window = _check_int("window", window, 1)
+        if _views is not None:
+            self.k, self.v, self._lengths = _views
+            return
+        _check_int("batch", batch, 1)
+        self.k = torch.zeros(batch, n_kv_heads, window, head_dim, dtype=dtype, device=device)  # (B, Hkv, W, D)
+        self.v = torch.zeros_like(self.k)
+        self._lengths = torch.zeros(batch, dtype=torch.long)
+
+    def row(self, b: int) -> "RingCache":
+        return RingCache(1, self.n_kv_heads, self.head_dim, self.window,
+                         _views=(self.k[b:b + 1], self.v[b:b + 1], self._lengths[b:b + 1]))
+
+    def append(self, k: Tensor, v: Tensor) -> None:
+        n = self._check_new(k, v)
+        W = self.window
+        keep = min(n, W)                                       # only the last W new tokens survive
+        k, v = k[:, :, n - keep:], v[:, :, n - keep:]
+        pos = (self._lengths[:, None] + (n - keep) + torch.arange(keep)) % W          # (B, keep) slots
+        pos = pos.to(self.k.device)
+        rows = torch.arange(self.batch, device=self.k.device)[:, None]
+        self.k[rows, :, pos] = k.transpose(1, 2)              # (B, keep, Hkv, D) into slots
+        self.v[rows, :, pos] = v.transpose(1, 2)
+        self._lengths += n
+
+    def read(self):
+        """Keys in storage (not time) order, with the slots that hold a token."""
+        filled = torch.clamp(self._lengths, max=self.window)
+        if bool((filled == self.window).all()):
+            return self.k, self.v, None
+        allowed = torch.arange(self.window, device=self.k.device)[None, :] < filled.to(self.k.device)[:, None]
+        return self.k, self.v, allowed
+
+    def _time_ordered(self, b: int):
+        """Sequence b's stored tokens oldest first: (Hkv, min(length, W), D) x2."""
+        L, W = int(self._lengths[b]), self.window
+        if L <= W:
+            return self.k[b, :, :L], self.v[b, :, :L]
+        order = (torch.arange(L - W, L) % W).to(self.k.device)
+        return self.k[b][:, order], self.v[b][:, order]
+
+    def attention(self, q, k, v, *, scale=None, score_mod=None, backend="auto"):
+        n = self._check_new(k, v)
+        if score_mod is not None:
+            raise ValueError("a score_mod needs key positions, which a RingCache does not keep in order; "
+                             "use a ContiguousCache")
+        if n == 1:
+            self.append(k, v)
+            keys, values, allowed = self.read()                # every stored key is within the window
+            mask = None if allowed is None else allowed[:, None, None, :]
+            return qkv.attention(q, keys, values, mask=mask, scale=scale, backend=backend)
+        outs = []
+        for b in range(self.batch):                            # prefill: per sequence, in time order
+            old_k, old_v = self._time_ordered(b)                # (Hkv, l, D)
+            keys = torch.cat([old_k, k[b]], dim=1)[None]        # (1, Hkv, l + n, D)
+            values = torch.cat([old_v, v[b]], dim=1)[None]
+            outs.append(qkv.attention(q[b:b + 1], keys, values, mask=qkv.masks.sliding_window(self.window),
+                                      scale=scale, backend=backend))
+        self.append(k, v)
+        return torch.cat(outs)
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+    @property
+    def used_bytes(self) -> int:
+        per_token = self.n_kv_heads * self.head_dim * self.k.element_size() * 2
+        return int(torch.clamp(self._lengths, max=self.window).sum()) * per_token
+
+
+# -----------------------------------------------------------------------------
+# Paged: a block pool shared by sequences, one block table each
+
+
+class BlockPool:
+    """Block bookkeeping shared by every layer of a paged cache.
+
+    Blocks are numbered 0..num_blocks-1; the free list hands out the lowest free
+    number first, so the blocks in use stay packed at the front of each layer's
+    pool and a step reads only `high_water` blocks. A sequence is a list of block
+    numbers (its block table); a block may appear in several tables (a shared
+    prompt prefix) and returns to the free list when its reference count drops to 0.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int):
+        self.num_blocks = _check_int("num_blocks", num_blocks, 1)
+        self.block_size = _check_int("block_size", block_size, 1)
+        self._free = list(range(num_blocks))        # a heap: lowest block number first
+        self.refcount = [0] * num_blocks
+        self.tables: dict[int, list[int]] = {}       # sequence id -> block numbers
+        self.tokens: dict[int, int] = {}             # sequence id -> tokens it reserved room for
+        self._next_id = 0
+        self.version = 0                             # bumped when any table changes (invalidates masks)
+        self.layers: list["PagedCache"] = []         # the per-layer pools, to copy blocks on fork
+
+    # -- sequences -------------------------------------------------------------
+
+    def new_sequence(self) -> int:
+        sid = self._next_id
+        self._next_id += 1
+        self.tables[sid], self.tokens[sid] = [], 0
+        return sid
+
+    def _check_seq(self, sid: int) -> None:
+        if sid not in self.tables:
+            raise KeyError(f"no sequence {sid} in this pool (freed, or never added); live: {sorted(self.tables)}")
+
+    def reserve(self, sid: int, total_tokens: int) -> None:
+        """Make sure sequence `sid` has blocks for `total_tokens` tokens (allocates if needed)."""
+        self._check_seq(sid)
+        table = self.tables[sid]
+        need = -(-total_tokens // self.block_size) - len(table)
+        if need > len(self._free):
+            raise CacheFull(f"paged KV cache full: sequence {sid} needs {need} more block(s) of {self.block_size} "
+                            f"tokens but only {len(self._free)} of {self.num_blocks} are free; build the cache with "
+                            f"more blocks or free finished sequences")
+        for _ in range(max(need, 0)):
+            block = heapq.heappop(self._free)
+            self.refcount[block] = 1
+            table.append(block)
+            for layer in self.layers:
+                layer._reset_block(block)
+        if need > 0:
+            self.version += 1
+        self.tokens[sid] = max(self.tokens[sid], total_tokens)
+
+    def fork(self, sid: int, n_tokens: int | None = None) -> int:
+        """A new sequence starting with the first n_tokens (default all) of `sid`.
+
+        Whole blocks are shared by reference; a partly used last block is copied
+        (the two sequences will write different tokens after it).
+        """
+        self._check_seq(sid)
+        length = self.tokens[sid] if n_tokens is None else n_tokens
+        if not 0 <= length <= self.tokens[sid]:
+            raise ValueError(f"can fork at most the {self.tokens[sid]} tokens sequence {sid} holds, got {length}")
+        full, rest = divmod(length, self.block_size)
+        child = self.new_sequence()
+        shared = self.tables[sid][:full]
+        for block in shared:
+            self.refcount[block] += 1
+        self.tables[child] = list(shared)
+        self.tokens[child] = full * self.block_size
+        if rest:
+            self.reserve(child, length)
+            src, dst = self.tables[sid][full], self.tables[child][full]
+            for layer in self.layers:
+                layer._copy_block(src, dst, rest)
+        self.tokens[child] = length
+        self.version += 1
+        return child
+
+    def free(self, sid: int) -> None:
+        """Release a sequence; its blocks return to the free list when no other sequence uses them."""
+        self._check_seq(sid)
+        for block in self.tables.pop(sid):
+            self.refcount[block] -= 1
+            if self.refcount[block] == 0:
+                heapq.heappush(self._free, block)
+        del self.tokens[sid]
+        self.version += 1
+
+    # -- accounting ------------------------------------------------------------
+
+    @property
+    def blocks_in_use(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    @property
+    def high_water(self) -> int:
+        """1 + the highest block number in use (0 if none): the pool prefix a step reads."""
+        used = [b for b, c in enumerate(self.refcount) if c > 0]
+        return used[-1] + 1 if used else 0
+
+    def stats(self, bytes_per_token: int = 1) -> dict:
+        """Memory accounting: allocated, used (tokens held) and unused-but-allocated, in bytes."""
+        allocated = self.blocks_in_use * self.block_size
+        counted = set()
+        used = 0
+        for sid, table in self.tables.items():   # a shared block's tokens count once
+            tokens = self.tokens[sid]
+            for i, block in enumerate(table):
+                if block not in counted:
+                    counted.add(block)
+                    used += min(self.block_size, max(tokens - i * self.block_size, 0))
+        return {"blocks_total": self.num_blocks, "blocks_in_use": self.blocks_in_use,
+                "allocated_bytes": allocated * bytes_per_token, "used_bytes": used * bytes_per_token,
+                "unused_bytes": (allocated - used) * bytes_per_token,
+                "waste": (allocated - used) / allocated if allocated else 0.0}
+
+
+class PagedCache(LayerCache):
+    """One layer's view of a paged cache for the sequences `seqs` (B = len(seqs)).
+
+    Storage: K and V pools (Hkv, num_blocks * bs, D), slot = block * bs + offset,
+    and the position of the token in each slot (-1 while empty). Build them for a
+    whole model with `Cache.paged(...)`.
+    """
+
+    def __init__(self, pool: BlockPool, n_kv_heads: int, head_dim: int, *, seqs=(), window: int | None = None,
+                 dtype=torch.float32, device=None, _storage=None):
+        self.pool = pool
+        self.n_kv_heads, self.head_dim = _check_int("n_kv_heads", n_kv_heads, 1), _check_int("head_dim", head_dim, 1)
+        self.window = None if window is None else _check_int("window", window, 1)
+        if _storage is None:
+            slots = pool.num_blocks * pool.block_size
+            self.k = torch.zeros(n_kv_heads, slots, head_dim, dtype=dtype, device=device)   # (Hkv, N, D)
+            self.v = torch.zeros_like(self.k)
+            self.slot_pos = torch.full((slots,), -1, dtype=torch.long, device=device)       # (N,)
+            self.lengths_by_seq: dict[int, int] = {}
+            pool.layers.append(self)
+        else:
+            self.k, self.v, self.slot_pos, self.lengths_by_seq = _storage
+        self.seqs = list(seqs)
+        self._mask_key = None
+
+    def view(self, seqs) -> "PagedCache":
+        """The same layer storage, seen by another batch of sequences."""
+        return PagedCache(self.pool, self.n_kv_heads, self.head_dim, seqs=seqs, window=self.window,
+                          _storage=(self.k, self.v, self.slot_pos, self.lengths_by_seq))
+
+    def row(self, b: int) -> "PagedCache":
+        return self.view([self.seqs[b]])
+
+    @property
+    def _lengths(self) -> Tensor:
+        return torch.tensor([self.lengths_by_seq.get(s, 0) for s in self.seqs], dtype=torch.long)
+
+    @property
+    def batch(self) -> int:
+        return len(self.seqs)
+
+    def _reset_block(self, block: int) -> None:
+        bs = self.pool.block_size
+        self.slot_pos[block * bs:(block + 1) * bs] = -1
+
+    def _copy_block(self, src: int, dst: int, n: int) -> None:
+        bs = self.pool.block_size
+        s, d = slice(src * bs, src * bs + n), slice(dst * bs, dst * bs + n)
+        self.k[:, d], self.v[:, d], self.slot_pos[d] = self.k[:, s], self.v[:, s], self.slot_pos[s]
+
+    def _slots(self, sid: int, start: int, n: int) -> Tensor:
+        bs, table = self.pool.block_size, self.pool.tables[sid]
+        pos = torch.arange(start, start + n)
+        blocks = torch.tensor(table, dtype=torch.long)[pos // bs]
+        return blocks * bs + pos % bs                                           # (n,) slot numbers
+
+    def append(self, k: Tensor, v: Tensor) -> None:
+        n = self._check_new(k, v)
+        slots, positions = [], []
+        for sid in self.seqs:
+            self.pool._check_seq(sid)
+            start = self.lengths_by_seq.get(sid, 0)
+            self.pool.reserve(sid, start + n)              # no-op for every layer after the first
+            slots.append(self._slots(sid, start, n))
+            positions.append(torch.arange(start, start + n))
+        slots = torch.stack(slots).to(self.k.device)                            # (B, n)
+        flat = slots.flatten()
+        self.k[:, flat] = k.permute(1, 0, 2, 3).reshape(self.n_kv_heads, -1, self.head_dim)  # (Hkv, B*n, D)
+        self.v[:, flat] = v.permute(1, 0, 2, 3).reshape(self.n_kv_heads, -1, self.head_dim)
+        self.slot_pos[flat] = torch.stack(positions).flatten().to(self.k.device)
+        for sid in self.seqs:
+            self.lengths_by_seq[sid] = self.lengths_by_seq.get(sid, 0) + n
+
+    def read(self):
+        """Every sequence's keys as one pool prefix (1, Hkv, N', D) with a (B, N') ownership mask."""
+        N = self.pool.high_water * self.pool.block_size
+        return self.k[None, :, :N], self.v[None, :, :N], self._owned(N)
+
+    def _owned(self, N: int) -> Tensor:
+        """(B, N) bool: slot s holds a token of sequence b (and, with a window, a recent one)."""
+        key = (self.pool.version, tuple(self.seqs), tuple(self.lengths_by_seq.get(s, 0) for s in self.seqs), N)
+        if key == self._mask_key:
+            return self._mask
+        bs = self.pool.block_size
+        owner = torch.zeros(self.batch, N // bs, dtype=torch.bool)
+        for b, sid in enumerate(self.seqs):
+            owner[b, self.pool.tables[sid]] = True
+        owned = owner.repeat_interleave(bs, dim=1).to(self.k.device)                    # (B, N)
+        lengths = self._lengths.to(self.k.device)[:, None]                             # (B, 1)
+        pos = self.slot_pos[None, :N]                                                 # (1, N)
+        owned &= (pos >= 0) & (pos < lengths)
+        if self.window is not None:
+            owned &= pos > lengths - 1 - self.window
+        self._mask_key, self._mask = key, owned
+        return owned
+
+    def attention(self, q, k, v, *, scale=None, score_mod=None, backend="auto"):
+        n = self._check_new(k, v)
+        if score_mod is not None:
+            raise ValueError("a score_mod needs key positions in order, which a PagedCache does not give; "
+                             "use a ContiguousCache")
+        if n > 1:
+            # prefill: each sequence attends to its own tokens, gathered in time order
+            outs = []
+            for b, sid in enumerate(self.seqs):
+                start = self.lengths_by_seq.get(sid, 0)
+                self.view([sid]).append(k[b:b + 1], v[b:b + 1])
+                slots = self._slots(sid, 0, start + n).to(self.k.device)
+                keys, values = self.k[None][:, :, slots], self.v[None][:, :, slots]   # (1, Hkv, start+n, D)
+                mask = qkv.masks.causal() if self.window is None else qkv.masks.sliding_window(self.window)
+                outs.append(qkv.attention(q[b:b + 1], keys, values, mask=mask, scale=scale, backend=backend))
+            return torch.cat(outs)
+        # decode: all B queries against the pool prefix at once; GQA groups and batch fold into rows
+        self.append(k, v)
+        keys, values, owned = self.read()                           # (1, Hkv, N, D) x2, (B, N)
+        B, Hq, _, D = q.shape
+        G = Hq // self.n_kv_heads
+        rows = q.view(B, self.n_kv_heads, G, D).permute(1, 2, 0, 3)     # (Hkv, G, B, D): row = g * B + b
+        rows = rows.reshape(1, self.n_kv_heads, G * B, D)               # (1, Hkv, G*B, D)
+        mask = owned.repeat(G, 1)[None, None]                           # (1, 1, G*B, N)
+        out = qkv.attention(rows, keys, values, mask=mask, scale=scale, backend=backend)  # (1, Hkv, G*B, D)
+        out = out.view(self.n_kv_heads, G, B, D).permute(2, 0, 1, 3)    # (B, Hkv, G, D)
+        return out.reshape(B, Hq, 1, D)
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2 + self.slot_pos.numel() * self.slot_pos.element_size()
+
+    @property
+    def used_bytes(self) -> int:
+        per_token = self.n_kv_heads * self.head_dim * self.k.element_size() * 2
+        return sum(self.lengths_by_seq.get(s, 0) for s in self.seqs) * per_token
+
+
+# -----------------------------------------------------------------------------
+# A whole model's cache
+
+
+@dataclass
+class _Spec:
+    n_kv_heads: int
+    head_dim: int
+    window: int | None
+
+
+class Cache:
+    """One layer cache per decoder layer, plus the model-level view: lengths, rows, bytes."""
+
+    def __init__(self, layers: list[LayerCache], pool: BlockPool | None = None):
+        if not layers:
+            raise ValueError("a Cache needs at least one layer")
+        self.layers = layers
+        self.pool = pool
+
+    @classmethod
+    def contiguous(cls, specs, batch: int, max_len: int, *, ring: bool = True, dtype=torch.float32,
+                   device=None) -> "Cache":
+        """Contiguous layers; sliding-window layers get a RingCache when ring=True."""
+        layers = []
+        for s in specs:
+            if s.window is not None and ring:
+                layers.append(RingCache(batch, s.n_kv_heads, s.head_dim, min(s.window, max_len), dtype=dtype,
+                                        device=device))
+            else:
+                layers.append(ContiguousCache(batch, s.n_kv_heads, s.head_dim, max_len, window=s.window,
+                                              dtype=dtype, device=device))
+        return cls(layers)
+
+    @classmethod
+    def paged(cls, specs, num_blocks: int, *, block_size: int = 16, batch: int = 0, dtype=torch.float32,
+              device=None) -> "Cache":
+        """Paged layers over one BlockPool; `batch` new (empty) sequences are added."""
+        pool = BlockPool(num_blocks, block_size)
+        layers = [PagedCache(pool, s.n_kv_heads, s.head_dim, window=s.window, dtype=dtype, device=device)
+                  for s in specs]
+        cache = cls(layers, pool)
+        return cache.view([pool.new_sequence() for _ in range(batch)]) if batch else cache
+
+    @property
+    def kind(self) -> str:
+        return "paged" if self.pool is not None else "contiguous"
+
+    @property
+    def lengths(self) -> Tensor:
+        """(B,) tokens stored per sequence (the same in every layer)."""
+        return self.layers[0].length
+
+    @property
+    def batch(self) -> int:
+        return self.layers[0].batch
+
+    @property
+    def seqs(self) -> list[int]:
+        if self.pool is None:
+            raise ValueError("only a paged cache has sequence ids")
+        return list(self.layers[0].seqs)
+
+    def row(self, b: int) -> "Cache":
+        """Sequence b alone (B = 1), sharing storage: a prefill writes straight into its place."""
+        if not 0 <= b < self.batch:
+            raise IndexError(f"row {b} out of range for a batch of {self.batch}")
+        return Cache([layer.row(b) for layer in self.layers], self.pool)
+
+    def view(self, seqs) -> "Cache":
+        """Paged only: the batch of sequences `seqs` (ids from the pool)."""
+        if self.pool is None:
+            raise ValueError("view(seqs) is for paged caches; a contiguous cache's rows are fixed")
+        return Cache([layer.view(seqs) for layer in self.layers], self.pool)
+
+    def fork(self, b: int, n_tokens: int | None = None) -> int:
+        """Paged only: a new sequence sharing the first n_tokens of row b's blocks; returns its id."""
+        if self.pool is None:
+            raise ValueError("fork() shares blocks between sequences: build the cache with kind='paged'")
+        sid = self.layers[0].seqs[b]
+        child = self.pool.fork(sid, n_tokens)
+        for layer in self.layers:
+            n = self.pool.tokens[child]
+            layer.lengths_by_seq[child] = min(layer.lengths_by_seq.get(sid, 0), n)
+        return child
+
+    def free(self, sid: int) -> None:
+        if self.pool is None:
+            raise ValueError("free() is for paged caches")
+        self.pool.free(sid)
+        for layer in self.layers:
+            layer.lengths_by_seq.pop(sid, None)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the cache holds in memory (allocated storage, all layers)."""
+        return sum(layer.nbytes for layer in self.layers)
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of K/V actually holding tokens of this batch."""
+        return sum(layer.used_bytes for layer in self.layers)
+
+    def memory(self) -> dict:
+        """Allocated vs used K/V bytes for this batch; `waste` = unused / allocated.
+
+        Contiguous: every row reserves max_len. Paged: only blocks in use count as
+        allocated (the free ones belong to no sequence), so waste is the unfilled
+        tail of each sequence's last block.
+        """
+        per_token = sum(l.n_kv_heads * l.head_dim * l.k.element_size() * 2 for l in self.layers)
+        if self.pool is not None:
+            return self.pool.stats(per_token)
+        allocated = sum(l.k.numel() * l.k.element_size() * 2 for l in self.layers)
+        used = self.used_bytes
+        return {"allocated_bytes": allocated, "used_bytes": used, "unused_bytes": allocated - used,
+                "waste": (allocated - used) / allocated if allocated else 0.0}
+
+
+def cache_bytes(n_layers: int, n_kv_heads: int, head_dim: int, tokens: int, dtype=torch.float32) -> int:
+    """K and V bytes for `tokens` tokens: 2 * layers * Hkv * D * tokens * element size."""
+    return 2 * n_layers * n_kv_heads * head_dim * tokens * _element_size(dtype)

@@ -1,0 +1,162 @@
+"""`DecoderConfig`: every hyper-parameter of a GPT-2, Llama or Mistral style decoder, as data.
+
+The three families differ in a handful of switches:
+
+    family    positions       norm    FFN         heads          head      window
+    GPT-2     learned table   layer   gelu_tanh   MHA            tied      -
+    Llama     RoPE (+scaling) rms     swiglu      GQA            untied    -
+    Mistral   RoPE            rms     swiglu      GQA            untied    per layer
+
+`DecoderConfig.gpt2()`, `.llama()` and `.mistral()` give the family defaults at a
+small size; every field can be overridden. Configs round-trip through dicts
+(`to_dict` / `from_dict`) so checkpoints can carry them as JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from qkv.layers import ACTIVATIONS, NORMS
+
+__all__ = ["DecoderConfig", "ROPE_SCALINGS"]
+
+ROPE_SCALINGS = ("linear", "ntk", "llama3")
+
+
+@dataclass
+class DecoderConfig:
+    """A decoder-only Transformer.
+
+    Attributes:
+        vocab_size, d_model, n_layers, n_heads: the sizes.
+        n_kv_heads: key/value heads (default n_heads; fewer is GQA, 1 is MQA).
+        head_dim: default d_model // n_heads.
+        ffn_hidden: hidden width of the MLP (default 4 * d_model).
+        activation: one of qkv.layers.ACTIVATIONS ("gelu_tanh" GPT-2, "swiglu" Llama).
+        norm: "layer" (with bias) or "rms"; norm_eps its epsilon.
+        bias: biases on the attention and MLP projections.
+        positions: "learned" (a max_positions x d_model table) or "rope".
+        max_positions: the context length; prompts plus new tokens must fit.
+        rope_base: RoPE's theta. rope_scaling: None or a dict with "type" in
+            ROPE_SCALINGS and "factor" (llama3 also: "low_freq_factor",
+            "high_freq_factor", "original_max_positions").
+        tie_embeddings: the LM head reuses the token embedding matrix.
+        sliding_window: the attention window of windowed layers (Mistral), or None.
+        layer_windows: per-layer windows (None entries attend to everything);
+            default: every layer uses `sliding_window`.
+        arch: the family name, informational ("gpt2", "llama", "mistral", "custom").
+    """
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    ffn_hidden: int | None = None
+    activation: str = "gelu_tanh"
+    norm: str = "layer"
+    norm_eps: float = 1e-5
+    bias: bool = True
+    positions: str = "learned"
+    max_positions: int = 1024
+    rope_base: float = 10000.0
+    rope_scaling: dict | None = None
+    tie_embeddings: bool = True
+    sliding_window: int | None = None
+    layer_windows: list | None = None
+    arch: str = "custom"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_positions"):
+            _positive_int(name, getattr(self, name))
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        _positive_int("n_kv_heads", self.n_kv_heads)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
+        if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                raise ValueError(f"n_heads={self.n_heads} does not divide d_model={self.d_model}; set head_dim")
+            self.head_dim = self.d_model // self.n_heads
+        _positive_int("head_dim", self.head_dim)
+        if self.ffn_hidden is None:
+            self.ffn_hidden = 4 * self.d_model
+        _positive_int("ffn_hidden", self.ffn_hidden)
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if self.positions not in ("learned", "rope"):
+            raise ValueError(f"positions must be 'learned' or 'rope', got {self.positions!r}")
+        if self.positions == "rope" and self.head_dim % 2:
+            raise ValueError(f"RoPE rotates channel pairs: head_dim must be even, got {self.head_dim}")
+        if self.rope_scaling is not None:
+            if not isinstance(self.rope_scaling, dict) or self.rope_scaling.get("type") not in ROPE_SCALINGS:
+                raise ValueError(f"rope_scaling must be None or a dict with 'type' in {ROPE_SCALINGS} and "
+                                 f"'factor', got {self.rope_scaling!r}")
+            if self.positions != "rope":
+                raise ValueError("rope_scaling given but positions is not 'rope'")
+        if self.sliding_window is not None:
+            _positive_int("sliding_window", self.sliding_window)
+        if self.layer_windows is not None:
+            self.layer_windows = list(self.layer_windows)
+            if len(self.layer_windows) != self.n_layers:
+                raise ValueError(f"layer_windows has {len(self.layer_windows)} entries for n_layers={self.n_layers}")
+            for w in self.layer_windows:
+                if w is not None:
+                    _positive_int("layer_windows entry", w)
+
+    def windows(self) -> list[int | None]:
+        """The attention window of each layer (None = the whole causal prefix)."""
+        if self.layer_windows is not None:
+            return list(self.layer_windows)
+        return [self.sliding_window] * self.n_layers
+
+    # -- presets ---------------------------------------------------------------
+
+    @classmethod
+    def gpt2(cls, **overrides) -> "DecoderConfig":
+        """GPT-2 style; the defaults are GPT-2 small (124M): 12 layers, 768 wide, 12 heads."""
+        base = dict(vocab_size=50257, d_model=768, n_layers=12, n_heads=12, activation="gelu_tanh", norm="layer",
+                    norm_eps=1e-5, bias=True, positions="learned", max_positions=1024, tie_embeddings=True,
+                    arch="gpt2")
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def llama(cls, **overrides) -> "DecoderConfig":
+        """Llama style at a small default size (GQA 8 query / 2 kv heads)."""
+        base = dict(vocab_size=32000, d_model=512, n_layers=8, n_heads=8, n_kv_heads=2, ffn_hidden=1376,
+                    activation="swiglu", norm="rms", norm_eps=1e-5, bias=False, positions="rope",
+                    max_positions=4096, rope_base=10000.0, tie_embeddings=False, arch="llama")
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def mistral(cls, **overrides) -> "DecoderConfig":
+        """Mistral style: Llama plus a sliding window on every layer."""
+        base = dict(vocab_size=32000, d_model=512, n_layers=8, n_heads=8, n_kv_heads=2, ffn_hidden=1376,
+                    activation="swiglu", norm="rms", norm_eps=1e-5, bias=False, positions="rope",
+                    max_positions=8192, rope_base=10000.0, tie_embeddings=False, sliding_window=4096,
+                    arch="mistral")
+        return cls(**{**base, **overrides})
+
+    # -- serialisation ---------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DecoderConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown DecoderConfig field(s) {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+
+def _positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")

@@ -1,0 +1,169 @@
+"""`Decoder`: a decoder-only Transformer (GPT-2, Llama, Mistral styles) built from `qkv.layers`.
+
+Legend: B batch, L tokens this call, V vocabulary, d_model width.
+
+    tokens (B, L) --embed--> (B, L, d_model) [+ learned positions]
+        -> n_layers x Block(causal self-attention [RoPE] [window], FFN), pre-norm
+        -> final norm -> LM head (tied to the embedding, or its own matrix) -> logits (B, L, V)
+
+Without a cache every call sees the whole sequence (teacher forcing, a full
+forward). With a cache (`new_cache()`), a call appends its tokens to the cache
+and attends to everything before them: prefill with the prompt, then one token
+per decode step. `last_only=True` computes logits for the last position only
+(all that generation needs; the LM head is the largest matrix of a small model).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+import qkv
+from qkv.cache import Cache, _Spec
+from qkv.layers import Block, RMSNorm
+from qkv.models.config import DecoderConfig
+from qkv.positional import RotaryEmbedding
+
+__all__ = ["Decoder"]
+
+
+class Decoder(nn.Module):
+    """A causal language model from a `DecoderConfig`.
+
+    Parameters (names follow the Block/MultiHeadAttention ones, which follow Llama's):
+    `embed`, `pos_embed` (learned positions only), `layers.{i}.{norm1, self_attn.{q,k,v,o}_proj,
+    norm2, ffn.*}`, `norm`, `lm_head` (untied only).
+    """
+
+    def __init__(self, config: DecoderConfig, *, backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        if not isinstance(config, DecoderConfig):
+            raise TypeError(f"config must be a qkv.models.DecoderConfig, got {type(config).__name__}")
+        self.config = c = config
+        factory = {"device": device, "dtype": dtype}
+        self.embed = nn.Embedding(c.vocab_size, c.d_model, **factory)
+        self.pos_embed = nn.Embedding(c.max_positions, c.d_model, **factory) if c.positions == "learned" else None
+        self.rope = None
+        if c.positions == "rope":
+            scaling = dict(c.rope_scaling or {})
+            kind = scaling.pop("type", None)
+            kwargs = {}
+            if kind is not None:
+                kwargs = {"scaling": kind, "factor": float(scaling.get("factor", 1.0))}
+                if kind == "llama3":
+                    kwargs.update(original_max_len=int(scaling["original_max_positions"]),
+                                  low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
+                                  high_freq_factor=float(scaling.get("high_freq_factor", 4.0)))
+            self.rope = RotaryEmbedding(c.head_dim, base=c.rope_base, **kwargs)
+        self.layers = nn.ModuleList(
+            Block(c.d_model, c.n_heads, n_kv_heads=c.n_kv_heads, ffn_hidden=c.ffn_hidden, activation=c.activation,
+                  norm=c.norm, norm_position="pre", eps=c.norm_eps, bias=c.bias, rope=self.rope, backend=backend,
+                  head_dim=c.head_dim, **factory)
+            for _ in range(c.n_layers))
+        self.windows = c.windows()
+        self.norm = (nn.LayerNorm(c.d_model, eps=c.norm_eps, **factory) if c.norm == "layer"
+                     else RMSNorm(c.d_model, eps=c.norm_eps, **factory))
+        self.lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False, **factory)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2's initialisation: N(0, 0.02) weights, zero biases, residual projections / sqrt(2 n_layers)."""
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                std = 0.02
+                if name.endswith(("o_proj.weight", "fc2.weight", "down_proj.weight")):
+                    std /= (2 * self.config.n_layers) ** 0.5
+                nn.init.normal_(p, 0.0, std)
+            elif "norm" in name and name.endswith("weight"):
+                nn.init.ones_(p)
+            else:
+                nn.init.zeros_(p)
+
+    @property
+    def head_weight(self) -> Tensor:
+        """(V, d_model): the LM head's matrix (the embedding when tied)."""
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    # -- caches ----------------------------------------------------------------
+
+    def cache_specs(self) -> list[_Spec]:
+        return [_Spec(self.config.n_kv_heads, self.config.head_dim, w) for w in self.windows]
+
+    def new_cache(self, batch: int = 1, *, kind: str = "contiguous", max_len: int | None = None,
+                  block_size: int = 16, num_blocks: int | None = None, ring: bool = True) -> Cache:
+        """An empty KV cache for this model.
+
+        kind="contiguous": (batch, Hkv, max_len, D) per layer (default max_len: the
+        context length); sliding-window layers get a ring of `window` slots (ring=True).
+        kind="paged": a pool of `num_blocks` blocks of `block_size` tokens per layer
+        (default: enough for `batch` sequences of max_len) and `batch` empty sequences.
+        """
+        p = self.embed.weight
+        max_len = self.config.max_positions if max_len is None else max_len
+        if kind == "contiguous":
+            return Cache.contiguous(self.cache_specs(), batch, max_len, ring=ring, dtype=p.dtype, device=p.device)
+        if kind == "paged":
+            if num_blocks is None:
+                num_blocks = batch * -(-max_len // block_size)
+            return Cache.paged(self.cache_specs(), num_blocks, block_size=block_size, batch=batch, dtype=p.dtype,
+                               device=p.device)
+        raise ValueError(f"kind must be 'contiguous' or 'paged', got {kind!r}")
+
+    # -- forward ---------------------------------------------------------------
+
+    def forward(self, tokens: Tensor, *, cache: Cache | None = None, positions: Tensor | None = None,
+                last_only: bool = False) -> Tensor:
+        """tokens (B, L) int -> logits (B, L, V), or (B, 1, V) with last_only.
+
+        Without a cache: a full causal forward; `positions` (B, L) or (L,) default
+        to 0..L-1. With a cache: the tokens continue each cached sequence; their
+        positions are the cache lengths onwards.
+        """
+        h = self.hidden(tokens, cache=cache, positions=positions)          # (B, L, d_model)
+        if last_only:
+            h = h[:, -1:]                                                   # (B, 1, d_model)
+        return nn.functional.linear(h, self.head_weight)                    # (B, L, V)
+
+    def hidden(self, tokens: Tensor, *, cache: Cache | None = None, positions: Tensor | None = None) -> Tensor:
+        """The final-norm hidden states (B, L, d_model)."""
+        c = self.config
+        if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+            desc = f"{tokens.dtype} {tuple(tokens.shape)}" if isinstance(tokens, Tensor) else type(tokens).__name__
+            raise ValueError(f"tokens must be an integer tensor (B, L), got {desc}")
+        B, L = tokens.shape
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= c.vocab_size):
+            raise ValueError(f"token ids must lie in [0, vocab_size={c.vocab_size}), got "
+                             f"{int(tokens.min())}..{int(tokens.max())}")
+        if cache is not None:
+            if len(cache.layers) != c.n_layers:
+                raise ValueError(f"cache has {len(cache.layers)} layers, the model {c.n_layers}; "
+                                 f"build it with model.new_cache()")
+            if cache.batch != B:
+                raise ValueError(f"cache holds {cache.batch} sequences but tokens has batch {B}")
+            if positions is not None:
+                raise ValueError("with a cache, positions follow from the cache lengths; do not pass positions")
+            positions = cache.lengths[:, None] + torch.arange(L)                # (B, L)
+        elif positions is None:
+            positions = torch.arange(L)                                         # (L,)
+        positions = positions.to(tokens.device)
+        if L and int(positions.max()) >= c.max_positions:
+            raise ValueError(f"position {int(positions.max())} is beyond the model's context of "
+                             f"{c.max_positions} tokens; shorten the prompt or max_new_tokens")
+
+        x = self.embed(tokens)                                                 # (B, L, d_model)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions)                                  # (B or 1, L, d_model) broadcast
+        rope_positions = positions if self.rope is not None else None
+        for i, block in enumerate(self.layers):
+            if cache is not None:
+                x = block(x, positions=rope_positions, cache=cache.layers[i])
+            else:
+                window = self.windows[i]
+                mask = qkv.masks.causal() if window is None else qkv.masks.sliding_window(window)
+                x = block(x, mask=mask, positions=rope_positions)
+        return self.norm(x)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        n = sum(p.numel() for p in self.parameters())
+        return f"arch={c.arch!r}, params={n / 1e6:.1f}M"
