@@ -1,0 +1,244 @@
+"""Text generation with a KV cache: prefill the prompt, then decode one token per step.
+
+Legend: B batch (prompts), V vocabulary, L prompt length.
+
+    prompt (L tokens) --prefill: one forward, K/V of every prompt token into the cache--> logits of token L
+    repeat: pick a token (greedy / temperature, top-k, top-p) -> one-token forward over the cache -> logits
+
+    generate(model, [1, 2, 3], max_new_tokens=8)                  -> [new token ids]
+    generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=8)        -> one list per prompt (a ragged batch)
+    for tok in stream(model, [1, 2, 3], temperature=0.8, seed=0): # one id at a time, as produced
+        ...
+
+A ragged batch: each prompt is prefilled alone at its own length (no padding),
+straight into its row of the cache; the decode steps then run the whole batch at
+once, each sequence at its own position. With `cache="paged"` a sequence holds
+only the blocks its tokens need, identical prompts are prefilled once and share
+their blocks, and finished sequences leave the batch and free their blocks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["generate", "stream", "sample", "SamplingError"]
+
+
+class SamplingError(ValueError):
+    """Bad sampling arguments."""
+
+
+def sample(logits: Tensor, *, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+           generator: torch.Generator | None = None) -> Tensor:
+    """Pick one token per row of logits (B, V) -> (B,) int64.
+
+    temperature 0 is greedy (argmax). Otherwise the logits are divided by the
+    temperature, cut to the top_k most likely tokens and then to the smallest set
+    whose probability reaches top_p (the most likely token always survives), and
+    a token is drawn from what is left with `generator`.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature                                       # (B, V)
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]                  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)      # (B, V)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        before = torch.cumsum(probs, dim=-1) - probs                            # mass of the tokens ranked above
+        drop_sorted = before >= top_p                                           # rank 0 has before = 0: kept
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def _check_sampling(temperature, top_k, top_p, max_new_tokens, stop_tokens):
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise SamplingError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise SamplingError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise SamplingError(f"top_k must be None or an int >= 1, got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise SamplingError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+    if temperature == 0 and (top_k is not None or top_p is not None):
+        raise SamplingError("top_k/top_p only apply when sampling: pass temperature > 0 (0 means greedy)")
+    try:
+        stops = {int(t) for t in stop_tokens}
+    except (TypeError, ValueError):
+        raise SamplingError(f"stop_tokens must be an iterable of token ids, got {stop_tokens!r}") from None
+    return stops
+
+
+def _as_prompts(prompts, vocab_size: int) -> tuple[list[list[int]], bool]:
+    """-> (list of prompts as int lists, single?)."""
+    if isinstance(prompts, Tensor):
+        if prompts.dim() == 1:
+            prompts, single = [prompts.tolist()], True
+        elif prompts.dim() == 2:
+            prompts, single = prompts.tolist(), False
+        else:
+            raise ValueError(f"a prompt tensor must be (L,) or (B, L), got shape {tuple(prompts.shape)}")
+    elif isinstance(prompts, Sequence) and not isinstance(prompts, (str, bytes)):
+        if len(prompts) == 0:
+            raise ValueError("no prompts given")
+        if all(isinstance(p, int) and not isinstance(p, bool) for p in prompts):
+            prompts, single = [list(prompts)], True
+        else:
+            prompts = [p.tolist() if isinstance(p, Tensor) else p for p in prompts]
+            single = False
+    else:
+        raise TypeError(f"prompts must be a list of token ids, a list of such lists, or a tensor; "
+                        f"got {type(prompts).__name__} (tokenize text first)")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, (str, bytes)) or not isinstance(p, Sequence):
+            raise TypeError(f"prompt {i} must be a list of token ids, got {type(p).__name__}")
+        p = list(p)
+        if not p:
+            raise ValueError(f"prompt {i} is empty; a prompt needs at least one token")
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            raise TypeError(f"prompt {i} must hold int token ids")
+        if min(p) < 0 or max(p) >= vocab_size:
+            raise ValueError(f"prompt {i} has token ids outside [0, vocab_size={vocab_size}): "
+                             f"{min(p)}..{max(p)}")
+        out.append(p)
+    return out, single
+
+
+def stream(model, prompts, *, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
+           top_p: float | None = None, seed: int | None = None, stop_tokens=(), cache: str = "contiguous",
+           block_size: int = 16, stats: dict | None = None) -> Iterator:
+    """Generate token by token: yields an int per step for one prompt, or a list
+    (one entry per prompt, None once that prompt has stopped) for a batch.
+
+    Arguments as in `generate`. Stopping: a sequence stops after emitting a stop
+    token (which is yielded) or max_new_tokens tokens.
+    """
+    c = model.config
+    stops = _check_sampling(temperature, top_k, top_p, max_new_tokens, stop_tokens)
+    batch, single = _as_prompts(prompts, c.vocab_size)
+    longest = max(len(p) for p in batch)
+    if longest + max_new_tokens > c.max_positions:
+        raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model's context "
+                         f"of {c.max_positions} tokens; shorten the prompt or generate fewer tokens")
+    if cache not in ("contiguous", "paged"):
+        raise ValueError(f"cache must be 'contiguous' or 'paged', got {cache!r}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+    generator = None
+    if temperature > 0:
+        generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
+    return _run(model, batch, single, max_new_tokens, temperature, top_k, top_p, generator, stops, cache,
+                block_size, stats)
+
+
+def _run(model, batch, single, max_new_tokens, temperature, top_k, top_p, generator, stops, cache_kind,
+         block_size, stats):
+    device = model.embed.weight.device
+    B = len(batch)
+    pick = lambda logits: sample(logits, temperature=temperature, top_k=top_k, top_p=top_p,  # noqa: E731
+                                 generator=generator).cpu()
+    if stats is not None:
+        stats.update(prefill_s=0.0, decode_s=0.0, new_tokens=0, steps=0)
+    if max_new_tokens == 0:
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            if cache_kind == "contiguous":
+                kv = model.new_cache(B, kind="contiguous", max_len=max(len(p) for p in batch) + max_new_tokens)
+                rows = [kv.row(b) for b in range(B)]
+                last = [model(torch.tensor([p], device=device), cache=rows[b], last_only=True)[0, -1]
+                        for b, p in enumerate(batch)]                                       # B x (V,)
+                sids = None
+            else:
+                blocks = sum(-(-(len(p) + max_new_tokens) // block_size) for p in batch)
+                kv = model.new_cache(0, kind="paged", num_blocks=blocks, block_size=block_size)
+                sids, last, seen = [], [], {}
+                for p in batch:
+                    key = tuple(p)
+                    if key in seen:                         # same prompt: share its blocks, reuse its logits
+                        j = seen[key]
+                        sids.append(kv.view([sids[j]]).fork(0))
+                        last.append(last[j])
+                        continue
+                    sid = kv.pool.new_sequence()
+                    last.append(model(torch.tensor([p], device=device), cache=kv.view([sid]), last_only=True)[0, -1])
+                    seen[key] = len(sids)
+                    sids.append(sid)
+            token = pick(torch.stack(last))                                                 # (B,)
+            if stats is not None:
+                stats["prefill_s"] = time.perf_counter() - t0
+            active = list(range(B))                           # prompts still generating, by index
+            done = [False] * B
+            for step in range(max_new_tokens):
+                out: list[int | None] = [None] * B
+                for b in active:
+                    out[b] = int(token[b])
+                    if out[b] in stops or step == max_new_tokens - 1:
+                        done[b] = True
+                if stats is not None:
+                    stats["new_tokens"] += len(active)
+                    stats["steps"] = step + 1
+                yield out[0] if single else out
+                still = [b for b in active if not done[b]]
+                if not still:
+                    break
+                t1 = time.perf_counter()
+                if sids is not None and len(still) < len(active):       # paged: finished sequences leave
+                    for b in active:
+                        if done[b]:
+                            kv.free(sids[b])
+                active = still
+                if sids is not None:
+                    step_cache = kv.view([sids[b] for b in active])
+                    inputs = token[active][:, None]                      # (B', 1)
+                else:
+                    step_cache, inputs = kv, token[:, None]              # contiguous: every row steps
+                logits = model(inputs.to(device), cache=step_cache, last_only=True)[:, -1]   # (B' or B, V)
+                nxt = pick(logits)
+                if sids is not None:
+                    token = token.clone()
+                    token[active] = nxt
+                else:
+                    token = nxt
+                if stats is not None:
+                    stats["decode_s"] += time.perf_counter() - t1
+    finally:
+        model.train(was_training)
+
+
+def generate(model, prompts, *, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, seed: int | None = None, stop_tokens=(), cache: str = "contiguous",
+             block_size: int = 16, stats: dict | None = None):
+    """Generate up to max_new_tokens tokens after each prompt; returns the new token ids.
+
+    Args:
+        model: a `qkv.models.Decoder`.
+        prompts: token ids (a list of ints or a 1-D tensor) -> returns list[int];
+            or several prompts of any lengths -> returns one list per prompt.
+        temperature: 0 = greedy; > 0 samples (with top_k / top_p if given).
+        seed: seeds the sampler; the same seed gives the same tokens.
+        stop_tokens: ids that end a sequence (the stop token is included in its output).
+        cache: "contiguous" (one preallocated row per prompt) or "paged" (blocks of block_size tokens).
+        stats: a dict to fill with prefill_s, decode_s, new_tokens, steps.
+    """
+    tokens = stream(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                    top_p=top_p, seed=seed, stop_tokens=stop_tokens, cache=cache, block_size=block_size,
+                    stats=stats)
+    batch, single = _as_prompts(prompts, model.config.vocab_size)
+    outs: list[list[int]] = [[] for _ in batch]
+    for step in tokens:
+        for b, t in enumerate([step] if single else step):
+            if t is not None:
+                outs[b].append(t)
+    return outs[0] if single else outs
