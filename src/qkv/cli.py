@@ -5,6 +5,9 @@
     qkv demo [--out runs/demo] [--quick]
     qkv bench [--out runs/bench] [--quick]
     qkv bench attention [--quick] [--lengths L ...] [--out runs/bench] [--no-flex] [--no-memory]
+    qkv bench generate [--quick] [--out runs/bench]
+    qkv generate --checkpoint DIR --prompt "text or token ids" [--max-new-tokens N] [--temperature T]
+                 [--top-k K] [--top-p P] [--seed S] [--stop ID ...] [--cache contiguous|paged]
     qkv --version
 
 `main(argv)` returns the exit status instead of exiting, so tests can call it
@@ -62,6 +65,13 @@ def _cmd_demo(args) -> int:
 def _cmd_bench(args) -> int:
     from qkv import demo
 
+    if args.what == "generate":
+        from qkv import bench_generate
+
+        if args.lengths or args.no_flex or args.no_memory:
+            raise UsageError("--lengths, --no-flex and --no-memory belong to `qkv bench attention`")
+        bench_generate.run(args.out, quick=args.quick)
+        return 0
     if args.what == "attention":
         from qkv import bench
 
@@ -74,6 +84,69 @@ def _cmd_bench(args) -> int:
     if args.lengths or args.no_flex or args.no_memory:
         raise UsageError("--lengths, --no-flex and --no-memory belong to `qkv bench attention`")
     demo.bench(args.out, quick=args.quick)
+    return 0
+
+
+def _read_prompt(args, tokenizer) -> list[int]:
+    text = args.prompt
+    if tokenizer is None or args.ids:
+        try:
+            ids = [int(t) for t in text.replace(",", " ").split()]
+        except ValueError:
+            why = "--ids was given" if args.ids else f"{args.checkpoint} has no tokenizer.json"
+            raise UsageError(f"{why}: the prompt must be token ids separated by spaces, e.g. --prompt \"464 3290\"; "
+                             f"got {text!r}") from None
+        if not ids:
+            raise UsageError("the prompt is empty; give at least one token id")
+        return ids
+    ids = tokenizer.encode(text).ids
+    if not ids:
+        raise UsageError(f"the prompt {text!r} encodes to no tokens")
+    return ids
+
+
+def _cmd_generate(args) -> int:
+    from qkv.generate import generate, stream
+    from qkv.models import hf
+
+    try:
+        model = hf.load(args.checkpoint)
+    except (ValueError, FileNotFoundError) as exc:
+        raise UsageError(str(exc)) from exc
+    tokenizer = None
+    tok_path = os.path.join(args.checkpoint, "tokenizer.json")
+    if os.path.exists(tok_path) and not args.ids:
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(tok_path)
+    ids = _read_prompt(args, tokenizer)
+    stats: dict = {}
+    try:
+        tokens = stream(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=args.stop,
+                        cache=args.cache, stats=stats)
+    except ValueError as exc:  # prompt too long for the context, bad sampling arguments
+        raise UsageError(str(exc)) from exc
+    new: list[int] = []
+    shown = ""
+    if tokenizer is not None:
+        print(tokenizer.decode(ids), end="", flush=True)
+    for t in tokens:
+        new.append(t)
+        if tokenizer is None:
+            print(t if len(new) == 1 else f" {t}", end="", flush=True)
+        else:
+            text = tokenizer.decode(new)      # decode the whole tail: multi-token characters come out whole
+            if not text.endswith("\ufffd"):
+                print(text[len(shown):], end="", flush=True)
+                shown = text
+    if tokenizer is not None and len(shown) < len(tokenizer.decode(new)):
+        print(tokenizer.decode(new)[len(shown):], end="")
+    print()
+    if stats.get("steps"):
+        decode_tps = (stats["new_tokens"] - 1) / stats["decode_s"] if stats["decode_s"] > 0 else float("nan")
+        print(f"[{len(new)} tokens; prefill {len(ids)} tokens in {stats['prefill_s']:.2f} s; "
+              f"decode {decode_tps:.1f} tokens/s; {args.cache} cache]", file=sys.stderr)
     return 0
 
 
@@ -102,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="time math vs sdpa (forward, forward+backward); writes backends.json",
                        description="`qkv bench`: math vs sdpa (backends.json). `qkv bench attention`: tiled, auto, "
                                    "sdpa and FlexAttention on long masked sequences (attention.json, attention.md).")
-    p.add_argument("what", nargs="?", choices=("backends", "attention"), default="backends",
+    p.add_argument("what", nargs="?", choices=("backends", "attention", "generate"), default="backends",
                    help="which benchmark (default backends)")
     p.add_argument("--out", default=os.path.join("runs", "bench"), help="where the results go (default runs/bench)")
     p.add_argument("--quick", action="store_true", help="backends: L in {256, 512}; attention: L in {1024, 4096}")
@@ -111,6 +184,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-flex", action="store_true", help="attention: skip FlexAttention (no compilation)")
     p.add_argument("--no-memory", action="store_true", help="attention: skip the 131072-token memory case")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("generate", help="stream tokens from a local Hugging Face checkpoint (GPT-2, Llama, Mistral)",
+                       description="Load config.json + *.safetensors from a directory and generate with a KV cache. "
+                                   "The prompt is text when the directory has tokenizer.json, else token ids.")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="a local checkpoint directory (no download)")
+    p.add_argument("--prompt", required=True, help="text, or token ids separated by spaces")
+    p.add_argument("--ids", action="store_true", help="read --prompt as token ids and print ids")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="sample among the smallest set with probability >= p")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling (same seed, same tokens)")
+    p.add_argument("--stop", type=int, nargs="*", default=(), metavar="ID", help="token ids that end generation")
+    p.add_argument("--cache", choices=("contiguous", "paged"), default="contiguous", help="KV cache layout")
+    p.set_defaults(func=_cmd_generate)
     return parser
 
 
@@ -123,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     if args.command is None:
         parser.print_usage(sys.stderr)
-        print("qkv: error: choose a command: explain, backends, demo or bench (qkv --help says more)",
+        print("qkv: error: choose a command: explain, backends, demo, bench or generate (qkv --help says more)",
               file=sys.stderr)
         return 2
     try:

@@ -591,6 +591,57 @@ def _memory_wall(quick: bool) -> tuple[dict, str]:
     return data, md
 
 
+def _generation(quick: bool) -> tuple[dict, str]:
+    from qkv.generate import generate
+    from qkv.models import Decoder, DecoderConfig
+
+    torch.manual_seed(0)
+    if quick:
+        config = DecoderConfig.gpt2(vocab_size=1000, d_model=128, n_layers=2, n_heads=4, max_positions=256)
+        prompt_len, new = 64, 16
+    else:
+        config = DecoderConfig.gpt2(vocab_size=8192, d_model=384, n_layers=6, n_heads=6, max_positions=1024)
+        prompt_len, new = 512, 32
+    model = Decoder(config).eval()
+    prompt = torch.randint(0, config.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
+    params = sum(p.numel() for p in model.parameters())
+    print(f"a GPT-2-style decoder with random weights: {config.n_layers} layers, {config.d_model} wide, "
+          f"{config.n_heads} heads, {params / 1e6:.1f}M parameters; prompt {prompt_len} tokens, {new} new, greedy")
+
+    generate(model, prompt[:8], max_new_tokens=2)                       # warm-up
+    stats: dict = {}
+    t0 = time.perf_counter()
+    cached = generate(model, prompt, max_new_tokens=new, stats=stats)
+    cached_s = time.perf_counter() - t0
+
+    # without a cache: every step runs the whole sequence again
+    t0 = time.perf_counter()
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(new):
+            logits = model(torch.tensor([seq]), last_only=True)[0, -1]
+            seq.append(int(logits.argmax()))
+    recompute_s = time.perf_counter() - t0
+    same = seq[prompt_len:] == cached
+    cache = model.new_cache(1, max_len=prompt_len + new)
+    per_token = cache.nbytes // (prompt_len + new)
+    lines = [
+        f"  with the KV cache:    {new / cached_s:8.1f} tokens/s  (prefill {stats['prefill_s'] * 1e3:.0f} ms, then "
+        f"{stats['decode_s'] / max(stats['steps'] - 1, 1) * 1e3:.1f} ms per token)",
+        f"  recomputing each step: {new / recompute_s:7.1f} tokens/s",
+        f"  speed-up {recompute_s / cached_s:.1f}x; the tokens are {'identical' if same else 'DIFFERENT (bug!)'}",
+        f"  the cache costs {per_token:,} bytes per token (2 x {config.n_layers} layers x {config.n_heads} heads x "
+        f"{config.head_dim} x 4 bytes) and turns each step from O(L) tokens of work into one",
+    ]
+    print("\n".join(lines))
+    if not same:
+        raise RuntimeError("cached and recomputed generation disagree")
+    data = {"config": config.to_dict(), "prompt_tokens": prompt_len, "new_tokens": new, "cached_s": cached_s,
+            "recompute_s": recompute_s, "speedup": recompute_s / cached_s, "identical": same,
+            "cache_bytes_per_token": per_token, **stats}
+    return data, "```\n" + "\n".join(lines) + "\n```"
+
+
 STEPS: list[Step] = [
     Step("worked_example", "the worked example: attention step by step",
          "single-head self-attention on 'the dog fetches the stick': Q, K, V, scores, scaling, softmax, output",
@@ -608,6 +659,10 @@ STEPS: list[Step] = [
          "and what the tiled backend used",
          "the O(L^2) matrix is the seeds' central limitation; tiling computes the same numbers in O(L) memory "
          "and skips the tiles the mask rules out", _memory_wall),
+    Step("generation", "generation with a KV cache",
+         "a GPT-2-style decoder generating greedily, with the KV cache and by recomputing the prefix every step",
+         "the cache keeps each earlier token's keys and values, so a step computes one token instead of all of them",
+         _generation),
 ]
 
 
