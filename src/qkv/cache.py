@@ -327,6 +327,15 @@ class BlockPool:
         self._next_id = 0
         self.version = 0                             # bumped when any table changes (invalidates masks)
         self.layers: list["PagedCache"] = []         # the per-layer pools, to copy blocks on fork
+        self._memo: dict = {}                        # per-step index tensors, shared by the layers
+
+    def memo(self, key, make):
+        """`make()` once per key: every layer of a step asks for the same slots and masks."""
+        if key not in self._memo:
+            if len(self._memo) > 64:
+                self._memo.clear()
+            self._memo[key] = make()
+        return self._memo[key]
 
     # -- sequences -------------------------------------------------------------
 
@@ -447,7 +456,6 @@ class PagedCache(LayerCache):
         else:
             self.k, self.v, self.slot_pos, self.lengths_by_seq = _storage
         self.seqs = list(seqs)
-        self._mask_key = None
 
     def view(self, seqs) -> "PagedCache":
         """The same layer storage, seen by another batch of sequences."""
@@ -482,18 +490,20 @@ class PagedCache(LayerCache):
 
     def append(self, k: Tensor, v: Tensor) -> None:
         n = self._check_new(k, v)
-        slots, positions = [], []
-        for sid in self.seqs:
+        starts = tuple(self.lengths_by_seq.get(sid, 0) for sid in self.seqs)
+        for sid, start in zip(self.seqs, starts):
             self.pool._check_seq(sid)
-            start = self.lengths_by_seq.get(sid, 0)
             self.pool.reserve(sid, start + n)              # no-op for every layer after the first
-            slots.append(self._slots(sid, start, n))
-            positions.append(torch.arange(start, start + n))
-        slots = torch.stack(slots).to(self.k.device)                            # (B, n)
-        flat = slots.flatten()
+
+        def make():
+            slots = torch.cat([self._slots(sid, s, n) for sid, s in zip(self.seqs, starts)])   # (B*n,)
+            positions = torch.cat([torch.arange(s, s + n) for s in starts])                   # (B*n,)
+            return slots.to(self.k.device), positions.to(self.k.device)
+
+        flat, positions = self.pool.memo(("slots", self.pool.version, tuple(self.seqs), starts, n), make)
         self.k[:, flat] = k.permute(1, 0, 2, 3).reshape(self.n_kv_heads, -1, self.head_dim)  # (Hkv, B*n, D)
         self.v[:, flat] = v.permute(1, 0, 2, 3).reshape(self.n_kv_heads, -1, self.head_dim)
-        self.slot_pos[flat] = torch.stack(positions).flatten().to(self.k.device)
+        self.slot_pos[flat] = positions
         for sid in self.seqs:
             self.lengths_by_seq[sid] = self.lengths_by_seq.get(sid, 0) + n
 
@@ -504,9 +514,11 @@ class PagedCache(LayerCache):
 
     def _owned(self, N: int) -> Tensor:
         """(B, N) bool: slot s holds a token of sequence b (and, with a window, a recent one)."""
-        key = (self.pool.version, tuple(self.seqs), tuple(self.lengths_by_seq.get(s, 0) for s in self.seqs), N)
-        if key == self._mask_key:
-            return self._mask
+        lengths = tuple(self.lengths_by_seq.get(s, 0) for s in self.seqs)
+        key = ("owned", self.pool.version, tuple(self.seqs), lengths, N, self.window)
+        return self.pool.memo(key, lambda: self._make_owned(N))
+
+    def _make_owned(self, N: int) -> Tensor:
         bs = self.pool.block_size
         owner = torch.zeros(self.batch, N // bs, dtype=torch.bool)
         for b, sid in enumerate(self.seqs):
@@ -517,7 +529,6 @@ class PagedCache(LayerCache):
         owned &= (pos >= 0) & (pos < lengths)
         if self.window is not None:
             owned &= pos > lengths - 1 - self.window
-        self._mask_key, self._mask = key, owned
         return owned
 
     def attention(self, q, k, v, *, scale=None, score_mod=None, backend="auto"):

@@ -122,6 +122,8 @@ def evaluate(mask, B: int, H: int, Lq: int, Lk: int, *, q_offset: int | None = N
         q_pos = q_offset + np.arange(Lq)
         return _check_bool(mask(*_index_grids(B, H, q_pos, Lk, q_pos)), mask, q_pos)
     dev = torch.device(device) if device is not None else torch.device("cpu")
+    if isinstance(mask, _FromDense) and mask.aligned(Lq, Lk, q_offset) and mask.t.device == dev:
+        return mask.t                         # the tensor already is the answer (size-1 dims broadcast)
     q_pos = q_offset + torch.arange(Lq, device=dev)
     rows = max(1, _CHUNK_ELEMENTS // max(1, Lk))
     if Lq <= rows:
@@ -732,6 +734,23 @@ class _FromDense(Mask):
         if nb not in (1, B) or nh not in (1, H) or rows not in (1, Lq) or cols not in (1, Lk):
             raise ValueError(f"dense mask of shape {tuple(self.t.shape)} does not broadcast to "
                              f"(B, H, Lq, Lk) = ({B}, {H}, {Lq}, {Lk})")
+
+    def aligned(self, Lq, Lk, q_offset) -> bool:
+        """Row r of the tensor is query row r of a call (Lq, Lk, q_offset): no index arithmetic needed."""
+        rows, cols = self.t.shape[-2:]
+        return rows in (1, Lq) and cols in (1, Lk) and (rows == 1 or self._offset() == q_offset)
+
+    def tile_bounds(self, g):
+        """Straight from the tensor when it lines up with the call; None (evaluate) otherwise."""
+        if not self.aligned(g.Lq, g.Lk, g.q_offset):
+            return None
+        t = self.t.to(g.device).expand(*self.t.shape[:2], g.Lq, g.Lk)            # (B', H', Lq, Lk)
+        nq, nk, bq, bk = g.n_q, g.n_k, g.block_q, g.block_k
+        counts = F.pad(t.to(torch.int32), (0, nk * bk - g.Lk, 0, nq * bq - g.Lq))  # padding counts as masked
+        counts = counts.reshape(*t.shape[:2], nq, bq, nk, bk).sum(dim=(3, 5))     # (B', H', nQ, nK) allowed pairs
+        rows = torch.clamp(g.Lq - torch.arange(nq, device=g.device) * bq, max=bq)  # (nQ,) rows in each tile
+        cols = torch.clamp(g.Lk - torch.arange(nk, device=g.device) * bk, max=bk)  # (nK,)
+        return counts > 0, counts == rows[:, None] * cols[None, :]
 
     def __call__(self, b, h, q, kv):
         t = like(self.t, q)

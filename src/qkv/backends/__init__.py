@@ -307,8 +307,13 @@ def zeros_output(call: Call) -> torch.Tensor:
     return out
 
 
+_SMALL_ALLOCATION = 64 * 2**20
+
+
 def memory_refusal(call: Call, need: int, what: str, hint: str = "") -> str | None:
     """A refusal when `need` bytes (for `what`) exceed the memory available on the call's device."""
+    if need <= _SMALL_ALLOCATION:  # asking the system costs more than such an allocation could risk
+        return None
     free = available_bytes(call.device)
     if free is None or need <= free:
         return None

@@ -1,0 +1,783 @@
+"""Hugging Face checkpoints: load a GPT-2, Llama or Mistral directory into a `qkv.models.Decoder`.
+
+Legend: d model width (n_embd / hidden_size), Hq query heads, Hkv key/value heads,
+D head dim, F MLP hidden width, V vocabulary, P learned positions (n_positions).
+
+Usage::
+
+    import qkv.models.hf as hf
+    model = hf.load("path/to/checkpoint")                 # config.json + *.safetensors
+    model = hf.load("path", dtype=torch.float32, device="cuda")
+    config = hf.config_from_hf(json.load(open("path/config.json")))   # just the DecoderConfig
+    state = hf.state_dict_from_hf(hf_model.state_dict(), config)      # in-memory tensors
+    hf.save(model, "out/")                                # and back: a directory transformers can load
+
+A checkpoint directory holds `config.json` and the weights as safetensors: one
+`model.safetensors`, or shards listed in `model.safetensors.index.json`
+(its "weight_map" names the shard of every tensor). Only safetensors are read:
+`pytorch_model.bin` and other pickle files can run code when unpickled, so they
+are refused with a note on how to convert them.
+
+Loading is all-or-nothing. The config is translated first (`config_from_hf`;
+options qkv does not model are refused), then the checkpoint's names, shapes and
+dtypes are checked against the model that config describes, using the file
+headers only: every missing, unexpected or mis-shaped tensor is reported before
+any data is read. Only then are the tensors read, renamed, transposed or split
+(`state_dict_from_hf`) and loaded with `load_state_dict(strict=True)`.
+
+The renaming is data: `GPT2_KEYS` and `LLAMA_KEYS` (Mistral shares Llama's) map
+each Hugging Face name to its qkv name(s) and say how the tensor changes on the
+way. "{i}" stands for a layer index.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from qkv.models.config import DecoderConfig
+from qkv.models.decoder import Decoder
+
+__all__ = ["load", "save", "config_from_hf", "config_to_hf", "state_dict_from_hf", "state_dict_to_hf",
+           "GPT2_KEYS", "LLAMA_KEYS", "SUPPORTED_MODEL_TYPES", "SUPPORTED_ARCHITECTURES", "SUPPORTED_ROPE_TYPES"]
+
+# -----------------------------------------------------------------------------
+# The mappings.
+#
+# Each entry: Hugging Face name -> (qkv name, or several for a fused tensor; conversion).
+# Conversions (all exact: only copies, transposes and slices):
+#   "copy"      the same tensor.
+#   "t"         GPT-2's Conv1D stores its weight (in, out), the transpose of a Linear's
+#               (out, in): transposed.
+#   "t_split"   GPT-2's fused c_attn Conv1D weight (d, 3d) holds q | k | v side by side:
+#               transposed to (3d, d), then cut into three (d, d) row blocks.
+#   "split"     c_attn's bias (3d,): cut into the q, k, v biases.
+# An entry applies when every qkv name it produces exists in the model (a bias only
+# when config.bias, pos_embed only with learned positions, lm_head only untied).
+
+GPT2_KEYS: dict[str, tuple] = {
+    # names without the optional "transformer." prefix (GPT2LMHeadModel has it, GPT2Model not)
+    "wte.weight": ("embed.weight", "copy"),                                  # (V, d)
+    "wpe.weight": ("pos_embed.weight", "copy"),                              # (P, d)
+    "h.{i}.ln_1.weight": ("layers.{i}.norm1.weight", "copy"),
+    "h.{i}.ln_1.bias": ("layers.{i}.norm1.bias", "copy"),
+    "h.{i}.attn.c_attn.weight": (("layers.{i}.self_attn.q_proj.weight",      # (d, 3d) -> 3 x (d, d)
+                                  "layers.{i}.self_attn.k_proj.weight",
+                                  "layers.{i}.self_attn.v_proj.weight"), "t_split"),
+    "h.{i}.attn.c_attn.bias": (("layers.{i}.self_attn.q_proj.bias",          # (3d,) -> 3 x (d,)
+                                "layers.{i}.self_attn.k_proj.bias",
+                                "layers.{i}.self_attn.v_proj.bias"), "split"),
+    "h.{i}.attn.c_proj.weight": ("layers.{i}.self_attn.o_proj.weight", "t"),  # (d, d)
+    "h.{i}.attn.c_proj.bias": ("layers.{i}.self_attn.o_proj.bias", "copy"),
+    "h.{i}.ln_2.weight": ("layers.{i}.norm2.weight", "copy"),
+    "h.{i}.ln_2.bias": ("layers.{i}.norm2.bias", "copy"),
+    "h.{i}.mlp.c_fc.weight": ("layers.{i}.ffn.fc1.weight", "t"),             # (d, F) -> (F, d)
+    "h.{i}.mlp.c_fc.bias": ("layers.{i}.ffn.fc1.bias", "copy"),
+    "h.{i}.mlp.c_proj.weight": ("layers.{i}.ffn.fc2.weight", "t"),           # (F, d) -> (d, F)
+    "h.{i}.mlp.c_proj.bias": ("layers.{i}.ffn.fc2.bias", "copy"),
+    "ln_f.weight": ("norm.weight", "copy"),
+    "ln_f.bias": ("norm.bias", "copy"),
+    "lm_head.weight": ("lm_head.weight", "copy"),                            # untied only (V, d)
+}
+# buffers some GPT-2 checkpoints carry: the causal mask and its fill value; not weights
+GPT2_IGNORED = ("h.{i}.attn.bias", "h.{i}.attn.masked_bias")
+
+LLAMA_KEYS: dict[str, tuple] = {
+    "model.embed_tokens.weight": ("embed.weight", "copy"),                   # (V, d)
+    "model.layers.{i}.input_layernorm.weight": ("layers.{i}.norm1.weight", "copy"),
+    "model.layers.{i}.self_attn.q_proj.weight": ("layers.{i}.self_attn.q_proj.weight", "copy"),  # (Hq*D, d)
+    "model.layers.{i}.self_attn.k_proj.weight": ("layers.{i}.self_attn.k_proj.weight", "copy"),  # (Hkv*D, d)
+    "model.layers.{i}.self_attn.v_proj.weight": ("layers.{i}.self_attn.v_proj.weight", "copy"),  # (Hkv*D, d)
+    "model.layers.{i}.self_attn.o_proj.weight": ("layers.{i}.self_attn.o_proj.weight", "copy"),  # (d, Hq*D)
+    "model.layers.{i}.self_attn.q_proj.bias": ("layers.{i}.self_attn.q_proj.bias", "copy"),
+    "model.layers.{i}.self_attn.k_proj.bias": ("layers.{i}.self_attn.k_proj.bias", "copy"),
+    "model.layers.{i}.self_attn.v_proj.bias": ("layers.{i}.self_attn.v_proj.bias", "copy"),
+    "model.layers.{i}.self_attn.o_proj.bias": ("layers.{i}.self_attn.o_proj.bias", "copy"),
+    "model.layers.{i}.post_attention_layernorm.weight": ("layers.{i}.norm2.weight", "copy"),
+    "model.layers.{i}.mlp.gate_proj.weight": ("layers.{i}.ffn.gate_proj.weight", "copy"),       # (F, d)
+    "model.layers.{i}.mlp.up_proj.weight": ("layers.{i}.ffn.up_proj.weight", "copy"),           # (F, d)
+    "model.layers.{i}.mlp.down_proj.weight": ("layers.{i}.ffn.down_proj.weight", "copy"),       # (d, F)
+    "model.layers.{i}.mlp.gate_proj.bias": ("layers.{i}.ffn.gate_proj.bias", "copy"),
+    "model.layers.{i}.mlp.up_proj.bias": ("layers.{i}.ffn.up_proj.bias", "copy"),
+    "model.layers.{i}.mlp.down_proj.bias": ("layers.{i}.ffn.down_proj.bias", "copy"),
+    "model.norm.weight": ("norm.weight", "copy"),
+    "lm_head.weight": ("lm_head.weight", "copy"),                            # untied only (V, d)
+}
+# RoPE frequency buffers older checkpoints saved; derived from the config, not weights
+LLAMA_IGNORED = ("model.layers.{i}.self_attn.rotary_emb.inv_freq", "model.rotary_emb.inv_freq")
+
+_TABLES = {"gpt2": (GPT2_KEYS, GPT2_IGNORED, "wte.weight"),
+           "llama": (LLAMA_KEYS, LLAMA_IGNORED, "model.embed_tokens.weight"),
+           "mistral": (LLAMA_KEYS, LLAMA_IGNORED, "model.embed_tokens.weight")}
+
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral")
+SUPPORTED_ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "GPT2Model": "gpt2", "LlamaForCausalLM": "llama",
+                           "MistralForCausalLM": "mistral"}
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+# Hugging Face activation names -> qkv's (GPT-2 family; Llama/Mistral must be "silu" = swiglu)
+_GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
+
+# safetensors dtype names: float ones qkv loads, and every element size (for the header check)
+_FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
+             "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "C64": 8}
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+_MAX_HEADER = 100_000_000   # safetensors' own limit on the JSON header
+
+
+# -----------------------------------------------------------------------------
+# config.json -> DecoderConfig
+
+
+def config_from_hf(hf: Mapping) -> DecoderConfig:
+    """Translate a Hugging Face `config.json` (as a dict) into a `DecoderConfig`.
+
+    GPT-2: n_embd, n_layer, n_head, vocab_size, n_positions, n_inner (None: 4 n_embd),
+    layer_norm_epsilon, activation_function ("gelu_new"/"gelu_pytorch_tanh" -> gelu_tanh,
+    "gelu", "relu"), tie_word_embeddings. Refused: scale_attn_weights=false,
+    scale_attn_by_inverse_layer_idx=true, add_cross_attention=true.
+
+    Llama / Mistral: hidden_size, intermediate_size, num_hidden_layers,
+    num_attention_heads, num_key_value_heads, head_dim (absent or null:
+    hidden_size / heads), rms_norm_eps, max_position_embeddings, hidden_act ("silu"
+    only: the gated swiglu MLP), attention_bias and mlp_bias (equal), tie_word_embeddings,
+    sliding_window (Mistral; null = none), and RoPE as transformers 5 writes it
+    (`rope_parameters` {"rope_type", "rope_theta", "factor", ...}) or as older versions
+    did (`rope_theta` + `rope_scaling` {"type" or "rope_type", "factor", ...}).
+    RoPE types: default, linear, llama3; others (dynamic, yarn, longrope, ...) are refused.
+
+    Missing optional fields take transformers' defaults for that model type.
+    """
+    if not isinstance(hf, Mapping):
+        raise TypeError(f"config_from_hf takes the parsed config.json (a dict), got {type(hf).__name__}")
+    arch = _model_type(hf)
+    try:
+        if arch == "gpt2":
+            return _gpt2_config(hf)
+        return _llama_config(hf, arch)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ValueError) and str(exc).startswith("config.json"):
+            raise
+        raise ValueError(f"config.json describes a model qkv cannot build: {exc}") from exc
+
+
+def _model_type(hf: Mapping) -> str:
+    supported = (f"supported: model_type {', '.join(map(repr, SUPPORTED_MODEL_TYPES))} "
+                 f"(architectures {', '.join(SUPPORTED_ARCHITECTURES)})")
+    model_type = hf.get("model_type")
+    archs = hf.get("architectures") or []
+    if isinstance(archs, str):
+        archs = [archs]
+    if model_type is None:
+        known = [SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES]
+        if not known:
+            raise ValueError(f"config.json has no model_type and architectures {list(archs)} are not known; "
+                             f"{supported}")
+        model_type = known[0]
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"config.json: model_type {model_type!r} is not supported; {supported}")
+    for a in archs:
+        if SUPPORTED_ARCHITECTURES.get(a) != model_type:
+            raise ValueError(f"config.json: architecture {a!r} (model_type {model_type!r}) is not supported: "
+                             f"qkv imports decoder language models only; {supported}")
+    return model_type
+
+
+def _req(hf: Mapping, *names: str):
+    """The first of `names` present and not null in the config (aliases), else an error."""
+    for n in names:
+        if hf.get(n) is not None:
+            return hf[n]
+    raise ValueError(f"config.json lacks {names[0]!r}, which qkv needs to size the model")
+
+
+def _int(hf: Mapping, name: str, value) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"config.json: {name} must be an integer, got {value!r}")
+    return value
+
+
+def _num(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"config.json: {name} must be a number, got {value!r}")
+    return float(value)
+
+
+def _gpt2_config(hf: Mapping) -> DecoderConfig:
+    if hf.get("scale_attn_weights", True) is not True:
+        raise ValueError("config.json: scale_attn_weights=false (attention scores not divided by sqrt(head_dim)) "
+                         "is not supported by qkv")
+    if hf.get("scale_attn_by_inverse_layer_idx", False):
+        raise ValueError("config.json: scale_attn_by_inverse_layer_idx=true (scores scaled by 1/(layer+1)) is not "
+                         "supported by qkv")
+    if hf.get("add_cross_attention", False):
+        raise ValueError("config.json: add_cross_attention=true (an encoder-decoder GPT-2) is not supported by qkv")
+    # reorder_and_upcast_attn only changes how the scores are rounded: ignored
+    act = hf.get("activation_function", "gelu_new")
+    if act not in _GPT2_ACTIVATIONS:
+        raise ValueError(f"config.json: activation_function {act!r} is not supported; supported: "
+                         f"{', '.join(map(repr, _GPT2_ACTIVATIONS))}")
+    d = _int(hf, "n_embd", _req(hf, "n_embd", "hidden_size"))
+    n_inner = hf.get("n_inner")
+    return DecoderConfig.gpt2(
+        vocab_size=_int(hf, "vocab_size", _req(hf, "vocab_size")),
+        d_model=d,
+        n_layers=_int(hf, "n_layer", _req(hf, "n_layer", "num_hidden_layers")),
+        n_heads=_int(hf, "n_head", _req(hf, "n_head", "num_attention_heads")),
+        ffn_hidden=4 * d if n_inner is None else _int(hf, "n_inner", n_inner),
+        activation=_GPT2_ACTIVATIONS[act],
+        norm_eps=_num("layer_norm_epsilon", hf.get("layer_norm_epsilon", 1e-5)),
+        max_positions=_int(hf, "n_positions", hf.get("n_positions", hf.get("n_ctx", 1024))),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+    )
+
+
+def _llama_config(hf: Mapping, arch: str) -> DecoderConfig:
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"config.json: hidden_act {act!r} is not supported for {arch}; qkv's gated MLP is "
+                         f"swiglu, i.e. hidden_act 'silu'")
+    attn_bias, mlp_bias = bool(hf.get("attention_bias", False)), bool(hf.get("mlp_bias", False))
+    if attn_bias != mlp_bias:
+        raise ValueError(f"config.json: attention_bias={attn_bias} but mlp_bias={mlp_bias}; qkv has one bias "
+                         f"switch for every projection, so they must be equal")
+    heads = _int(hf, "num_attention_heads", _req(hf, "num_attention_heads"))
+    d = _int(hf, "hidden_size", _req(hf, "hidden_size"))
+    kv_heads = hf.get("num_key_value_heads")
+    head_dim = hf.get("head_dim")
+    max_pos = _int(hf, "max_position_embeddings",
+                   hf.get("max_position_embeddings", 2048 if arch == "llama" else 4096 * 32))
+    base, scaling = _rope_from_hf(hf, max_pos)
+    window = None
+    if arch == "mistral":
+        window = hf.get("sliding_window", 4096)   # MistralConfig's default when the key is absent
+        window = None if window is None else _int(hf, "sliding_window", window)
+    preset = DecoderConfig.llama if arch == "llama" else DecoderConfig.mistral
+    return preset(
+        vocab_size=_int(hf, "vocab_size", _req(hf, "vocab_size")),
+        d_model=d,
+        n_layers=_int(hf, "num_hidden_layers", _req(hf, "num_hidden_layers")),
+        n_heads=heads,
+        n_kv_heads=heads if kv_heads is None else _int(hf, "num_key_value_heads", kv_heads),
+        head_dim=None if head_dim is None else _int(hf, "head_dim", head_dim),
+        ffn_hidden=_int(hf, "intermediate_size", _req(hf, "intermediate_size")),
+        norm_eps=_num("rms_norm_eps", hf.get("rms_norm_eps", 1e-6)),
+        bias=attn_bias,
+        max_positions=max_pos,
+        rope_base=base,
+        rope_scaling=scaling,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        sliding_window=window,
+    )
+
+
+def _rope_from_hf(hf: Mapping, max_pos: int) -> tuple[float, dict | None]:
+    """(rope_base, DecoderConfig.rope_scaling) from either transformers layout."""
+    params = hf.get("rope_parameters")
+    if params is None:                          # transformers < 5: rope_theta + rope_scaling
+        params = dict(hf.get("rope_scaling") or {})
+        params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+    if not isinstance(params, Mapping):
+        raise ValueError(f"config.json: rope_parameters must be a dict, got {params!r}")
+    if params and all(isinstance(v, Mapping) for v in params.values()):
+        raise ValueError(f"config.json: per-layer-type RoPE parameters ({sorted(params)}) are not supported")
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"config.json: RoPE type {kind!r} is not supported; supported: "
+                         f"{', '.join(SUPPORTED_ROPE_TYPES)} (qkv has no dynamic, yarn or longrope scaling)")
+    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial is not None and float(partial) != 1.0:
+        raise ValueError(f"config.json: partial_rotary_factor={partial} is not supported (qkv rotates whole heads)")
+    theta = params.get("rope_theta")
+    theta = hf.get("rope_theta") if theta is None else theta
+    base = _num("rope_theta", 10000.0 if theta is None else theta)
+    if kind == "default":
+        return base, None
+    if params.get("factor") is None:
+        raise ValueError(f"config.json: RoPE type {kind!r} needs a 'factor'")
+    scaling = {"type": kind, "factor": _num("rope factor", params["factor"])}
+    if kind == "llama3":
+        for key in ("low_freq_factor", "high_freq_factor"):
+            if params.get(key) is None:
+                raise ValueError(f"config.json: RoPE type 'llama3' needs {key!r}")
+            scaling[key] = _num(key, params[key])
+        original = params.get("original_max_position_embeddings",
+                              hf.get("original_max_position_embeddings", max_pos))
+        scaling["original_max_positions"] = _int(hf, "original_max_position_embeddings", original)
+    return base, scaling
+
+
+def config_to_hf(config: DecoderConfig) -> dict:
+    """The `config.json` dict transformers needs to rebuild `config` (the inverse of `config_from_hf`).
+
+    The family is read from the structure: learned positions -> GPT-2; RoPE without
+    windows -> Llama; RoPE with one window on every layer -> Mistral. Configs outside
+    those shapes (e.g. ntk RoPE scaling, per-layer windows, GQA in GPT-2) are refused.
+    """
+    c = config
+    if not isinstance(c, DecoderConfig):
+        raise TypeError(f"config must be a DecoderConfig, got {type(c).__name__}")
+
+    def refuse(why):
+        raise ValueError(f"this DecoderConfig has no Hugging Face equivalent: {why}")
+
+    if c.positions == "learned":
+        acts = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
+        if c.norm != "layer" or not c.bias or c.activation not in acts:
+            refuse("GPT-2 (learned positions) needs norm='layer', bias=True and a gelu_tanh/gelu/relu MLP")
+        if c.n_kv_heads != c.n_heads or c.head_dim * c.n_heads != c.d_model or any(c.windows()):
+            refuse("GPT-2 has no GQA, no separate head_dim and no sliding window")
+        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
+                "n_embd": c.d_model, "n_layer": c.n_layers, "n_head": c.n_heads, "n_positions": c.max_positions,
+                "n_inner": c.ffn_hidden, "activation_function": acts[c.activation],
+                "layer_norm_epsilon": c.norm_eps, "tie_word_embeddings": c.tie_embeddings,
+                "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+                "bos_token_id": None, "eos_token_id": None}
+    if c.norm != "rms" or c.activation != "swiglu":
+        refuse("Llama/Mistral (RoPE) need norm='rms' and a swiglu MLP")
+    windows = c.windows()
+    if any(w is not None for w in windows) and len(set(windows)) != 1:
+        refuse(f"per-layer windows {windows} (Mistral uses one window on every layer)")
+    rope = {"rope_type": "default", "rope_theta": c.rope_base}
+    if c.rope_scaling is not None:
+        kind = c.rope_scaling["type"]
+        if kind not in ("linear", "llama3"):
+            refuse(f"RoPE scaling {kind!r}")
+        rope.update(rope_type=kind, factor=c.rope_scaling["factor"])
+        if kind == "llama3":
+            rope.update(low_freq_factor=c.rope_scaling.get("low_freq_factor", 1.0),
+                        high_freq_factor=c.rope_scaling.get("high_freq_factor", 4.0),
+                        original_max_position_embeddings=c.rope_scaling["original_max_positions"])
+    out = {"vocab_size": c.vocab_size, "hidden_size": c.d_model, "intermediate_size": c.ffn_hidden,
+           "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads,
+           "head_dim": c.head_dim, "hidden_act": "silu", "rms_norm_eps": c.norm_eps,
+           "max_position_embeddings": c.max_positions, "tie_word_embeddings": c.tie_embeddings,
+           "rope_parameters": rope, "bos_token_id": None, "eos_token_id": None}
+    if windows[0] is None:
+        out.update(architectures=["LlamaForCausalLM"], model_type="llama", attention_bias=c.bias, mlp_bias=c.bias)
+    else:
+        if c.bias:
+            refuse("Mistral has no biases")
+        out.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=windows[0])
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Tensor sources: safetensors files (read lazily, headers first) or an in-memory dict
+
+
+class _Source:
+    """Names, shapes and dtypes of a checkpoint's tensors, and a way to read some of them."""
+
+    def keys(self) -> list[str]:
+        raise NotImplementedError
+
+    def shape(self, key: str) -> tuple:
+        raise NotImplementedError
+
+    def dtype(self, key: str):
+        """A torch float dtype, or the stored type's name when qkv cannot load it."""
+        raise NotImplementedError
+
+    def read(self, keys) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+
+class _Memory(_Source):
+    def __init__(self, tensors: Mapping):
+        for k, v in tensors.items():
+            if not isinstance(k, str) or not isinstance(v, Tensor):
+                raise TypeError(f"expected a mapping of str -> Tensor, got {type(k).__name__} -> "
+                                f"{type(v).__name__} for {k!r}")
+        self.tensors = tensors
+
+    def keys(self):
+        return list(self.tensors)
+
+    def shape(self, key):
+        return tuple(self.tensors[key].shape)
+
+    def dtype(self, key):
+        dt = self.tensors[key].dtype
+        return dt if dt in _FLOAT_DTYPES.values() else str(dt)
+
+    def read(self, keys):
+        return {k: self.tensors[k] for k in keys}
+
+
+class _Safetensors(_Source):
+    """Tensors spread over one or more .safetensors files; only headers are read up front."""
+
+    def __init__(self, files: list[Path], weight_map: dict[str, str] | None = None):
+        self.where: dict[str, tuple[Path, str, tuple]] = {}
+        for file in files:
+            for key, (dt, shape) in _read_header(file).items():
+                if key in self.where:
+                    raise ValueError(f"tensor {key!r} is stored twice, in {self.where[key][0].name} and {file.name}")
+                self.where[key] = (file, dt, shape)
+        for key, shard in (weight_map or {}).items():
+            if key not in self.where or self.where[key][0].name != shard:
+                found = self.where[key][0].name if key in self.where else "no shard"
+                raise ValueError(f"model.safetensors.index.json puts {key!r} in {shard}, but it is in {found}; "
+                                 f"the index does not match the shards")
+
+    def keys(self):
+        return list(self.where)
+
+    def shape(self, key):
+        return self.where[key][2]
+
+    def dtype(self, key):
+        name = self.where[key][1]
+        return _FLOAT_DTYPES.get(name, name)
+
+    def read(self, keys):
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for k in keys:
+            by_file.setdefault(self.where[k][0], []).append(k)
+        out = {}
+        for file, names in by_file.items():
+            try:
+                with safe_open(str(file), framework="pt", device="cpu") as f:
+                    for k in names:
+                        out[k] = f.get_tensor(k)
+            except Exception as exc:   # the library raises its own SafetensorError (not a ValueError)
+                raise ValueError(f"{file}: cannot read the safetensors file ({exc}); it may be corrupt or "
+                                 f"truncated: download or save it again") from exc
+        return out
+
+
+def _read_header(file: Path) -> dict[str, tuple[str, tuple]]:
+    """Validate a safetensors file's header (without reading the data): {name: (dtype, shape)}.
+
+    Layout: 8 bytes little-endian header length N, N bytes of JSON {name: {"dtype",
+    "shape", "data_offsets": [begin, end]}}, then the data; offsets are relative to
+    the data's start and must fit inside the file.
+    """
+    size = file.stat().st_size
+    bad = f"{file}: not a valid safetensors file"
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{bad}: only {size} bytes (truncated?)")
+        n = int.from_bytes(head, "little")
+        if n > size - 8 or n > _MAX_HEADER:
+            raise ValueError(f"{bad}: the header claims {n} bytes but the file has {size - 8} after the length "
+                             f"field (truncated or corrupt)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{bad}: its header is not valid JSON ({exc}); the file is corrupt") from exc
+    if not isinstance(header, dict):
+        raise ValueError(f"{bad}: its header is not a JSON object")
+    data_len = size - 8 - n
+    out = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dt, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            ok = (isinstance(dt, str) and isinstance(shape, list)
+                  and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
+                  and all(isinstance(o, int) and not isinstance(o, bool) for o in (begin, end)))
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"{bad}: malformed header entry for {key!r}: {info!r}")
+        if not 0 <= begin <= end <= data_len:
+            raise ValueError(f"{bad}: tensor {key!r} spans bytes {begin}..{end} of the data but the file holds "
+                             f"{data_len} (truncated?)")
+        if dt in _ITEMSIZE and (end - begin) != math.prod(shape) * _ITEMSIZE[dt]:
+            raise ValueError(f"{bad}: tensor {key!r} ({dt} {shape}) needs {math.prod(shape) * _ITEMSIZE[dt]} "
+                             f"bytes but its offsets span {end - begin}")
+        out[key] = (dt, tuple(shape))
+    return out
+
+
+def _weight_files(directory: Path) -> tuple[list[Path], dict | None]:
+    """The safetensors files of a checkpoint directory (and the index's weight_map, if sharded)."""
+    single = directory / "model.safetensors"
+    index = directory / "model.safetensors.index.json"
+    if single.is_file():
+        return [single], None
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"{index}: not a valid index (need JSON with a 'weight_map' of tensor name -> shard "
+                             f"file): {exc}") from exc
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index}: 'weight_map' must map tensor names to shard file names")
+        shards = sorted(set(weight_map.values()))
+        for s in shards:
+            if Path(s).name != s or not s.endswith(".safetensors"):
+                raise ValueError(f"{index}: shard {s!r} must be a .safetensors file name inside {directory}")
+        absent = [s for s in shards if not (directory / s).is_file()]
+        if absent:
+            raise ValueError(f"{index} lists shard(s) {absent} that are not in {directory}")
+        return [directory / s for s in shards], weight_map
+    files = sorted(p for p in directory.glob("*.safetensors") if p.is_file())
+    if files:
+        return files, None
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(
+            f"{directory} holds only pickle-format weights ({', '.join(pickles[:3])}); qkv reads safetensors "
+            f"only, because unpickling a file can run arbitrary code. Convert it once, with code you trust: "
+            f"model = transformers.AutoModelForCausalLM.from_pretrained(dir); "
+            f"model.save_pretrained(dir, safe_serialization=True) writes model.safetensors")
+    raise ValueError(f"{directory} has no weights: expected model.safetensors or model.safetensors.index.json "
+                     f"with its shards")
+
+
+# -----------------------------------------------------------------------------
+# Renaming and checking
+
+
+def _natural(key: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
+
+
+def _listing(keys, n: int = 5) -> str:
+    keys = sorted(keys, key=_natural)
+    more = f", ... ({len(keys)} in all)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def _pattern(template: str) -> re.Pattern:
+    return re.compile(re.escape(template).replace(r"\{i\}", r"\d+") + "$")
+
+
+def _expected(table: dict, n_layers: int, shapes: dict[str, torch.Size]) -> dict[str, tuple]:
+    """{HF name: (qkv names, conversion, the HF tensor's expected shape)} for one model."""
+    out = {}
+    for hf_t, (qkv_t, how) in table.items():
+        for i in (range(n_layers) if "{i}" in hf_t else [None]):
+            names = (qkv_t,) if isinstance(qkv_t, str) else qkv_t
+            names = tuple(n.replace("{i}", str(i)) for n in names)
+            if not all(n in shapes for n in names):
+                continue
+            tgt = [tuple(shapes[n]) for n in names]
+            if how == "copy":
+                src = tgt[0]
+            elif how == "t":
+                src = tgt[0][::-1]
+            elif how == "t_split":   # (out_q + out_k + out_v, in) transposed
+                src = (tgt[0][1], sum(s[0] for s in tgt))
+            else:                    # "split"
+                src = (sum(s[0] for s in tgt),)
+            out[hf_t.replace("{i}", str(i))] = (names, how, src)
+    return out
+
+
+def _convert(x: Tensor, how: str, shapes: list[tuple]) -> list[Tensor]:
+    if how == "copy":
+        return [x]
+    if how == "t":
+        return [x.t().contiguous()]
+    if how == "t_split":
+        return [p.contiguous() for p in x.t().split([s[0] for s in shapes], dim=0)]
+    return [p.contiguous() for p in x.split([s[0] for s in shapes], dim=0)]
+
+
+def _layer_hint(keys, n_layers: int) -> str:
+    idx = {int(m.group(1)) for k in keys if (m := re.search(r"(?:^|\.)(?:h|layers)\.(\d+)\.", k))}
+    if idx and (max(idx) >= n_layers):
+        return f" (the checkpoint has layer {max(idx)} but config.json says {n_layers} layers)"
+    return ""
+
+
+def state_dict_from_hf(tensors, config: DecoderConfig, *, dtype: torch.dtype | None = None,
+                       device=None) -> dict[str, Tensor]:
+    """Rename and convert Hugging Face tensors into a `Decoder(config)` state dict.
+
+    `tensors`: a mapping of HF names to tensors (e.g. `hf_model.state_dict()`). Uses
+    the table of `config.arch` (GPT2_KEYS, or LLAMA_KEYS for llama and mistral).
+    Checks, before converting anything: no tensor the model needs is missing; none is
+    left over (ignoring known buffers such as GPT-2's attn.bias mask); every shape
+    matches what config implies; every tensor is floating point. A tied LM head
+    present in the checkpoint must equal the embedding. Everything is cast to
+    `dtype` (default: the checkpoint's float dtype when all tensors share one, else
+    float32) and moved to `device`.
+    """
+    source = tensors if isinstance(tensors, _Source) else _Memory(tensors)
+    if not isinstance(config, DecoderConfig):
+        raise TypeError(f"config must be a DecoderConfig, got {type(config).__name__}")
+    if config.arch not in _TABLES:
+        raise ValueError(f"config.arch must be one of {sorted(_TABLES)} to pick a key mapping, got {config.arch!r}")
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype such as torch.float32, got {dtype!r}")
+    table, ignored, embed_key = _TABLES[config.arch]
+    shapes = {k: v.shape for k, v in Decoder(config, device="meta").state_dict().items()}
+    expected = _expected(table, config.n_layers, shapes)
+
+    # checkpoint name -> canonical (table) name; GPT-2's "transformer." prefix is optional
+    names: dict[str, str] = {}
+    for k in source.keys():
+        canon = k[len("transformer."):] if config.arch == "gpt2" and k.startswith("transformer.") else k
+        if canon in names:
+            raise ValueError(f"the checkpoint holds both {names[canon]!r} and {k!r}")
+        names[canon] = k
+    ignore = [_pattern(p) for p in ignored]
+    present = {c for c in names if not any(p.match(c) for p in ignore)}
+
+    tied_head = None
+    if config.tie_embeddings and "lm_head.weight" in present:
+        present.discard("lm_head.weight")     # checked against the embedding below
+        tied_head = names["lm_head.weight"]
+
+    missing = sorted(set(expected) - present, key=_natural)
+    unexpected = sorted(present - set(expected), key=_natural)
+    if missing:
+        raise ValueError(f"the checkpoint lacks {len(missing)} tensor(s) the {config.arch} model needs: "
+                         f"{_listing(missing)}{_layer_hint(missing, config.n_layers)}; does config.json match "
+                         f"the weights?")
+    if unexpected:
+        raise ValueError(f"the checkpoint has {len(unexpected)} tensor(s) config.json does not account for: "
+                         f"{_listing(unexpected)}{_layer_hint(unexpected, config.n_layers)}; does config.json "
+                         f"match the weights?")
+    wrong = [f"{names[c]}: expected {tuple(expected[c][2])}, got {source.shape(names[c])}"
+             for c in sorted(expected, key=_natural) if tuple(source.shape(names[c])) != tuple(expected[c][2])]
+    if tied_head is not None and tuple(source.shape(tied_head)) != tuple(expected[embed_key][2]):
+        wrong.append(f"{tied_head}: expected {tuple(expected[embed_key][2])}, got {source.shape(tied_head)}")
+    if wrong:
+        more = f" ... ({len(wrong)} in all)" if len(wrong) > 5 else ""
+        raise ValueError(f"tensor shapes do not match config.json: {'; '.join(wrong[:5])}{more}")
+    dtypes = {source.dtype(names[c]) for c in expected}
+    odd = sorted({str(d) for d in dtypes if not isinstance(d, torch.dtype)})
+    if odd:
+        raise ValueError(f"the checkpoint stores weights as {', '.join(odd)}; qkv loads float64/32/16 and "
+                         f"bfloat16 only (quantized checkpoints must be dequantized first)")
+    if dtype is None:
+        dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+    data = source.read([names[c] for c in expected] + ([tied_head] if tied_head else []))
+    if tied_head is not None and not torch.equal(data[tied_head], data[names[embed_key]]):
+        raise ValueError(f"config.json ties the LM head to the embedding (tie_word_embeddings=true) but the "
+                         f"checkpoint's {tied_head} differs from {names[embed_key]}; set tie_word_embeddings to "
+                         f"false if the head is separate")
+    out: dict[str, Tensor] = {}
+    for c, (targets, how, _) in expected.items():
+        for t, x in zip(targets, _convert(data[names[c]], how, [tuple(shapes[t]) for t in targets])):
+            out[t] = x.to(device=device, dtype=dtype)
+    if set(out) != set(shapes):   # the tables cover every parameter; a gap here is a bug in them
+        raise RuntimeError(f"internal: the {config.arch} key table leaves {sorted(set(shapes) - set(out))} unset")
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Public entry points
+
+
+def _directory(path) -> Path:
+    if not isinstance(path, (str, Path)):
+        raise TypeError(f"path must be a str or Path, got {type(path).__name__}")
+    directory = Path(path)
+    if not directory.exists():
+        raise ValueError(f"{directory} does not exist; pass a checkpoint directory (config.json + *.safetensors)")
+    if not directory.is_dir():
+        raise ValueError(f"{directory} is a file; pass the checkpoint directory that holds config.json and the "
+                         f"*.safetensors files")
+    return directory
+
+
+def read_config(path) -> dict:
+    """The parsed config.json of a checkpoint directory."""
+    directory = _directory(path)
+    file = directory / "config.json"
+    if not file.is_file():
+        raise ValueError(f"{directory} has no config.json; a Hugging Face checkpoint directory needs config.json "
+                         f"(the architecture and sizes) next to its *.safetensors weights")
+    try:
+        hf = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{file} is not valid JSON: {exc}") from exc
+    if not isinstance(hf, dict):
+        raise ValueError(f"{file} must hold a JSON object, got {type(hf).__name__}")
+    return hf
+
+
+def _as_dtype(dtype):
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "float": torch.float32, "float64": torch.float64, "double": torch.float64,
+             "float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16}
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in names:
+        return names[dtype.removeprefix("torch.")]
+    raise TypeError(f"dtype must be a torch float dtype or one of {sorted(names)}, got {dtype!r}")
+
+
+def load(path, *, dtype=None, device=None, backend: str = "auto") -> Decoder:
+    """Load a Hugging Face GPT-2 / Llama / Mistral checkpoint directory as a `Decoder` (in eval mode).
+
+    `path`: a directory with config.json and model.safetensors (or shards listed in
+    model.safetensors.index.json). `dtype`: the parameters' dtype (default: the
+    checkpoint's, when all its weights share one float dtype, else float32).
+    `device`, `backend`: as for `Decoder`.
+
+    Every problem is a ValueError naming what to fix: a missing config.json, an
+    unsupported model type or option, pickle-only weights, a corrupt or truncated
+    file, tensors missing, left over or of the wrong shape. Nothing is returned
+    half-loaded: all checks pass before the model is filled.
+    """
+    directory = _directory(path)
+    config = config_from_hf(read_config(directory))
+    files, weight_map = _weight_files(directory)
+    state = state_dict_from_hf(_Safetensors(files, weight_map), config, dtype=_as_dtype(dtype), device=device)
+    model = Decoder(config, backend=backend, device=device, dtype=next(iter(state.values())).dtype)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def state_dict_to_hf(model: Decoder) -> dict[str, Tensor]:
+    """The inverse of `state_dict_from_hf`: HF names and layouts (GPT-2 keys get the "transformer." prefix)."""
+    hf = config_to_hf(model.config)
+    arch = hf["model_type"]
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    state = model.state_dict()
+    out = {}
+    for hf_key, (targets, how, _) in _expected(_TABLES[arch][0], model.config.n_layers, shapes).items():
+        parts = [state[t].detach() for t in targets]
+        if how == "copy":
+            x = parts[0]
+        elif how == "t":
+            x = parts[0].t()
+        elif how == "t_split":
+            x = torch.cat(parts, dim=0).t()
+        else:
+            x = torch.cat(parts, dim=0)
+        if arch == "gpt2" and hf_key != "lm_head.weight":
+            hf_key = "transformer." + hf_key
+        out[hf_key] = x.contiguous().cpu()
+    return out
+
+
+def save(model: Decoder, path) -> None:
+    """Write `model` as a Hugging Face checkpoint directory: config.json + model.safetensors.
+
+    transformers loads it with AutoModelForCausalLM.from_pretrained(path); `load`
+    reads it back. The tensors keep the model's dtype.
+    """
+    from safetensors.torch import save_file
+
+    if not isinstance(model, Decoder):
+        raise TypeError(f"model must be a qkv.models.Decoder, got {type(model).__name__}")
+    hf = config_to_hf(model.config)
+    state = state_dict_to_hf(model)
+    hf["dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
