@@ -47,7 +47,7 @@ from torch import Tensor
 import qkv
 
 __all__ = ["LayerCache", "ContiguousCache", "RingCache", "PagedCache", "BlockPool", "Cache", "CacheFull",
-           "cache_bytes"]
+           "cache_bytes", "split_kv_attention", "split_kv_rule"]
 
 
 class CacheFull(ValueError):
@@ -121,7 +121,18 @@ class LayerCache:
         if score_mod is not None and (allowed is not None or not bool((before == before[0]).all())):
             raise ValueError("a score_mod needs key positions, which this cache only has for a batch of equal "
                              "lengths in a contiguous layout; use a ContiguousCache and equal lengths")
+        chunks = self._decode_chunks(q, keys.shape[2]) if n == 1 and score_mod is None else 1
+        if chunks > 1:
+            return split_kv_attention(q, keys, values, mask, chunks, scale=scale, backend=backend)
         return qkv.attention(q, keys, values, mask=mask, scale=scale, score_mod=score_mod, backend=backend)
+
+    split_kv: int | str = "auto"
+
+    def _decode_chunks(self, q: Tensor, L: int) -> int:
+        """How many key chunks a decode step splits into (`split_kv`: an int, or "auto")."""
+        if self.split_kv != "auto":
+            return max(1, min(int(self.split_kv), L))
+        return split_kv_rule(q.shape[0] * q.shape[1], L, q.device)
 
 
 def _new_token_mask(before: Tensor, n: int, L: int, window: int | None, allowed: Tensor | None):
@@ -144,6 +155,61 @@ def _new_token_mask(before: Tensor, n: int, L: int, window: int | None, allowed:
     if allowed is not None:
         ok &= allowed[:, None, :]
     return ok[:, None]                                                                # (B, 1, n, L)
+
+
+# -----------------------------------------------------------------------------
+# Split-KV decode: a long cache in chunks, merged by log-sum-exp
+
+
+# Keys per chunk below which splitting never pays (a chunk must amortise its call).
+SPLIT_MIN_CHUNK = 4096
+
+
+def split_kv_rule(rows: int, L: int, device: torch.device) -> int:
+    """Chunks for a decode step with `rows` = B * Hq query rows over L keys.
+
+    A decode step is one query row per head: a kernel that parallelises over
+    (batch, head) leaves processors idle when B * Hq is small, and splitting the
+    keys gives it more independent work. On the GPU: enough chunks to give every
+    streaming multiprocessor a row, each at least SPLIT_MIN_CHUNK keys. On the CPU
+    torch's kernel already splits the rows over the cores and the chunks run one
+    after another, so splitting only adds calls (benchmarks/bench_generate.py
+    measures it): 1.
+    """
+    if device.type != "cuda" or L < 2 * SPLIT_MIN_CHUNK:
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if rows >= sms:
+        return 1
+    return max(1, min(-(-sms // rows), L // SPLIT_MIN_CHUNK))
+
+
+def split_kv_attention(q: Tensor, keys: Tensor, values: Tensor, mask, chunks: int, *, scale=None,
+                       backend: str = "auto") -> Tensor:
+    """Decode attention (q (B, Hq, 1, D) over keys (B, Hkv, L, D)) as `chunks` calls merged exactly.
+
+    Each chunk returns its output o_i and the log-sum-exp l_i of its scores; the
+    whole-row result is sum_i exp(l_i - l) o_i with l = log sum_i exp(l_i). A
+    chunk with no allowed key has l_i = -inf and weight 0.
+    """
+    B, Hq, n, D = q.shape
+    L = keys.shape[2]
+    bounds = [round(i * L / chunks) for i in range(chunks + 1)]
+    outs, lses = [], []
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        if isinstance(mask, Tensor):
+            part = mask[..., s:e]
+        else:
+            part = mask                               # a qkv mask: positions shift with q_offset below
+        o, lse = qkv.attention(q, keys[:, :, s:e], values[:, :, s:e], mask=part, scale=scale, backend=backend,
+                               return_lse=True, q_offset=L - n - s)
+        outs.append(o.to(lse.dtype))
+        lses.append(lse)
+    lse = torch.stack(lses)                                             # (chunks, B, Hq, n)
+    total = torch.logsumexp(lse, dim=0)                                 # (B, Hq, n)
+    weight = torch.exp(lse - total).nan_to_num(0.0)                     # empty rows: -inf - -inf
+    out = (weight[..., None] * torch.stack(outs)).sum(0)                # (B, Hq, n, D)
+    return out.to(q.dtype)
 
 
 # -----------------------------------------------------------------------------
