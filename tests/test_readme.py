@@ -20,6 +20,17 @@ def test_the_python_tour_runs(capsys):
     assert "tiled" in capsys.readouterr().out
 
 
+def test_the_generation_tour_runs(capsys):
+    code = re.findall(r"```python\n(.*?)```", README, re.S)
+    assert len(code) >= 2, "README has no generation block"
+    namespace: dict = {}
+    exec(compile(code[1], "README.md", "exec"), namespace)
+    assert len(namespace["new"]) == 8 and len(namespace["sampled"]) == 8
+    assert [len(b) for b in namespace["batch"]] == [8, 8]
+    assert namespace["logits"].shape == (1, 1, 1000)
+    assert namespace["cache"].lengths.tolist() == [4]
+
+
 def test_capability_table_is_current():
     assert qkv.backends.list().markdown() in README
 
