@@ -94,12 +94,14 @@ class Decoder(nn.Module):
         """An empty KV cache for this model.
 
         kind="contiguous": (batch, Hkv, max_len, D) per layer (default max_len: the
-        context length); sliding-window layers get a ring of `window` slots (ring=True).
+        context length, at most 4096 -- a 128k-context checkpoint would otherwise
+        preallocate its whole context; a longer sequence raises CacheFull, saying so);
+        sliding-window layers get a ring of `window` slots (ring=True).
         kind="paged": a pool of `num_blocks` blocks of `block_size` tokens per layer
         (default: enough for `batch` sequences of max_len) and `batch` empty sequences.
         """
         p = self.embed.weight
-        max_len = self.config.max_positions if max_len is None else max_len
+        max_len = min(self.config.max_positions, 4096) if max_len is None else max_len
         if kind == "contiguous":
             return Cache.contiguous(self.cache_specs(), batch, max_len, ring=ring, dtype=p.dtype, device=p.device)
         if kind == "paged":

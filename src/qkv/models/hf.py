@@ -44,7 +44,7 @@ from torch import Tensor
 from qkv.models.config import DecoderConfig
 from qkv.models.decoder import Decoder
 
-__all__ = ["load", "save", "config_from_hf", "config_to_hf", "state_dict_from_hf", "state_dict_to_hf",
+__all__ = ["load", "save", "read_config", "config_from_hf", "config_to_hf", "state_dict_from_hf", "state_dict_to_hf",
            "GPT2_KEYS", "LLAMA_KEYS", "SUPPORTED_MODEL_TYPES", "SUPPORTED_ARCHITECTURES", "SUPPORTED_ROPE_TYPES"]
 
 # -----------------------------------------------------------------------------
@@ -595,7 +595,7 @@ def _convert(x: Tensor, how: str, shapes: list[tuple]) -> list[Tensor]:
 def _layer_hint(keys, n_layers: int) -> str:
     idx = {int(m.group(1)) for k in keys if (m := re.search(r"(?:^|\.)(?:h|layers)\.(\d+)\.", k))}
     if idx and (max(idx) >= n_layers):
-        return f" (the checkpoint has layer {max(idx)} but config.json says {n_layers} layers)"
+        return f" (the checkpoint has layer index {max(idx)}, but config.json sets {n_layers} layer(s))"
     return ""
 
 
