@@ -130,18 +130,22 @@ def _cmd_generate(args) -> int:
     new: list[int] = []
     shown = ""
     if tokenizer is not None:
-        print(tokenizer.decode(ids), end="", flush=True)
+        shown = tokenizer.decode(ids)
+        print(shown, end="", flush=True)
     for t in tokens:
         new.append(t)
         if tokenizer is None:
             print(t if len(new) == 1 else f" {t}", end="", flush=True)
-        else:
-            text = tokenizer.decode(new)      # decode the whole tail: multi-token characters come out whole
-            if not text.endswith("\ufffd"):
-                print(text[len(shown):], end="", flush=True)
-                shown = text
-    if tokenizer is not None and len(shown) < len(tokenizer.decode(new)):
-        print(tokenizer.decode(new)[len(shown):], end="")
+            continue
+        # decode prompt + everything so far and print what is new: spacing between words and
+        # characters spread over several tokens come out right (a partial one decodes to U+FFFD)
+        text = tokenizer.decode(ids + new)
+        if text.startswith(shown) and not text.endswith("\ufffd"):
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+    if tokenizer is not None:
+        text = tokenizer.decode(ids + new)
+        print(text[len(shown):] if text.startswith(shown) else "\n" + text, end="")
     print()
     if stats.get("steps"):
         decode_tps = (stats["new_tokens"] - 1) / stats["decode_s"] if stats["decode_s"] > 0 else float("nan")

@@ -733,8 +733,9 @@ def load(path, *, dtype=None, device=None, backend: str = "auto") -> Decoder:
     half-loaded: all checks pass before the model is filled.
     """
     directory = _directory(path)
-    config = config_from_hf(read_config(directory))
-    files, weight_map = _weight_files(directory)
+    raw = read_config(directory)
+    files, weight_map = _weight_files(directory)      # pickle-only weights are refused before the config is parsed
+    config = config_from_hf(raw)
     state = state_dict_from_hf(_Safetensors(files, weight_map), config, dtype=_as_dtype(dtype), device=device)
     model = Decoder(config, backend=backend, device=device, dtype=next(iter(state.values())).dtype)
     model.load_state_dict(state, strict=True)
