@@ -89,6 +89,9 @@ class LayerCache:
     def append(self, k: Tensor, v: Tensor) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def check_room(self, n: int) -> None:
+        """Raise CacheFull if appending n tokens to every sequence would not fit (changes nothing)."""
+
     def read(self):  # pragma: no cover - abstract
         """(k (B', Hkv, L, D), v, allowed (B, L) bool or None (all allowed))."""
         raise NotImplementedError
@@ -115,12 +118,12 @@ class LayerCache:
         """
         n = self._check_new(k, v)
         before = self._lengths.clone()
+        if score_mod is not None and not bool((before == before[0]).all()):
+            raise ValueError("a score_mod needs key positions, which this cache only has for a batch of equal "
+                             "lengths in a contiguous layout; use a ContiguousCache and equal lengths")
         self.append(k, v)
         keys, values, allowed = self.read()                              # (B, Hkv, L, D) x2, (B, L)
         mask = _new_token_mask(before, n, keys.shape[2], self.window, allowed)
-        if score_mod is not None and (allowed is not None or not bool((before == before[0]).all())):
-            raise ValueError("a score_mod needs key positions, which this cache only has for a batch of equal "
-                             "lengths in a contiguous layout; use a ContiguousCache and equal lengths")
         chunks = self._decode_chunks(q, keys.shape[2]) if n == 1 and score_mod is None else 1
         if chunks > 1:
             return split_kv_attention(q, keys, values, mask, chunks, scale=scale, backend=backend)
@@ -238,6 +241,12 @@ class ContiguousCache(LayerCache):
         self.v = torch.zeros_like(self.k)                                                       # (B, Hkv, max_len, D)
         self._lengths = torch.zeros(batch, dtype=torch.long)
 
+    def check_room(self, n: int) -> None:
+        end = int(self._lengths.max()) + n if self.batch else n
+        if end > self.max_len:
+            raise CacheFull(f"KV cache full: a sequence would hold {end} tokens but the cache was built "
+                            f"for max_len={self.max_len}; build it with a larger max_len")
+
     def row(self, b: int) -> "ContiguousCache":
         """A view of sequence b alone (B = 1) sharing this cache's storage and lengths."""
         return ContiguousCache(1, self.n_kv_heads, self.head_dim, self.max_len, window=self.window,
@@ -245,10 +254,7 @@ class ContiguousCache(LayerCache):
 
     def append(self, k: Tensor, v: Tensor) -> None:
         n = self._check_new(k, v)
-        end = self._lengths + n
-        if int(end.max()) > self.max_len:
-            raise CacheFull(f"KV cache full: a sequence would hold {int(end.max())} tokens but the cache was built "
-                            f"for max_len={self.max_len}; build it with a larger max_len")
+        self.check_room(n)
         start = int(self._lengths[0])
         if bool((self._lengths == start).all()):
             self.k[:, :, start:start + n] = k                                    # n columns, in place
@@ -306,6 +312,9 @@ class RingCache(LayerCache):
         self.k = torch.zeros(batch, n_kv_heads, window, head_dim, dtype=dtype, device=device)  # (B, Hkv, W, D)
         self.v = torch.zeros_like(self.k)
         self._lengths = torch.zeros(batch, dtype=torch.long)
+
+    def check_room(self, n: int) -> None:
+        return None                                   # a ring never fills: old tokens leave the window
 
     def row(self, b: int) -> "RingCache":
         return RingCache(1, self.n_kv_heads, self.head_dim, self.window,
@@ -394,6 +403,7 @@ class BlockPool:
         self.version = 0                             # bumped when any table changes (invalidates masks)
         self.layers: list["PagedCache"] = []         # the per-layer pools, to copy blocks on fork
         self._memo: dict = {}                        # per-step index tensors, shared by the layers
+        self._high: int | None = 0                   # high_water, None when it must be recomputed
 
     def memo(self, key, make):
         """`make()` once per key: every layer of a step asks for the same slots and masks."""
@@ -415,6 +425,24 @@ class BlockPool:
         if sid not in self.tables:
             raise KeyError(f"no sequence {sid} in this pool (freed, or never added); live: {sorted(self.tables)}")
 
+    def blocks_needed(self, totals: dict[int, int]) -> int:
+        """New blocks that `reserve_all(totals)` would allocate."""
+        need = 0
+        for sid, total in totals.items():
+            self._check_seq(sid)
+            need += max(-(-total // self.block_size) - len(self.tables[sid]), 0)
+        return need
+
+    def reserve_all(self, totals: dict[int, int]) -> None:
+        """Room for totals[sid] tokens in each sequence: all of it, or (CacheFull) nothing."""
+        need = self.blocks_needed(totals)
+        if need > len(self._free):
+            raise CacheFull(f"paged KV cache full: {need} more block(s) of {self.block_size} tokens are needed but "
+                            f"only {len(self._free)} of {self.num_blocks} are free; build the cache with more "
+                            f"blocks or free finished sequences")
+        for sid, total in totals.items():
+            self.reserve(sid, total)
+
     def reserve(self, sid: int, total_tokens: int) -> None:
         """Make sure sequence `sid` has blocks for `total_tokens` tokens (allocates if needed)."""
         self._check_seq(sid)
@@ -427,6 +455,8 @@ class BlockPool:
         for _ in range(max(need, 0)):
             block = heapq.heappop(self._free)
             self.refcount[block] = 1
+            if self._high is not None:
+                self._high = max(self._high, block + 1)
             table.append(block)
             for layer in self.layers:
                 layer._reset_block(block)
@@ -445,6 +475,9 @@ class BlockPool:
         if not 0 <= length <= self.tokens[sid]:
             raise ValueError(f"can fork at most the {self.tokens[sid]} tokens sequence {sid} holds, got {length}")
         full, rest = divmod(length, self.block_size)
+        if rest and not self._free:
+            raise CacheFull(f"paged KV cache full: forking copies the partly filled last block and no block is "
+                            f"free (of {self.num_blocks}); build the cache with more blocks or free sequences")
         child = self.new_sequence()
         shared = self.tables[sid][:full]
         for block in shared:
@@ -467,6 +500,8 @@ class BlockPool:
             self.refcount[block] -= 1
             if self.refcount[block] == 0:
                 heapq.heappush(self._free, block)
+                if block + 1 == self._high:
+                    self._high = None                 # recomputed on demand
         del self.tokens[sid]
         self.version += 1
 
@@ -479,8 +514,9 @@ class BlockPool:
     @property
     def high_water(self) -> int:
         """1 + the highest block number in use (0 if none): the pool prefix a step reads."""
-        used = [b for b, c in enumerate(self.refcount) if c > 0]
-        return used[-1] + 1 if used else 0
+        if self._high is None:
+            self._high = next((b + 1 for b in range(self.num_blocks - 1, -1, -1) if self.refcount[b] > 0), 0)
+        return self._high
 
     def stats(self, bytes_per_token: int = 1) -> dict:
         """Memory accounting: allocated, used (tokens held) and unused-but-allocated, in bytes."""
@@ -554,12 +590,17 @@ class PagedCache(LayerCache):
         blocks = torch.tensor(table, dtype=torch.long)[pos // bs]
         return blocks * bs + pos % bs                                           # (n,) slot numbers
 
+    def check_room(self, n: int) -> None:
+        totals = {sid: self.lengths_by_seq.get(sid, 0) + n for sid in self.seqs}
+        need = self.pool.blocks_needed(totals)
+        if need > len(self.pool._free):
+            self.pool.reserve_all(totals)                  # raises CacheFull with the numbers
+
     def append(self, k: Tensor, v: Tensor) -> None:
         n = self._check_new(k, v)
         starts = tuple(self.lengths_by_seq.get(sid, 0) for sid in self.seqs)
-        for sid, start in zip(self.seqs, starts):
-            self.pool._check_seq(sid)
-            self.pool.reserve(sid, start + n)              # no-op for every layer after the first
+        # all or nothing; a no-op for every layer after the first
+        self.pool.reserve_all({sid: start + n for sid, start in zip(self.seqs, starts)})
 
         def make():
             slots = torch.cat([self._slots(sid, s, n) for sid, s in zip(self.seqs, starts)])   # (B*n,)
@@ -604,6 +645,7 @@ class PagedCache(LayerCache):
                              "use a ContiguousCache")
         if n > 1:
             # prefill: each sequence attends to its own tokens, gathered in time order
+            self.pool.reserve_all({sid: self.lengths_by_seq.get(sid, 0) + n for sid in self.seqs})
             outs = []
             for b, sid in enumerate(self.seqs):
                 start = self.lengths_by_seq.get(sid, 0)
@@ -661,9 +703,8 @@ class Cache:
         """Contiguous layers; sliding-window layers get a RingCache when ring=True."""
         layers = []
         for s in specs:
-            if s.window is not None and ring:
-                layers.append(RingCache(batch, s.n_kv_heads, s.head_dim, min(s.window, max_len), dtype=dtype,
-                                        device=device))
+            if s.window is not None and ring and s.window < max_len:
+                layers.append(RingCache(batch, s.n_kv_heads, s.head_dim, s.window, dtype=dtype, device=device))
             else:
                 layers.append(ContiguousCache(batch, s.n_kv_heads, s.head_dim, max_len, window=s.window,
                                               dtype=dtype, device=device))
@@ -685,8 +726,13 @@ class Cache:
 
     @property
     def lengths(self) -> Tensor:
-        """(B,) tokens stored per sequence (the same in every layer)."""
-        return self.layers[0].length
+        """(B,) tokens stored per sequence (the same in every layer); a copy."""
+        return self.layers[0].length.clone()
+
+    def check_room(self, n: int) -> None:
+        """Raise CacheFull, changing nothing, unless every layer can take n more tokens per sequence."""
+        for layer in self.layers:
+            layer.check_room(n)
 
     @property
     def batch(self) -> int:

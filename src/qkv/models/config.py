@@ -98,6 +98,7 @@ class DecoderConfig:
                                  f"'factor', got {self.rope_scaling!r}")
             if self.positions != "rope":
                 raise ValueError("rope_scaling given but positions is not 'rope'")
+            _check_rope_scaling(self.rope_scaling)
         if self.sliding_window is not None:
             _positive_int("sliding_window", self.sliding_window)
         if self.layer_windows is not None:
@@ -160,3 +161,26 @@ def _positive_int(name, value):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+_SCALING_KEYS = {"linear": {"type", "factor"}, "ntk": {"type", "factor"},
+                 "llama3": {"type", "factor", "low_freq_factor", "high_freq_factor", "original_max_positions"}}
+
+
+def _check_rope_scaling(d: dict) -> None:
+    kind = d["type"]
+    unknown = sorted(set(d) - _SCALING_KEYS[kind])
+    if unknown:
+        raise ValueError(f"rope_scaling of type {kind!r} takes {sorted(_SCALING_KEYS[kind])}; unknown {unknown}")
+    factor = d.get("factor")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < float("inf"):
+        raise ValueError(f"rope_scaling needs a finite 'factor' > 0, got {factor!r}")
+    if kind == "llama3":
+        value = d.get("original_max_positions")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"rope_scaling of type 'llama3' needs 'original_max_positions' (the training context, "
+                             f"an int >= 1), got {value!r}")
+        for key in ("low_freq_factor", "high_freq_factor"):
+            value = d.get(key, 1.0 if key == "low_freq_factor" else 4.0)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"rope_scaling[{key!r}] must be a number > 0, got {value!r}")

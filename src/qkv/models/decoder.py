@@ -144,6 +144,7 @@ class Decoder(nn.Module):
                 raise ValueError(f"cache holds {cache.batch} sequences but tokens has batch {B}")
             if positions is not None:
                 raise ValueError("with a cache, positions follow from the cache lengths; do not pass positions")
+            cache.check_room(L)                     # all layers or none: a full cache changes nothing
             positions = cache.lengths[:, None] + torch.arange(L)                # (B, L)
         elif positions is None:
             positions = torch.arange(L)                                         # (L,)
