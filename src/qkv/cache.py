@@ -86,6 +86,16 @@ class LayerCache:
     def batch(self) -> int:
         return self._lengths.shape[0]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the K and V storage this layer holds."""
+        return self.k.numel() * self.k.element_size() * 2
+
+    @property
+    def bytes_per_token(self) -> int:
+        """K and V bytes one token takes: 2 * Hkv * D * element size."""
+        return 2 * self.n_kv_heads * self.head_dim * self.k.element_size()
+
     def append(self, k: Tensor, v: Tensor) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -280,13 +290,8 @@ class ContiguousCache(LayerCache):
         return keys, values, allowed                                              # (B, L): key j < length[b]
 
     @property
-    def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
-
-    @property
     def used_bytes(self) -> int:
-        per_token = self.n_kv_heads * self.head_dim * self.k.element_size() * 2
-        return int(self._lengths.sum()) * per_token
+        return int(self._lengths.sum()) * self.bytes_per_token
 
 
 # -----------------------------------------------------------------------------
@@ -369,13 +374,8 @@ class RingCache(LayerCache):
         return torch.cat(outs)
 
     @property
-    def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
-
-    @property
     def used_bytes(self) -> int:
-        per_token = self.n_kv_heads * self.head_dim * self.k.element_size() * 2
-        return int(torch.clamp(self._lengths, max=self.window).sum()) * per_token
+        return int(torch.clamp(self._lengths, max=self.window).sum()) * self.bytes_per_token
 
 
 # -----------------------------------------------------------------------------
@@ -669,12 +669,11 @@ class PagedCache(LayerCache):
 
     @property
     def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2 + self.slot_pos.numel() * self.slot_pos.element_size()
+        return super().nbytes + self.slot_pos.numel() * self.slot_pos.element_size()
 
     @property
     def used_bytes(self) -> int:
-        per_token = self.n_kv_heads * self.head_dim * self.k.element_size() * 2
-        return sum(self.lengths_by_seq.get(s, 0) for s in self.seqs) * per_token
+        return sum(self.lengths_by_seq.get(s, 0) for s in self.seqs) * self.bytes_per_token
 
 
 # -----------------------------------------------------------------------------
@@ -791,10 +790,10 @@ class Cache:
         allocated (the free ones belong to no sequence), so waste is the unfilled
         tail of each sequence's last block.
         """
-        per_token = sum(l.n_kv_heads * l.head_dim * l.k.element_size() * 2 for l in self.layers)
+        per_token = sum(layer.bytes_per_token for layer in self.layers)
         if self.pool is not None:
             return self.pool.stats(per_token)
-        allocated = sum(l.k.numel() * l.k.element_size() * 2 for l in self.layers)
+        allocated = self.nbytes
         used = self.used_bytes
         return {"allocated_bytes": allocated, "used_bytes": used, "unused_bytes": allocated - used,
                 "waste": (allocated - used) / allocated if allocated else 0.0}
