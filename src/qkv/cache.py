@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 import qkv
+from qkv import _numba
 
 __all__ = ["LayerCache", "ContiguousCache", "RingCache", "PagedCache", "BlockPool", "Cache", "CacheFull",
            "cache_bytes", "split_kv_attention", "split_kv_rule"]
@@ -132,6 +133,10 @@ class LayerCache:
             raise ValueError("a score_mod needs key positions, which this cache only has for a batch of equal "
                              "lengths in a contiguous layout; use a ContiguousCache and equal lengths")
         self.append(k, v)
+        if n == 1 and score_mod is None and backend == "auto":
+            out = self._fast_decode(q, scale)
+            if out is not None:
+                return out
         keys, values, allowed = self.read()                              # (B, Hkv, L, D) x2, (B, L)
         mask = _new_token_mask(before, n, keys.shape[2], self.window, allowed)
         chunks = self._decode_chunks(q, keys.shape[2]) if n == 1 and score_mod is None else 1
@@ -140,6 +145,10 @@ class LayerCache:
         return qkv.attention(q, keys, values, mask=mask, scale=scale, score_mod=score_mod, backend=backend)
 
     split_kv: int | str = "auto"
+
+    def _fast_decode(self, q: Tensor, scale) -> Tensor | None:
+        """A decode step through qkv's CPU decode kernel, or None where it does not apply."""
+        return None
 
     def _decode_chunks(self, q: Tensor, L: int) -> int:
         """How many key chunks a decode step splits into (`split_kv`: an int, or "auto")."""
@@ -281,6 +290,13 @@ class ContiguousCache(LayerCache):
                 self.v[b, :, s:s + n] = v[b]
         self._lengths += n
 
+    def _fast_decode(self, q, scale):
+        if not (self.k.is_contiguous() and _numba.paged_decode_applies(q, self.k)):
+            return None
+        tables = torch.zeros(self.batch, 1, dtype=torch.long)             # one block of max_len per sequence
+        return _numba.paged_decode(q, self.k, self.v, tables, self._lengths, block_size=self.max_len,
+                                   window=self.window, scale=scale)
+
     def read(self):
         L = int(self._lengths.max())
         keys, values = self.k[:, :, :L], self.v[:, :, :L]                          # views (B, Hkv, L, D)
@@ -360,6 +376,11 @@ class RingCache(LayerCache):
                              "use a ContiguousCache")
         if n == 1:
             self.append(k, v)
+            if backend == "auto" and self.k.is_contiguous() and _numba.paged_decode_applies(q, self.k):
+                # every stored key is within the window, and storage order does not matter to softmax
+                filled = torch.clamp(self._lengths, max=self.window)
+                return _numba.paged_decode(q, self.k, self.v, torch.zeros(self.batch, 1, dtype=torch.long), filled,
+                                           block_size=self.window, scale=scale)
             keys, values, allowed = self.read()                # every stored key is within the window
             mask = None if allowed is None else allowed[:, None, None, :]
             return qkv.attention(q, keys, values, mask=mask, scale=scale, backend=backend)
@@ -655,8 +676,13 @@ class PagedCache(LayerCache):
                 mask = qkv.masks.causal() if self.window is None else qkv.masks.sliding_window(self.window)
                 outs.append(qkv.attention(q[b:b + 1], keys, values, mask=mask, scale=scale, backend=backend))
             return torch.cat(outs)
-        # decode: all B queries against the pool prefix at once; GQA groups and batch fold into rows
         self.append(k, v)
+        if backend == "auto" and _numba.paged_decode_applies(q, self.k):
+            # decode on the CPU: each query reads only its own blocks, through the block table
+            tables, lengths = self._tables()
+            return _numba.paged_decode(q, self.k, self.v, tables, lengths, block_size=self.pool.block_size,
+                                       window=self.window, scale=scale)
+        # decode elsewhere: all B queries against the pool prefix at once; GQA groups and batch fold into rows
         keys, values, owned = self.read()                           # (1, Hkv, N, D) x2, (B, N)
         B, Hq, _, D = q.shape
         G = Hq // self.n_kv_heads
@@ -666,6 +692,19 @@ class PagedCache(LayerCache):
         out = qkv.attention(rows, keys, values, mask=mask, scale=scale, backend=backend)  # (1, Hkv, G*B, D)
         out = out.view(self.n_kv_heads, G, B, D).permute(2, 0, 1, 3)    # (B, Hkv, G, D)
         return out.reshape(B, Hq, 1, D)
+
+    def _tables(self):
+        """(B, max_blocks) int64 block tables (padded with 0) and (B,) lengths, made once per step."""
+        lengths = tuple(self.lengths_by_seq.get(s, 0) for s in self.seqs)
+
+        def make():
+            width = max([len(self.pool.tables[sid]) for sid in self.seqs] + [1])
+            tables = torch.zeros(len(self.seqs), width, dtype=torch.long)
+            for b, sid in enumerate(self.seqs):
+                tables[b, :len(self.pool.tables[sid])] = torch.tensor(self.pool.tables[sid], dtype=torch.long)
+            return tables, torch.tensor(lengths, dtype=torch.long)
+
+        return self.pool.memo(("tables", self.pool.version, tuple(self.seqs), lengths), make)
 
     @property
     def nbytes(self) -> int:

@@ -27,10 +27,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import qkv
+from qkv import _numba
 from qkv import scores as _scores
 from qkv.positional import RotaryEmbedding
 
-__all__ = ["MultiHeadAttention", "FeedForward", "RMSNorm", "Block", "ACTIVATIONS", "NORMS"]
+__all__ = ["MultiHeadAttention", "Linear", "FeedForward", "RMSNorm", "Block", "ACTIVATIONS", "NORMS"]
 
 
 def _check_positive_int(name: str, value) -> int:
@@ -49,6 +50,15 @@ def _check_dropout(name: str, p) -> float:
 
 # -----------------------------------------------------------------------------
 # Multi-head attention (MHA / GQA / MQA, self and cross)
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` (same parameters, same state-dict keys) whose forward takes the
+    skinny CPU kernel of `qkv._numba` for decode-sized inputs: at most 16 rows,
+    fp32 on the CPU, no autograd. Everything else is `F.linear`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _numba.linear(x, self.weight, self.bias)
 
 
 class MultiHeadAttention(nn.Module):
@@ -117,10 +127,10 @@ class MultiHeadAttention(nn.Module):
         self.backend = backend
 
         factory = {"device": device, "dtype": dtype}
-        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=bias, **factory)
-        self.k_proj = nn.Linear(kv_dim, n_kv_heads * head_dim, bias=bias, **factory)
-        self.v_proj = nn.Linear(kv_dim, n_kv_heads * head_dim, bias=bias, **factory)
-        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=out_bias, **factory)
+        self.q_proj = Linear(d_model, n_heads * head_dim, bias=bias, **factory)
+        self.k_proj = Linear(kv_dim, n_kv_heads * head_dim, bias=bias, **factory)
+        self.v_proj = Linear(kv_dim, n_kv_heads * head_dim, bias=bias, **factory)
+        self.o_proj = Linear(n_heads * head_dim, d_model, bias=out_bias, **factory)
         self.rope = rope
 
         # ALiBi slopes live in a (non-persistent) buffer so they follow .to(device);
@@ -263,12 +273,12 @@ class FeedForward(nn.Module):
         self._act, self.gated = ACTIVATIONS[activation]
         factory = {"device": device, "dtype": dtype}
         if self.gated:
-            self.gate_proj = nn.Linear(d_model, hidden, bias=bias, **factory)
-            self.up_proj = nn.Linear(d_model, hidden, bias=bias, **factory)
-            self.down_proj = nn.Linear(hidden, d_model, bias=bias, **factory)
+            self.gate_proj = Linear(d_model, hidden, bias=bias, **factory)
+            self.up_proj = Linear(d_model, hidden, bias=bias, **factory)
+            self.down_proj = Linear(hidden, d_model, bias=bias, **factory)
         else:
-            self.fc1 = nn.Linear(d_model, hidden, bias=bias, **factory)
-            self.fc2 = nn.Linear(hidden, d_model, bias=bias, **factory)
+            self.fc1 = Linear(d_model, hidden, bias=bias, **factory)
+            self.fc2 = Linear(hidden, d_model, bias=bias, **factory)
         self.drop = nn.Dropout(_check_dropout("dropout", dropout))
 
     def forward(self, x: Tensor) -> Tensor:

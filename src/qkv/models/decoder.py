@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 import qkv
+from qkv import _numba
 from qkv.cache import Cache, _Spec
 from qkv.layers import Block, RMSNorm
 from qkv.models.config import DecoderConfig
@@ -124,7 +125,7 @@ class Decoder(nn.Module):
         h = self.hidden(tokens, cache=cache, positions=positions)          # (B, L, d_model)
         if last_only:
             h = h[:, -1:]                                                   # (B, 1, d_model)
-        return nn.functional.linear(h, self.head_weight)                    # (B, L, V)
+        return _numba.linear(h, self.head_weight)                          # (B, L, V)
 
     def hidden(self, tokens: Tensor, *, cache: Cache | None = None, positions: Tensor | None = None) -> Tensor:
         """The final-norm hidden states (B, L, d_model)."""

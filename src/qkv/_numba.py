@@ -1,0 +1,257 @@
+"""CPU kernels for token-by-token decoding, compiled by numba on first use.
+
+Both are memory-bound streams that torch's CPU kernels read at a fraction of
+the memory bandwidth, because those are tuned for large problems:
+
+- `linear`: y (M, N) = x (M, K) @ W (N, K)^T for M <= 16 rows (batch x one
+  token). torch's BLAS packs W for a GEMM, which costs more than the product
+  when M is 1 to 8. This kernel reads each row of W once, from where
+  `nn.Linear` keeps it, and reuses it from L1 for every row of x: four rows of
+  W against two rows of x per inner loop, eight independent accumulators, rows
+  of W split over the cores.
+- `paged_decode`: one new query per sequence against that sequence's own
+  blocks of a paged KV cache, through its block table: no gather, no work on
+  other sequences' slots. Online softmax per block (running max and sum, as in
+  the tiled backend), the G query heads of a GQA group share each key load.
+
+Compilation takes a few seconds once per process (cached on disk where the
+package directory is writable). Only reassociation and contraction are
+allowed to the compiler (no fast-math NaN/inf assumptions). When numba is not
+installed, or QKV_NUMBA=0, `linear` is `F.linear` and `paged_decode_applies`
+is False, so callers take their torch path.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+MAX_ROWS = 16                       # above this torch's GEMM is the faster path
+ENABLED = os.environ.get("QKV_NUMBA", "1") != "0"
+
+_kernels = None                     # (numba module, {name: function}), or False when numba is unavailable
+_lock = threading.Lock()            # one launch at a time: numba's thread pools refuse nested launches
+
+
+def _build():
+    global _kernels
+    try:
+        import numba
+        import numpy as np
+    except ImportError:
+        _kernels = False
+        return _kernels
+    # prefer the OpenMP pool (torch's own runtime is OpenMP; its idle threads
+    # then wait the same way); numba falls back to what is installed
+    numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
+    jit = numba.njit(parallel=True, fastmath={"reassoc", "contract"}, boundscheck=False, cache=True, nogil=True)
+
+    from numba import types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def f32ptr(typingctx, addr):                    # pragma: no cover - compiled
+        sig = types.CPointer(types.float32)(types.int64)
+
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
+        return sig, codegen
+
+    @numba.njit(cache=True, nogil=True)
+    def skinny_ptr(xp, wp, bp, has_bias, outp, M, K, N):   # pragma: no cover - compiled
+        # tensors by address: no per-call array conversions (they cost more than a small product)
+        skinny(numba.carray(f32ptr(xp), (M, K)), numba.carray(f32ptr(wp), (N, K)),
+               numba.carray(f32ptr(bp), (N if has_bias else 1,)), has_bias, numba.carray(f32ptr(outp), (M, N)))
+
+    @jit
+    def skinny(x, w, bias, has_bias, out):          # pragma: no cover - compiled; tested through linear()
+        M, K = x.shape
+        N = w.shape[0]
+        for blk in numba.prange((N + 3) // 4):
+            n0 = blk * 4
+            if n0 + 4 <= N:
+                m = 0
+                while m + 2 <= M:
+                    a0 = np.float32(0.0); a1 = np.float32(0.0); a2 = np.float32(0.0); a3 = np.float32(0.0)
+                    c0 = np.float32(0.0); c1 = np.float32(0.0); c2 = np.float32(0.0); c3 = np.float32(0.0)
+                    for k in range(K):
+                        xa = x[m, k]
+                        xc = x[m + 1, k]
+                        w0 = w[n0, k]
+                        w1 = w[n0 + 1, k]
+                        w2 = w[n0 + 2, k]
+                        w3 = w[n0 + 3, k]
+                        a0 += xa * w0; a1 += xa * w1; a2 += xa * w2; a3 += xa * w3
+                        c0 += xc * w0; c1 += xc * w1; c2 += xc * w2; c3 += xc * w3
+                    out[m, n0] = a0; out[m, n0 + 1] = a1; out[m, n0 + 2] = a2; out[m, n0 + 3] = a3
+                    out[m + 1, n0] = c0; out[m + 1, n0 + 1] = c1; out[m + 1, n0 + 2] = c2; out[m + 1, n0 + 3] = c3
+                    m += 2
+                if m < M:
+                    a0 = np.float32(0.0); a1 = np.float32(0.0); a2 = np.float32(0.0); a3 = np.float32(0.0)
+                    for k in range(K):
+                        xa = x[m, k]
+                        a0 += xa * w[n0, k]; a1 += xa * w[n0 + 1, k]
+                        a2 += xa * w[n0 + 2, k]; a3 += xa * w[n0 + 3, k]
+                    out[m, n0] = a0; out[m, n0 + 1] = a1; out[m, n0 + 2] = a2; out[m, n0 + 3] = a3
+            else:
+                for n in range(n0, N):
+                    for m in range(M):
+                        acc = np.float32(0.0)
+                        for k in range(K):
+                            acc += x[m, k] * w[n, k]
+                        out[m, n] = acc
+            if has_bias:
+                for n in range(n0, min(n0 + 4, N)):
+                    for m in range(M):
+                        out[m, n] += bias[n]
+
+    @jit
+    def paged(q, kpool, vpool, tables, lengths, window, block_size, scale, out):   # pragma: no cover - compiled
+        # q, out (B, Hkv, G, D); kpool, vpool (1 or B, Hkv, slots, D); tables (B, max_blocks); lengths (B,)
+        B, H, G, D = q.shape
+        sc = np.float32(scale)
+        for item in numba.prange(B * H):
+            b = item // H
+            h = item - b * H
+            bk = b if kpool.shape[0] > 1 else 0
+            L = lengths[b]
+            first = 0 if window <= 0 else max(0, L - window)        # the query at L-1 sees positions > L-1-window
+            mx = np.full(G, -np.inf, dtype=np.float32)
+            den = np.zeros(G, dtype=np.float32)
+            acc = np.zeros((G, D), dtype=np.float32)
+            s = np.empty((G, block_size), dtype=np.float32)
+            for j in range(first // block_size, (L + block_size - 1) // block_size):
+                base = tables[b, j] * block_size
+                lo = max(first - j * block_size, 0)
+                hi = min(L - j * block_size, block_size)
+                for g in range(G):
+                    top = mx[g]
+                    for o in range(lo, hi):
+                        dot = np.float32(0.0)
+                        for d in range(D):
+                            dot += q[b, h, g, d] * kpool[bk, h, base + o, d]
+                        dot *= sc
+                        s[g, o] = dot
+                        if dot > top:
+                            top = dot
+                    if top == -np.inf:
+                        continue
+                    fix = np.float32(math.exp(mx[g] - top)) if mx[g] != -np.inf else np.float32(0.0)
+                    den[g] *= fix
+                    for d in range(D):
+                        acc[g, d] *= fix
+                    mx[g] = top
+                    for o in range(lo, hi):
+                        p = np.float32(math.exp(s[g, o] - top))
+                        den[g] += p
+                        for d in range(D):
+                            acc[g, d] += p * vpool[bk, h, base + o, d]
+            for g in range(G):
+                inv = np.float32(1.0) / den[g] if den[g] > 0 else np.float32(0.0)
+                for d in range(D):
+                    out[b, h, g, d] = acc[g, d] * inv
+
+    _kernels = (numba, {"skinny": skinny_ptr, "paged": paged})
+    return _kernels
+
+
+def available() -> bool:
+    """True when the kernels can run here (numba importable and not disabled by QKV_NUMBA=0)."""
+    if not ENABLED:
+        return False
+    return (_kernels if _kernels is not None else _build()) is not False
+
+
+_threads = 0                        # numba's thread count as last set
+
+
+def _launch(name: str, *args) -> None:
+    global _threads
+    if not available():
+        raise RuntimeError("qkv's CPU decode kernels need numba (pip install numba) and QKV_NUMBA unset or 1")
+    numba, kernels = _kernels
+    with _lock:
+        threads = torch.get_num_threads()
+        if threads != _threads:                    # follow torch.set_num_threads
+            numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+            _threads = threads
+        kernels[name](*args)
+
+
+def applies(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> bool:
+    """Whether `linear(x, weight, bias)` takes the kernel path: fp32 CPU tensors, a
+    contiguous (N, K) weight, at most MAX_ROWS rows of x, autograd not recording."""
+    if not ENABLED or _kernels is False:
+        return False
+    if x.dtype is not torch.float32 or weight.dtype is not torch.float32 or not x.is_cpu or not weight.is_cpu:
+        return False
+    if weight.dim() != 2 or x.dim() == 0 or not weight.is_contiguous():
+        return False
+    N, K = weight.shape
+    if x.shape[-1] != K or K == 0 or N == 0 or not 0 < x.numel() // K <= MAX_ROWS:
+        return False
+    if bias is not None and (bias.dtype is not torch.float32 or not bias.is_cpu or bias.shape != (N,)
+                             or not bias.is_contiguous()):
+        return False
+    return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                              or (bias is not None and bias.requires_grad)))
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`F.linear(x, weight, bias)`, through the skinny kernel when it applies."""
+    if not applies(x, weight, bias) or not available():
+        return F.linear(x, weight, bias)
+    N, K = weight.shape
+    x2 = x.reshape(-1, K)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    out = torch.empty(x2.shape[0], N, dtype=torch.float32)
+    b = 0 if bias is None else bias.data_ptr()
+    # the kernel reads x, weight and bias by address while they are alive here
+    _launch("skinny", x2.data_ptr(), weight.data_ptr(), b, bias is not None, out.data_ptr(), x2.shape[0], K, N)
+    return out.view(*x.shape[:-1], N)
+
+
+def paged_decode_applies(q: Tensor, kpool: Tensor) -> bool:
+    """Whether `paged_decode` can serve these tensors (fp32 CPU, no autograd, numba present)."""
+    if not ENABLED or _kernels is False:
+        return False
+    if q.device.type != "cpu" or kpool.device.type != "cpu" or q.dtype != torch.float32 \
+            or kpool.dtype != torch.float32:
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or kpool.requires_grad):
+        return False
+    return available()
+
+
+def paged_decode(q: Tensor, kpool: Tensor, vpool: Tensor, tables: Tensor, lengths: Tensor, *, block_size: int,
+                 window: int | None = None, scale: float | None = None) -> Tensor:
+    """One query per sequence against its own cache blocks.
+
+    q (B, Hq, 1, D). kpool, vpool: (Hkv, slots, D), one pool shared by the
+    batch, slot = block * block_size + offset; or (B, Hkv, slots, D), one
+    buffer per sequence (a contiguous cache: one block of max_len slots).
+    tables (B, max_blocks) int64: each sequence's blocks in position order.
+    lengths (B,): tokens per sequence, the query's own included (it sits at
+    position lengths[b] - 1). With `window` the query sees the last `window`
+    positions only. Returns (B, Hq, 1, D).
+    """
+    if kpool.dim() == 3:
+        kpool, vpool = kpool[None], vpool[None]
+    B, Hq, n, D = q.shape
+    Hkv = kpool.shape[1]
+    if n != 1 or Hq % Hkv or kpool.shape != vpool.shape or kpool.shape[3] != D or kpool.shape[0] not in (1, B):
+        raise ValueError(f"paged_decode takes q (B, Hq, 1, D) with Hq a multiple of the pool's Hkv={Hkv} "
+                         f"and head dim {kpool.shape[3]}; got q {tuple(q.shape)}, pool {tuple(kpool.shape)}")
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    qg = q.detach().reshape(B, Hkv, Hq // Hkv, D).contiguous()               # (B, Hkv, G, D)
+    out = torch.empty_like(qg)
+    _launch("paged", qg.numpy(), kpool.detach().contiguous().numpy(), vpool.detach().contiguous().numpy(),
+            tables.to(torch.int64).contiguous().numpy(), lengths.to(torch.int64).contiguous().numpy(),
+            0 if window is None else int(window), int(block_size), float(scale), out.numpy())
+    return out.view(B, Hq, 1, D)
