@@ -98,13 +98,27 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "numpy": np.__version__,
+        "numba": _numba_version(),
         "qkv": qkv.__version__,
     }
+
+
+def _numba_version() -> str:
+    """numba's version, or why qkv's CPU decode kernels are off."""
+    from qkv import _numba
+    if not _numba.ENABLED:
+        return "off (QKV_NUMBA=0)"
+    try:
+        import numba
+    except ImportError:
+        return "not installed"
+    return numba.__version__
 
 
 def format_machine(info: dict) -> str:
     return (f"machine: {info['cpu']}; {info['usable_cores']} usable cores of {info['cpu_count']}, "
             f"torch threads {info['torch_threads']}; torch {info['torch']}, numpy {info['numpy']}, "
+            f"numba {info.get('numba', '?')}, "
             f"python {info['python']}, qkv {info['qkv']}")
 
 
