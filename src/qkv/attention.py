@@ -13,6 +13,7 @@ import torch
 
 from qkv import backends as _backends
 from qkv.backends import Call, zeros_output
+from qkv import masks as _masks
 from qkv.masks import Mask, as_mask, causal as _causal_mask, from_dense
 
 __all__ = ["attention", "attention_weights"]
@@ -64,10 +65,73 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask=None, c
                       q_offset=q_offset)
     if call.Lk == 0 or q.numel() == 0 or v.shape[-1] == 0:
         out, lse, weights = _degenerate(call)
+    elif backend == "auto" and (segments := _document_segments(call)) is not None:
+        return _by_segments(call, *segments)
     else:
         out, lse, weights = _backends.select(call, backend).forward(call)
     extras = ((lse,) if return_lse else ()) + ((weights,) if return_weights else ())
     return (out, *extras) if extras else out
+
+
+# -----------------------------------------------------------------------------
+# Packed sequences: a document mask whose documents are contiguous runs
+
+
+def _document_segments(call: Call):
+    """(starts, lengths, causal) when `call` is packed documents that run as a padded batch, else None.
+
+    A `document(ids)` mask (optionally `& causal()`) over one sequence of
+    contiguous documents, with nothing else asked of the call (no score_mod,
+    LSE or weights), is exactly a batch of independent attentions, one per
+    document. Run as such, the work is sum(len^2) plus the padding to the
+    longest document, without the cost of classifying and masking tiles that
+    cut across documents. Skipped under `qkv.backends.use_backend(...)`.
+    """
+    mask = call.mask
+    causal = False
+    if isinstance(mask, _masks._And):
+        parts = {type(mask.a), type(mask.b)}
+        if parts != {_masks._Document, _masks._Causal}:
+            return None
+        mask, causal = (mask.a if isinstance(mask.a, _masks._Document) else mask.b), True
+    if (not isinstance(mask, _masks._Document) or call.score_mod is not None or call.return_lse
+            or call.return_weights or _backends._PREFERRED.get() is not None):
+        return None
+    L = call.Lk
+    if call.Lq != L or call.q_offset != 0 or mask.ids.shape[0] != 1 or mask.ids.shape[1] != L or L < 2:
+        return None
+    ids = mask.ids[0].to(call.q.device)
+    change = (ids[1:] != ids[:-1]).nonzero().squeeze(1) + 1                       # (n - 1,) run starts
+    n = change.numel() + 1
+    if n < 2 or torch.unique(ids).numel() != n:                                   # one document, or not runs
+        return None
+    starts = torch.cat([change.new_zeros(1), change])                             # (n,)
+    lengths = torch.diff(torch.cat([starts, change.new_tensor([L])]))             # (n,)
+    return starts, lengths, causal
+
+
+def _by_segments(call: Call, starts: torch.Tensor, lengths: torch.Tensor, causal: bool) -> torch.Tensor:
+    """The documents of a packed sequence as a padded batch (B * n, H, Lmax, D), then back to (B, H, L, D)."""
+    q, k, v = call.q, call.k, call.v
+    B, L, n = call.B, call.Lk, starts.numel()
+    Lmax = int(lengths.max())
+    offs = torch.arange(Lmax, device=q.device)
+    gather = (starts[:, None] + offs).clamp(max=L - 1).reshape(-1)               # (n * Lmax,) positions
+
+    def pack(t):                                                                  # (B, H, L, E) -> (B*n, H, Lmax, E)
+        H, E = t.shape[1], t.shape[3]
+        return t[:, :, gather].view(B, H, n, Lmax, E).transpose(1, 2).reshape(B * n, H, Lmax, E)
+
+    keys_ok = None
+    if not causal:                                                                # causal never reaches the padding
+        keys_ok = (offs[None] < lengths[:, None]).repeat(B, 1)[:, None, None, :]  # (B*n, 1, 1, Lmax)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        pack(q), pack(k), pack(v), attn_mask=keys_ok, is_causal=causal, scale=call.scale,
+        dropout_p=call.dropout_p, enable_gqa=call.Hq != call.Hkv)                 # (B*n, Hq, Lmax, Dv)
+    doc = torch.repeat_interleave(torch.arange(n, device=q.device), lengths)     # (L,) document of each position
+    back = doc * Lmax + torch.arange(L, device=q.device) - starts[doc]           # (L,) its row in the padded batch
+    Dv = out.shape[-1]
+    return out.view(B, n, call.Hq, Lmax, Dv).transpose(1, 2).reshape(B, call.Hq, n * Lmax, Dv)[:, :, back]
 
 
 def attention_weights(q: torch.Tensor, k: torch.Tensor, *, rows=None, heads=None, mask=None, causal: bool = False,

@@ -1,4 +1,5 @@
-"""The `qkv` command: explain attention on a sentence, list backends, run the tour or the benchmark.
+"""The `qkv` command: explain attention on a sentence, list backends, run the tour or the benchmark,
+generate text, embed sentences.
 
     qkv explain "the dog fetches the stick" [--dim 8] [--seed 0] [--causal]
     qkv backends
@@ -6,8 +7,10 @@
     qkv bench [--out runs/bench] [--quick]
     qkv bench attention [--quick] [--lengths L ...] [--out runs/bench] [--no-flex] [--no-memory]
     qkv bench generate [--quick] [--out runs/bench]
+    qkv bench embed [--quick] [--out runs/bench]
     qkv generate --checkpoint DIR --prompt "text or token ids" [--max-new-tokens N] [--temperature T]
                  [--top-k K] [--top-p P] [--seed S] [--stop ID ...] [--cache contiguous|paged]
+    qkv embed "a sentence" "another" [--model DIR] [--batch-size N] [--no-pack]
     qkv --version
 
 `main(argv)` returns the exit status instead of exiting, so tests can call it
@@ -65,6 +68,13 @@ def _cmd_demo(args) -> int:
 def _cmd_bench(args) -> int:
     from qkv import demo
 
+    if args.what == "embed":
+        from qkv import bench_embed
+
+        if args.lengths or args.no_flex or args.no_memory:
+            raise UsageError("--lengths, --no-flex and --no-memory belong to `qkv bench attention`")
+        bench_embed.run(args.out, quick=args.quick)
+        return 0
     if args.what == "generate":
         from qkv import bench_generate
 
@@ -109,10 +119,15 @@ def _cmd_generate(args) -> int:
     from qkv.generate import generate, stream
     from qkv.models import hf
 
+    from qkv.models import Decoder
+
     try:
         model = hf.load(args.checkpoint)
     except (ValueError, FileNotFoundError) as exc:
         raise UsageError(str(exc)) from exc
+    if not isinstance(model, Decoder):
+        raise UsageError(f"{args.checkpoint} holds an encoder ({type(model).__name__}); qkv generate needs a "
+                         f"decoder (GPT-2, Llama, Mistral); for sentence embeddings use `qkv embed --model DIR`")
     tokenizer = None
     tok_path = os.path.join(args.checkpoint, "tokenizer.json")
     if os.path.exists(tok_path) and not args.ids:
@@ -154,6 +169,24 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_embed(args) -> int:
+    from qkv import embed
+
+    try:
+        model = embed.SentenceEncoder.load(args.model)
+    except embed.PretrainedNotInstalled:
+        raise UsageError(f"the default model (all-MiniLM-L6-v2) is not installed: {embed.INSTALL_HINT}, "
+                         f"or pass --model DIR (a local sentence-transformers directory)") from None
+    except (ValueError, FileNotFoundError) as exc:
+        raise UsageError(str(exc)) from exc
+    try:
+        vectors = model.encode(args.sentences, batch_size=args.batch_size, packed=False if args.no_pack else None)
+    except ValueError as exc:  # e.g. --batch-size 0
+        raise UsageError(str(exc)) from exc
+    print(embed.cosine_table(args.sentences, vectors))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="qkv", description="Self-attention from the textbook formula to fast exact kernels.")
     parser.add_argument("--version", action="version", version=f"qkv {qkv.__version__}")
@@ -178,8 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="time math vs sdpa (forward, forward+backward); writes backends.json",
                        description="`qkv bench`: math vs sdpa (backends.json). `qkv bench attention`: tiled, auto, "
-                                   "sdpa and FlexAttention on long masked sequences (attention.json, attention.md).")
-    p.add_argument("what", nargs="?", choices=("backends", "attention", "generate"), default="backends",
+                                   "sdpa and FlexAttention on long masked sequences (attention.json, attention.md). "
+                                   "`qkv bench generate`: decoding vs transformers (generate.json, generate.md). "
+                                   "`qkv bench embed`: MiniLM embeddings vs sentence-transformers and encoder-decoder "
+                                   "training throughput (embed.json, embed.md).")
+    p.add_argument("what", nargs="?", choices=("backends", "attention", "generate", "embed"), default="backends",
                    help="which benchmark (default backends)")
     p.add_argument("--out", default=os.path.join("runs", "bench"), help="where the results go (default runs/bench)")
     p.add_argument("--quick", action="store_true", help="backends: L in {256, 512}; attention: L in {1024, 4096}")
@@ -203,6 +239,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", type=int, nargs="*", default=(), metavar="ID", help="token ids that end generation")
     p.add_argument("--cache", choices=("contiguous", "paged"), default="contiguous", help="KV cache layout")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("embed", help="sentence embeddings (all-MiniLM-L6-v2) and their cosine similarities",
+                       description="Embed sentences with a sentence-transformers model (default: the bundled "
+                                   "all-MiniLM-L6-v2, from the `pretrained` extra) and print their pairwise cosine "
+                                   "similarities. Text longer than the model's max_seq_length is truncated, with "
+                                   "a warning.")
+    p.add_argument("sentences", nargs="+", metavar="SENTENCE", help="the sentences to embed")
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="a local sentence-transformers directory (default: the bundled all-MiniLM-L6-v2)")
+    p.add_argument("--batch-size", type=int, default=32, help="sentences per forward pass (default 32)")
+    p.add_argument("--no-pack", action="store_true",
+                   help="always run padded batches (default: pack a batch's tokens when padding is large)")
+    p.set_defaults(func=_cmd_embed)
     return parser
 
 
@@ -215,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     if args.command is None:
         parser.print_usage(sys.stderr)
-        print("qkv: error: choose a command: explain, backends, demo, bench or generate (qkv --help says more)",
+        print("qkv: error: choose a command: explain, backends, demo, bench, generate or embed (qkv --help says more)",
               file=sys.stderr)
         return 2
     try:

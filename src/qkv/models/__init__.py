@@ -1,14 +1,17 @@
-"""Models built from `qkv.layers`: decoders (GPT-2 / Llama / Mistral style) and checkpoint import.
+"""Models built from `qkv.layers`: decoders (GPT-2 / Llama / Mistral style), a BERT-style
+encoder, and checkpoint import.
 
-    from qkv.models import Decoder, DecoderConfig
+    from qkv.models import Decoder, DecoderConfig, Encoder, EncoderConfig
     model = Decoder(DecoderConfig.llama(n_layers=2))
+    encoder = Encoder(EncoderConfig.bert(n_layers=2))
     model = qkv.models.hf.load("path/to/hf-checkpoint")      # config.json + *.safetensors
 """
 
 from qkv.models.config import DecoderConfig
 from qkv.models.decoder import Decoder
+from qkv.models.encoder import Encoder, EncoderConfig, EncoderOutput
 
-__all__ = ["Decoder", "DecoderConfig", "hf"]
+__all__ = ["Decoder", "DecoderConfig", "Encoder", "EncoderConfig", "EncoderOutput", "hf"]
 
 
 def __getattr__(name):

@@ -1,12 +1,15 @@
-"""Hugging Face checkpoints: load a GPT-2, Llama or Mistral directory into a `qkv.models.Decoder`.
+"""Hugging Face checkpoints: load a GPT-2, Llama or Mistral directory into a `qkv.models.Decoder`,
+and a BERT directory (BertModel) into a `qkv.models.Encoder`.
 
 Legend: d model width (n_embd / hidden_size), Hq query heads, Hkv key/value heads,
-D head dim, F MLP hidden width, V vocabulary, P learned positions (n_positions).
+D head dim, F MLP hidden width, V vocabulary, P learned positions (n_positions),
+S segment (token type) vocabulary.
 
 Usage::
 
     import qkv.models.hf as hf
     model = hf.load("path/to/checkpoint")                 # config.json + *.safetensors
+    encoder = hf.load("path/to/bert")                     # model_type "bert": an Encoder
     model = hf.load("path", dtype=torch.float32, device="cuda")
     config = hf.config_from_hf(json.load(open("path/config.json")))   # just the DecoderConfig
     state = hf.state_dict_from_hf(hf_model.state_dict(), config)      # in-memory tensors
@@ -25,9 +28,15 @@ headers only: every missing, unexpected or mis-shaped tensor is reported before
 any data is read. Only then are the tensors read, renamed, transposed or split
 (`state_dict_from_hf`) and loaded with `load_state_dict(strict=True)`.
 
-The renaming is data: `GPT2_KEYS` and `LLAMA_KEYS` (Mistral shares Llama's) map
-each Hugging Face name to its qkv name(s) and say how the tensor changes on the
-way. "{i}" stands for a layer index.
+The renaming is data: `GPT2_KEYS`, `LLAMA_KEYS` (Mistral shares Llama's) and
+`BERT_KEYS` map each Hugging Face name to its qkv name(s) and say how the tensor
+changes on the way. "{i}" stands for a layer index.
+
+BERT: only the bare encoder (architecture BertModel) is imported. Its names are
+accepted with or without the "bert." prefix that the BertFor* wrappers write. The
+pooler (pooler.dense.*, a tanh layer over [CLS] used by the next-sentence head) is
+not modelled and is skipped, as is the embeddings.position_ids buffer; task heads
+(cls.*, classifier.*, qa_outputs.*) are refused.
 """
 
 from __future__ import annotations
@@ -43,9 +52,11 @@ from torch import Tensor
 
 from qkv.models.config import DecoderConfig
 from qkv.models.decoder import Decoder
+from qkv.models.encoder import Encoder, EncoderConfig
 
 __all__ = ["load", "save", "read_config", "config_from_hf", "config_to_hf", "state_dict_from_hf", "state_dict_to_hf",
-           "GPT2_KEYS", "LLAMA_KEYS", "SUPPORTED_MODEL_TYPES", "SUPPORTED_ARCHITECTURES", "SUPPORTED_ROPE_TYPES"]
+           "GPT2_KEYS", "LLAMA_KEYS", "BERT_KEYS", "SUPPORTED_MODEL_TYPES", "SUPPORTED_ARCHITECTURES",
+           "SUPPORTED_ROPE_TYPES"]
 
 # -----------------------------------------------------------------------------
 # The mappings.
@@ -112,17 +123,50 @@ LLAMA_KEYS: dict[str, tuple] = {
 # RoPE frequency buffers older checkpoints saved; derived from the config, not weights
 LLAMA_IGNORED = ("model.layers.{i}.self_attn.rotary_emb.inv_freq", "model.rotary_emb.inv_freq")
 
+BERT_KEYS: dict[str, tuple] = {
+    # names without the optional "bert." prefix (BertFor* wrappers have it, BertModel not)
+    "embeddings.word_embeddings.weight": ("embed.weight", "copy"),                           # (V, d)
+    "embeddings.position_embeddings.weight": ("pos_embed.weight", "copy"),                   # (P, d)
+    "embeddings.token_type_embeddings.weight": ("type_embed.weight", "copy"),                # (S, d)
+    "embeddings.LayerNorm.weight": ("embed_norm.weight", "copy"),
+    "embeddings.LayerNorm.bias": ("embed_norm.bias", "copy"),
+    "encoder.layer.{i}.attention.self.query.weight": ("layers.{i}.self_attn.q_proj.weight", "copy"),  # (d, d)
+    "encoder.layer.{i}.attention.self.query.bias": ("layers.{i}.self_attn.q_proj.bias", "copy"),
+    "encoder.layer.{i}.attention.self.key.weight": ("layers.{i}.self_attn.k_proj.weight", "copy"),
+    "encoder.layer.{i}.attention.self.key.bias": ("layers.{i}.self_attn.k_proj.bias", "copy"),
+    "encoder.layer.{i}.attention.self.value.weight": ("layers.{i}.self_attn.v_proj.weight", "copy"),
+    "encoder.layer.{i}.attention.self.value.bias": ("layers.{i}.self_attn.v_proj.bias", "copy"),
+    "encoder.layer.{i}.attention.output.dense.weight": ("layers.{i}.self_attn.o_proj.weight", "copy"),
+    "encoder.layer.{i}.attention.output.dense.bias": ("layers.{i}.self_attn.o_proj.bias", "copy"),
+    "encoder.layer.{i}.attention.output.LayerNorm.weight": ("layers.{i}.norm1.weight", "copy"),  # post-norm
+    "encoder.layer.{i}.attention.output.LayerNorm.bias": ("layers.{i}.norm1.bias", "copy"),
+    "encoder.layer.{i}.intermediate.dense.weight": ("layers.{i}.ffn.fc1.weight", "copy"),       # (F, d)
+    "encoder.layer.{i}.intermediate.dense.bias": ("layers.{i}.ffn.fc1.bias", "copy"),
+    "encoder.layer.{i}.output.dense.weight": ("layers.{i}.ffn.fc2.weight", "copy"),             # (d, F)
+    "encoder.layer.{i}.output.dense.bias": ("layers.{i}.ffn.fc2.bias", "copy"),
+    "encoder.layer.{i}.output.LayerNorm.weight": ("layers.{i}.norm2.weight", "copy"),
+    "encoder.layer.{i}.output.LayerNorm.bias": ("layers.{i}.norm2.bias", "copy"),
+}
+# the position-id and token-type-id buffers some checkpoints carry, and the pooler (not modelled)
+BERT_IGNORED = ("embeddings.position_ids", "embeddings.token_type_ids", "pooler.dense.weight", "pooler.dense.bias")
+# prefixes of the task heads of the BertFor* models, refused with a hint
+_BERT_HEADS = ("cls.", "classifier.", "qa_outputs.")
+
 _TABLES = {"gpt2": (GPT2_KEYS, GPT2_IGNORED, "wte.weight"),
            "llama": (LLAMA_KEYS, LLAMA_IGNORED, "model.embed_tokens.weight"),
-           "mistral": (LLAMA_KEYS, LLAMA_IGNORED, "model.embed_tokens.weight")}
+           "mistral": (LLAMA_KEYS, LLAMA_IGNORED, "model.embed_tokens.weight"),
+           "bert": (BERT_KEYS, BERT_IGNORED, "embeddings.word_embeddings.weight")}
+# the optional prefix of each family's names (GPT2LMHeadModel vs GPT2Model, BertFor* vs BertModel)
+_PREFIXES = {"gpt2": "transformer.", "bert": "bert."}
 
-SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral")
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "bert")
 SUPPORTED_ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "GPT2Model": "gpt2", "LlamaForCausalLM": "llama",
-                           "MistralForCausalLM": "mistral"}
+                           "MistralForCausalLM": "mistral", "BertModel": "bert"}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
-# Hugging Face activation names -> qkv's (GPT-2 family; Llama/Mistral must be "silu" = swiglu)
+# Hugging Face activation names -> qkv's (GPT-2 and BERT families; Llama/Mistral must be "silu" = swiglu)
 _GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
+_BERT_ACTIVATIONS = _GPT2_ACTIVATIONS
 
 # safetensors dtype names: float ones qkv loads, and every element size (for the header check)
 _FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -133,11 +177,12 @@ _MAX_HEADER = 100_000_000   # safetensors' own limit on the JSON header
 
 
 # -----------------------------------------------------------------------------
-# config.json -> DecoderConfig
+# config.json -> DecoderConfig / EncoderConfig
 
 
-def config_from_hf(hf: Mapping) -> DecoderConfig:
-    """Translate a Hugging Face `config.json` (as a dict) into a `DecoderConfig`.
+def config_from_hf(hf: Mapping) -> DecoderConfig | EncoderConfig:
+    """Translate a Hugging Face `config.json` (as a dict) into a `DecoderConfig` (or an
+    `EncoderConfig` for BERT).
 
     GPT-2: n_embd, n_layer, n_head, vocab_size, n_positions, n_inner (None: 4 n_embd),
     layer_norm_epsilon, activation_function ("gelu_new"/"gelu_pytorch_tanh" -> gelu_tanh,
@@ -153,6 +198,14 @@ def config_from_hf(hf: Mapping) -> DecoderConfig:
     did (`rope_theta` + `rope_scaling` {"type" or "rope_type", "factor", ...}).
     RoPE types: default, linear, llama3; others (dynamic, yarn, longrope, ...) are refused.
 
+    BERT (model_type "bert", architecture BertModel): hidden_size, num_hidden_layers,
+    num_attention_heads, intermediate_size, vocab_size, max_position_embeddings,
+    type_vocab_size, layer_norm_eps, hidden_act ("gelu" exact; "gelu_new" /
+    "gelu_pytorch_tanh" -> gelu_tanh; "relu"), hidden_dropout_prob (qkv's one dropout
+    rate, also used on the attention weights; it matters in training mode only),
+    pad_token_id. Refused: position_embedding_type other than "absolute",
+    is_decoder=true, add_cross_attention=true, and the BertFor* task heads.
+
     Missing optional fields take transformers' defaults for that model type.
     """
     if not isinstance(hf, Mapping):
@@ -161,6 +214,8 @@ def config_from_hf(hf: Mapping) -> DecoderConfig:
     try:
         if arch == "gpt2":
             return _gpt2_config(hf)
+        if arch == "bert":
+            return _bert_config(hf)
         return _llama_config(hf, arch)
     except (TypeError, ValueError) as exc:
         if isinstance(exc, ValueError) and str(exc).startswith("config.json"):
@@ -185,8 +240,14 @@ def _model_type(hf: Mapping) -> str:
         raise ValueError(f"config.json: model_type {model_type!r} is not supported; {supported}")
     for a in archs:
         if SUPPORTED_ARCHITECTURES.get(a) != model_type:
+            if model_type == "bert":
+                raise ValueError(
+                    f"config.json: architecture {a!r} (model_type 'bert') is not supported: qkv imports the bare "
+                    f"BERT encoder (BertModel), not task heads. To use this checkpoint's encoder, re-save it "
+                    f"once with transformers: BertModel.from_pretrained(dir).save_pretrained(out, "
+                    f"safe_serialization=True); {supported}")
             raise ValueError(f"config.json: architecture {a!r} (model_type {model_type!r}) is not supported: "
-                             f"qkv imports decoder language models only; {supported}")
+                             f"qkv imports decoder language models and the bare BERT encoder only; {supported}")
     return model_type
 
 
@@ -238,6 +299,36 @@ def _gpt2_config(hf: Mapping) -> DecoderConfig:
         norm_eps=_num("layer_norm_epsilon", hf.get("layer_norm_epsilon", 1e-5)),
         max_positions=_int(hf, "n_positions", hf.get("n_positions", hf.get("n_ctx", 1024))),
         tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+    )
+
+
+def _bert_config(hf: Mapping) -> EncoderConfig:
+    kind = hf.get("position_embedding_type", "absolute")
+    if kind != "absolute":
+        raise ValueError(f"config.json: position_embedding_type {kind!r} is not supported; qkv's encoder has "
+                         f"learned absolute positions only ('absolute')")
+    if hf.get("is_decoder", False):
+        raise ValueError("config.json: is_decoder=true (BERT as a causal decoder) is not supported; qkv imports "
+                         "BERT as a bidirectional encoder")
+    if hf.get("add_cross_attention", False):
+        raise ValueError("config.json: add_cross_attention=true (BERT with cross-attention) is not supported")
+    act = hf.get("hidden_act", "gelu")
+    if act not in _BERT_ACTIVATIONS:
+        raise ValueError(f"config.json: hidden_act {act!r} is not supported for bert; supported: "
+                         f"{', '.join(map(repr, _BERT_ACTIVATIONS))}")
+    pad = hf.get("pad_token_id", 0)
+    return EncoderConfig(
+        vocab_size=_int(hf, "vocab_size", _req(hf, "vocab_size")),
+        d_model=_int(hf, "hidden_size", _req(hf, "hidden_size")),
+        n_layers=_int(hf, "num_hidden_layers", _req(hf, "num_hidden_layers")),
+        n_heads=_int(hf, "num_attention_heads", _req(hf, "num_attention_heads")),
+        ffn_hidden=_int(hf, "intermediate_size", _req(hf, "intermediate_size")),
+        max_positions=_int(hf, "max_position_embeddings", hf.get("max_position_embeddings", 512)),
+        type_vocab_size=_int(hf, "type_vocab_size", hf.get("type_vocab_size", 2)),
+        norm_eps=_num("layer_norm_eps", hf.get("layer_norm_eps", 1e-12)),
+        activation=_BERT_ACTIVATIONS[act],
+        dropout=_num("hidden_dropout_prob", hf.get("hidden_dropout_prob", 0.1)),
+        pad_token_id=None if pad is None else _int(hf, "pad_token_id", pad),
     )
 
 
@@ -316,16 +407,19 @@ def _rope_from_hf(hf: Mapping, max_pos: int) -> tuple[float, dict | None]:
     return base, scaling
 
 
-def config_to_hf(config: DecoderConfig) -> dict:
+def config_to_hf(config: DecoderConfig | EncoderConfig) -> dict:
     """The `config.json` dict transformers needs to rebuild `config` (the inverse of `config_from_hf`).
 
-    The family is read from the structure: learned positions -> GPT-2; RoPE without
-    windows -> Llama; RoPE with one window on every layer -> Mistral. Configs outside
-    those shapes (e.g. ntk RoPE scaling, per-layer windows, GQA in GPT-2) are refused.
+    An EncoderConfig becomes a BertModel. For a DecoderConfig the family is read from
+    the structure: learned positions -> GPT-2; RoPE without windows -> Llama; RoPE with
+    one window on every layer -> Mistral. Configs outside those shapes (e.g. ntk RoPE
+    scaling, per-layer windows, GQA in GPT-2) are refused.
     """
     c = config
+    if isinstance(c, EncoderConfig):
+        return _bert_config_to_hf(c)
     if not isinstance(c, DecoderConfig):
-        raise TypeError(f"config must be a DecoderConfig, got {type(c).__name__}")
+        raise TypeError(f"config must be a DecoderConfig or EncoderConfig, got {type(c).__name__}")
 
     def refuse(why):
         raise ValueError(f"this DecoderConfig has no Hugging Face equivalent: {why}")
@@ -369,6 +463,17 @@ def config_to_hf(config: DecoderConfig) -> dict:
             refuse("Mistral has no biases")
         out.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=windows[0])
     return out
+
+
+def _bert_config_to_hf(c: EncoderConfig) -> dict:
+    acts = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}
+    return {"architectures": ["BertModel"], "model_type": "bert", "vocab_size": c.vocab_size,
+            "hidden_size": c.d_model, "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
+            "intermediate_size": c.ffn_hidden, "hidden_act": acts[c.activation],
+            "hidden_dropout_prob": c.dropout, "attention_probs_dropout_prob": c.dropout,
+            "max_position_embeddings": c.max_positions, "type_vocab_size": c.type_vocab_size,
+            "layer_norm_eps": c.norm_eps, "pad_token_id": c.pad_token_id, "position_embedding_type": "absolute",
+            "is_decoder": False, "add_cross_attention": False}
 
 
 # -----------------------------------------------------------------------------
@@ -536,7 +641,8 @@ def _weight_files(directory: Path) -> tuple[list[Path], dict | None]:
         raise ValueError(
             f"{directory} holds only pickle-format weights ({', '.join(pickles[:3])}); qkv reads safetensors "
             f"only, because unpickling a file can run arbitrary code. Convert it once, with code you trust: "
-            f"model = transformers.AutoModelForCausalLM.from_pretrained(dir); "
+            f"model = transformers.AutoModelForCausalLM.from_pretrained(dir) (a BERT encoder: "
+            f"transformers.BertModel.from_pretrained(dir)); "
             f"model.save_pretrained(dir, safe_serialization=True) writes model.safetensors")
     raise ValueError(f"{directory} has no weights: expected model.safetensors or model.safetensors.index.json "
                      f"with its shards")
@@ -593,18 +699,19 @@ def _convert(x: Tensor, how: str, shapes: list[tuple]) -> list[Tensor]:
 
 
 def _layer_hint(keys, n_layers: int) -> str:
-    idx = {int(m.group(1)) for k in keys if (m := re.search(r"(?:^|\.)(?:h|layers)\.(\d+)\.", k))}
+    idx = {int(m.group(1)) for k in keys if (m := re.search(r"(?:^|\.)(?:h|layers|layer)\.(\d+)\.", k))}
     if idx and (max(idx) >= n_layers):
         return f" (the checkpoint has layer index {max(idx)}, but config.json sets {n_layers} layer(s))"
     return ""
 
 
-def state_dict_from_hf(tensors, config: DecoderConfig, *, dtype: torch.dtype | None = None,
+def state_dict_from_hf(tensors, config: DecoderConfig | EncoderConfig, *, dtype: torch.dtype | None = None,
                        device=None) -> dict[str, Tensor]:
-    """Rename and convert Hugging Face tensors into a `Decoder(config)` state dict.
+    """Rename and convert Hugging Face tensors into a `Decoder(config)` (or `Encoder(config)`) state dict.
 
     `tensors`: a mapping of HF names to tensors (e.g. `hf_model.state_dict()`). Uses
-    the table of `config.arch` (GPT2_KEYS, or LLAMA_KEYS for llama and mistral).
+    the table of `config.arch` (GPT2_KEYS, or LLAMA_KEYS for llama and mistral), or
+    BERT_KEYS for an EncoderConfig.
     Checks, before converting anything: no tensor the model needs is missing; none is
     left over (ignoring known buffers such as GPT-2's attn.bias mask); every shape
     matches what config implies; every tensor is floating point. A tied LM head
@@ -613,20 +720,26 @@ def state_dict_from_hf(tensors, config: DecoderConfig, *, dtype: torch.dtype | N
     float32) and moved to `device`.
     """
     source = tensors if isinstance(tensors, _Source) else _Memory(tensors)
-    if not isinstance(config, DecoderConfig):
-        raise TypeError(f"config must be a DecoderConfig, got {type(config).__name__}")
-    if config.arch not in _TABLES:
-        raise ValueError(f"config.arch must be one of {sorted(_TABLES)} to pick a key mapping, got {config.arch!r}")
+    if isinstance(config, EncoderConfig):
+        arch, model_cls = "bert", Encoder
+    elif isinstance(config, DecoderConfig):
+        decoders = sorted(a for a in _TABLES if a != "bert")
+        if config.arch not in decoders:
+            raise ValueError(f"config.arch must be one of {decoders} to pick a key mapping, got {config.arch!r}")
+        arch, model_cls = config.arch, Decoder
+    else:
+        raise TypeError(f"config must be a DecoderConfig or EncoderConfig, got {type(config).__name__}")
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype such as torch.float32, got {dtype!r}")
-    table, ignored, embed_key = _TABLES[config.arch]
-    shapes = {k: v.shape for k, v in Decoder(config, device="meta").state_dict().items()}
+    table, ignored, embed_key = _TABLES[arch]
+    shapes = {k: v.shape for k, v in model_cls(config, device="meta").state_dict().items()}
     expected = _expected(table, config.n_layers, shapes)
 
-    # checkpoint name -> canonical (table) name; GPT-2's "transformer." prefix is optional
+    # checkpoint name -> canonical (table) name; GPT-2's "transformer." and BERT's "bert." prefixes are optional
+    prefix = _PREFIXES.get(arch)
     names: dict[str, str] = {}
     for k in source.keys():
-        canon = k[len("transformer."):] if config.arch == "gpt2" and k.startswith("transformer.") else k
+        canon = k[len(prefix):] if prefix is not None and k.startswith(prefix) else k
         if canon in names:
             raise ValueError(f"the checkpoint holds both {names[canon]!r} and {k!r}")
         names[canon] = k
@@ -634,16 +747,22 @@ def state_dict_from_hf(tensors, config: DecoderConfig, *, dtype: torch.dtype | N
     present = {c for c in names if not any(p.match(c) for p in ignore)}
 
     tied_head = None
-    if config.tie_embeddings and "lm_head.weight" in present:
+    if getattr(config, "tie_embeddings", False) and "lm_head.weight" in present:
         present.discard("lm_head.weight")     # checked against the embedding below
         tied_head = names["lm_head.weight"]
 
     missing = sorted(set(expected) - present, key=_natural)
     unexpected = sorted(present - set(expected), key=_natural)
     if missing:
-        raise ValueError(f"the checkpoint lacks {len(missing)} tensor(s) the {config.arch} model needs: "
+        raise ValueError(f"the checkpoint lacks {len(missing)} tensor(s) the {arch} model needs: "
                          f"{_listing(missing)}{_layer_hint(missing, config.n_layers)}; does config.json match "
                          f"the weights?")
+    heads = sorted({k.split(".")[0] + ".*" for k in unexpected if k.startswith(_BERT_HEADS)}) if arch == "bert" else []
+    if heads:
+        raise ValueError(f"the checkpoint holds a task head ({', '.join(heads)}: {_listing(unexpected)}) that qkv's "
+                         f"BERT encoder does not model; qkv imports the bare encoder (BertModel). Re-save the "
+                         f"encoder once with transformers: BertModel.from_pretrained(dir).save_pretrained(out, "
+                         f"safe_serialization=True)")
     if unexpected:
         raise ValueError(f"the checkpoint has {len(unexpected)} tensor(s) config.json does not account for: "
                          f"{_listing(unexpected)}{_layer_hint(unexpected, config.n_layers)}; does config.json "
@@ -673,7 +792,7 @@ def state_dict_from_hf(tensors, config: DecoderConfig, *, dtype: torch.dtype | N
         for t, x in zip(targets, _convert(data[names[c]], how, [tuple(shapes[t]) for t in targets])):
             out[t] = x.to(device=device, dtype=dtype)
     if set(out) != set(shapes):   # the tables cover every parameter; a gap here is a bug in them
-        raise RuntimeError(f"internal: the {config.arch} key table leaves {sorted(set(shapes) - set(out))} unset")
+        raise RuntimeError(f"internal: the {arch} key table leaves {sorted(set(shapes) - set(out))} unset")
     return out
 
 
@@ -719,13 +838,14 @@ def _as_dtype(dtype):
     raise TypeError(f"dtype must be a torch float dtype or one of {sorted(names)}, got {dtype!r}")
 
 
-def load(path, *, dtype=None, device=None, backend: str = "auto") -> Decoder:
-    """Load a Hugging Face GPT-2 / Llama / Mistral checkpoint directory as a `Decoder` (in eval mode).
+def load(path, *, dtype=None, device=None, backend: str = "auto") -> Decoder | Encoder:
+    """Load a Hugging Face GPT-2 / Llama / Mistral checkpoint directory as a `Decoder`, or a
+    BERT one (model_type "bert", BertModel) as an `Encoder` (in eval mode).
 
     `path`: a directory with config.json and model.safetensors (or shards listed in
     model.safetensors.index.json). `dtype`: the parameters' dtype (default: the
     checkpoint's, when all its weights share one float dtype, else float32).
-    `device`, `backend`: as for `Decoder`.
+    `device`, `backend`: as for `Decoder` / `Encoder`.
 
     Every problem is a ValueError naming what to fix: a missing config.json, an
     unsupported model type or option, pickle-only weights, a corrupt or truncated
@@ -737,13 +857,17 @@ def load(path, *, dtype=None, device=None, backend: str = "auto") -> Decoder:
     files, weight_map = _weight_files(directory)      # pickle-only weights are refused before the config is parsed
     config = config_from_hf(raw)
     state = state_dict_from_hf(_Safetensors(files, weight_map), config, dtype=_as_dtype(dtype), device=device)
-    model = Decoder(config, backend=backend, device=device, dtype=next(iter(state.values())).dtype)
+    model_cls = Encoder if isinstance(config, EncoderConfig) else Decoder
+    model = model_cls(config, backend=backend, device=device, dtype=next(iter(state.values())).dtype)
     model.load_state_dict(state, strict=True)
     return model.eval()
 
 
-def state_dict_to_hf(model: Decoder) -> dict[str, Tensor]:
-    """The inverse of `state_dict_from_hf`: HF names and layouts (GPT-2 keys get the "transformer." prefix)."""
+def state_dict_to_hf(model: Decoder | Encoder) -> dict[str, Tensor]:
+    """The inverse of `state_dict_from_hf`: HF names and layouts (GPT-2 keys get the "transformer." prefix;
+    an Encoder's names are BertModel's, without a prefix)."""
+    if not isinstance(model, (Decoder, Encoder)):
+        raise TypeError(f"model must be a qkv.models.Decoder or Encoder, got {type(model).__name__}")
     hf = config_to_hf(model.config)
     arch = hf["model_type"]
     shapes = {k: v.shape for k, v in model.state_dict().items()}
@@ -765,16 +889,17 @@ def state_dict_to_hf(model: Decoder) -> dict[str, Tensor]:
     return out
 
 
-def save(model: Decoder, path) -> None:
+def save(model: Decoder | Encoder, path) -> None:
     """Write `model` as a Hugging Face checkpoint directory: config.json + model.safetensors.
 
-    transformers loads it with AutoModelForCausalLM.from_pretrained(path); `load`
-    reads it back. The tensors keep the model's dtype.
+    transformers loads it with AutoModelForCausalLM.from_pretrained(path) (an Encoder:
+    BertModel.from_pretrained(path), whose pooler, not part of qkv's Encoder, then
+    starts untrained); `load` reads it back. The tensors keep the model's dtype.
     """
     from safetensors.torch import save_file
 
-    if not isinstance(model, Decoder):
-        raise TypeError(f"model must be a qkv.models.Decoder, got {type(model).__name__}")
+    if not isinstance(model, (Decoder, Encoder)):
+        raise TypeError(f"model must be a qkv.models.Decoder or Encoder, got {type(model).__name__}")
     hf = config_to_hf(model.config)
     state = state_dict_to_hf(model)
     hf["dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")

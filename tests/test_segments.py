@@ -1,0 +1,79 @@
+"""Packed documents run as a padded batch (`qkv.attention`'s segment path for `document` masks).
+
+Legend: B batch, Hq/Hkv heads, L packed length, D head dim.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+import qkv
+
+_attention_module = sys.modules["qkv.attention"]        # the module (qkv.attention is the function)
+from conftest import assert_error_ratio, rand_qkv
+
+
+def _ids(lengths):
+    return torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+
+
+@pytest.mark.parametrize("lengths", [[5, 17, 1, 40], [1, 1, 1], [64, 3], [2] * 20])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (4, 2), (3, 1)])
+def test_segments_match_oracle_with_grads(lengths, causal, Hq, Hkv, monkeypatch):
+    L = sum(lengths)
+    mask = qkv.masks.document(_ids(lengths))
+    if causal:
+        mask = mask & qkv.masks.causal()
+    used = []
+    real = _attention_module._by_segments
+    monkeypatch.setattr(_attention_module, "_by_segments", lambda *a: used.append(1) or real(*a))
+    q, k, v = rand_qkv(2, Hq, Hkv, L, L, 16, Dv=8, requires_grad=True, seed=L)
+    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    qm, km, vm = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    out = qkv.attention(q, k, v, mask=mask)
+    assert used, "the segment path was not taken"
+    oracle = qkv.attention(q64, k64, v64, mask=mask, backend="math")
+    base = qkv.attention(qm, km, vm, mask=mask, backend="math")
+    assert_error_ratio(out, base, oracle, what="segments out")
+    g = torch.randn_like(out)
+    out.backward(g)
+    oracle.backward(g.double())
+    base.backward(g)
+    for name, a, b, o in (("dq", q, qm, q64), ("dk", k, km, k64), ("dv", v, vm, v64)):
+        assert_error_ratio(a.grad, b.grad, o.grad, ratio=3.0, what=f"segments {name}")
+
+
+@pytest.mark.parametrize("case", ["unsorted_runs", "repeated_id", "one_document", "named_backend", "use_backend",
+                                  "batched_ids", "lse"])
+def test_segment_path_only_where_exact(case, monkeypatch):
+    used = []
+    real = _attention_module._by_segments
+    monkeypatch.setattr(_attention_module, "_by_segments", lambda *a: used.append(1) or real(*a))
+    q, k, v = rand_qkv(2, 2, 2, 12, 12, 8)
+    ids, kwargs = _ids([3, 4, 5]), {}
+    if case == "unsorted_runs":
+        ids = torch.tensor([2] * 3 + [0] * 4 + [1] * 5)             # contiguous runs, not sorted: still taken
+    elif case == "repeated_id":
+        ids = torch.tensor([0] * 3 + [1] * 4 + [0] * 5)             # document 0 in two pieces: not a batch
+    elif case == "one_document":
+        ids = torch.zeros(12, dtype=torch.long)
+    elif case == "named_backend":
+        kwargs = {"backend": "tiled"}
+    elif case == "batched_ids":
+        ids = torch.stack([_ids([3, 4, 5]), _ids([6, 6])])
+    elif case == "lse":
+        kwargs = {"return_lse": True}
+    mask = qkv.masks.document(ids)
+    if case == "use_backend":
+        with qkv.backends.use_backend("math"):
+            out = qkv.attention(q, k, v, mask=mask)
+    else:
+        out = qkv.attention(q, k, v, mask=mask, **kwargs)
+    out = out[0] if isinstance(out, tuple) else out
+    ref = qkv.attention(q.double(), k.double(), v.double(), mask=mask, backend="reference")
+    assert_error_ratio(out, qkv.attention(q, k, v, mask=mask, backend="math"), ref, what=case)
+    assert bool(used) == (case == "unsorted_runs")
