@@ -27,7 +27,7 @@ def _randn(*shape, seed=0):
 # -- linear --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("M", [1, 2, 3, 8, 16])
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 6, 7, 8, 16])
 @pytest.mark.parametrize("N,K", [(1, 1), (5, 3), (37, 64), (100, 59), (4, 256), (7, 769)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_matches_oracle(M, N, K, bias):
@@ -39,6 +39,17 @@ def test_linear_matches_oracle(M, N, K, bias):
         assert _numba.applies(x, w, b)
         out = _numba.linear(x, w, b)
         assert_error_ratio(out, F.linear(x, w, b), F.linear(x64, w64, b64), what=f"linear M={M} N={N} K={K}")
+
+
+def test_kernels_leave_torch_threads_alone():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            _numba.linear(_randn(2, 8).float(), _randn(6, 8, seed=1).float())
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_linear_keeps_leading_dims_and_strided_input():

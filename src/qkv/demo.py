@@ -656,6 +656,87 @@ def _generation(quick: bool) -> tuple[dict, str]:
     return data, "```\n" + "\n".join(lines) + "\n```"
 
 
+DEMO_SENTENCES = (
+    "A dog fetches a stick in the park.",
+    "The puppy chases a ball across the grass.",
+    "Each query attends to every key and mixes their values.",
+    "Attention weights are a softmax over scaled dot products.",
+    "The train to the coast leaves at seven in the morning.",
+)
+
+
+def _embeddings(quick: bool) -> tuple[dict, str]:
+    from qkv.embed import PretrainedNotInstalled, SentenceEncoder, cosine_table
+
+    try:
+        enc = SentenceEncoder.load()
+    except PretrainedNotInstalled as exc:
+        print(f"skipped: {exc}")
+        return {"skipped": str(exc)}, f"skipped: {exc}"
+    t0 = time.perf_counter()
+    emb = enc.encode(list(DEMO_SENTENCES))
+    seconds = time.perf_counter() - t0
+    params = sum(p.numel() for p in enc.model.parameters())
+    table = cosine_table(DEMO_SENTENCES, emb)
+    sim = (emb @ emb.T).tolist()
+    lines = [f"all-MiniLM-L6-v2 (pretrained, {params / 1e6:.1f}M parameters, {enc.model.config.n_layers} "
+             f"bidirectional layers) loaded into qkv's encoder from {enc.path}", "",
+             table, "",
+             f"{len(DEMO_SENTENCES)} sentences embedded in {seconds * 1e3:.0f} ms (mean pooling, normalised, "
+             f"{enc.dim} dimensions). Related sentences score higher: dog/puppy {sim[0][1]:.2f}, the two about "
+             f"attention {sim[2][3]:.2f}; unrelated pairs stay near 0: dog/train {sim[0][4]:.2f}."]
+    print("\n".join(lines))
+    data = {"model_path": str(enc.path), "sentences": list(DEMO_SENTENCES), "cosine": sim, "seconds": seconds}
+    return data, "```\n" + "\n".join(lines) + "\n```"
+
+
+def _seq2seq(quick: bool) -> tuple[dict, str]:
+    from qkv import train
+
+    if quick:
+        setup = {"vocab": 10, "min_len": 4, "max_len": 6, "d_model": 32, "encoder_layers": 1, "decoder_layers": 1,
+                 "ffn_hidden": 64, "steps": 300, "warmup": 30, "eval_size": 200}
+    else:
+        setup = {"eval_size": 1000}                          # the recipe: lengths 8-16, vocabulary 20
+    shown = {k: setup.get(k, train.RECIPE.get(k)) for k in ("d_model", "encoder_layers", "decoder_layers", "steps")}
+    lengths = (setup.get("min_len", 8), setup.get("max_len", 16))
+    print(f"the original encoder-decoder Transformer (sinusoidal positions, post-norm, {shown['encoder_layers']}+"
+          f"{shown['decoder_layers']} layers, d={shown['d_model']}) learning to reverse sequences of "
+          f"{lengths[0]}-{lengths[1]} tokens over a vocabulary of {setup.get('vocab', 20)}, teacher-forced, "
+          f"{shown['steps']} steps")
+    before = {}
+
+    def progress(step, record):
+        print(f"  step {step:5d}  loss {record['loss']:.4f}  {record['seconds']:5.1f} s", flush=True)
+
+    steps = setup.get("steps", train.RECIPE["steps"])
+    result = train.train_reversal(seed=1, progress=progress, log_every=max(steps // 4, 1), **setup)
+    # the same architecture untrained, for the 'before' figure
+    import torch as _torch
+    from qkv.models.seq2seq import Seq2Seq
+
+    _torch.manual_seed(1)
+    untrained = Seq2Seq(result.model.config)
+    held_out = result.task.held_out(setup["eval_size"])
+    before["accuracy"] = train.evaluate_exact(untrained, held_out)
+    src, tgt = held_out[0][:3], held_out[1][:3]
+    lengths_t = _torch.tensor([len(x) for x in src])
+    padded = _torch.nn.utils.rnn.pad_sequence(src, batch_first=True)
+    with _torch.no_grad():
+        outs = result.model.generate(padded, lengths_t, max_new_tokens=max(map(len, tgt)) + 1)
+    h = result.history
+    lines = [f"  held-out exact-sequence accuracy: {before['accuracy']:.3f} before training, "
+             f"{result.accuracy:.3f} after ({result.train_seconds:.1f} s, {h.tokens_per_s:.0f} target tokens/s, "
+             f"final loss {sum(h.loss[-20:]) / len(h.loss[-20:]):.4f})"]
+    for s_, o in zip(src, outs):
+        lines.append(f"  {' '.join(map(str, s_.tolist())):>48}  ->  {' '.join(map(str, o))}")
+    print("\n".join(lines))
+    data = {"accuracy_before": before["accuracy"], "accuracy_after": result.accuracy,
+            "train_seconds": result.train_seconds, "target_tokens_per_s": h.tokens_per_s, "steps": h.steps,
+            "setup": setup}
+    return data, "```\n" + "\n".join(lines) + "\n```"
+
+
 STEPS: list[Step] = [
     Step("worked_example", "the worked example: attention step by step",
          "single-head self-attention on 'the dog fetches the stick': Q, K, V, scores, scaling, softmax, output",
@@ -677,6 +758,14 @@ STEPS: list[Step] = [
          "a GPT-2-style decoder generating greedily, with the KV cache and by recomputing the prefix every step",
          "the cache keeps each earlier token's keys and values, so a step computes one token instead of all of them",
          _generation),
+    Step("embeddings", "a real pretrained encoder: sentence embeddings",
+         "the all-MiniLM-L6-v2 checkpoint run by qkv's BERT-style encoder: cosine similarities of a few sentences",
+         "bidirectional self-attention lets every token see the whole sentence; mean-pooled, the states "
+         "place sentences of similar meaning near each other", _embeddings),
+    Step("seq2seq", "encoder-decoder: learning to reverse",
+         "an encoder-decoder trained teacher-forced on sequence reversal: held-out accuracy before and after",
+         "reversing needs each output position to find one far-away input: cross-attention learns exactly that "
+         "lookup, which a fixed-window model cannot do", _seq2seq),
 ]
 
 

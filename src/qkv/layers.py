@@ -149,9 +149,25 @@ class MultiHeadAttention(nn.Module):
         self.register_buffer("alibi_slopes", None if slopes is None else slopes.to(device=device),
                              persistent=False)  # (Hq,)
 
+    def project_context(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """The keys and values of a cross-attention context: (k, v), each (B, Hkv, Lk, D).
+
+        A decoder attends to the same encoder output at every step: project it
+        once and pass the pair as `forward(x, context_kv=(k, v))`, which gives
+        the same result as `forward(x, context)` without re-running k_proj/v_proj.
+        (No RoPE: like `context=` without `context_positions`.)
+        """
+        if not isinstance(context, Tensor) or context.dim() != 3 or context.shape[-1] != self.kv_dim:
+            shape = tuple(context.shape) if isinstance(context, Tensor) else type(context).__name__
+            raise ValueError(f"context must be (B, Lk, kv_dim={self.kv_dim}), got {shape}")
+        B, Lk, _ = context.shape
+        k = self.k_proj(context).view(B, Lk, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, Lk, D)
+        v = self.v_proj(context).view(B, Lk, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, Lk, D)
+        return k, v
+
     def forward(self, x: Tensor, context: Tensor | None = None, *, mask=None, causal: bool = False,
                 score_mod=None, positions: Tensor | None = None, context_positions: Tensor | None = None,
-                return_weights: bool = False, cache=None):
+                return_weights: bool = False, cache=None, context_kv: tuple[Tensor, Tensor] | None = None):
         """Attend from x (B, Lq, d_model) to itself, or to `context` (B, Lk, kv_dim).
 
         `mask`, `causal` and `score_mod` are as in `qkv.attention` (over (B, Hq, Lq, Lk));
@@ -162,20 +178,26 @@ class MultiHeadAttention(nn.Module):
         *new* tokens; their keys/values are appended to the cache and the queries
         attend to everything cached (with the cache's window, if any). Pass the new
         tokens' `positions` for RoPE (default: the cache lengths onwards).
+
+        `context_kv` (cross-attention): the (k, v) pair of `project_context(context)`,
+        given instead of `context`; the result equals `forward(x, context, ...)`.
         """
         self._check_inputs(x, context, positions, context_positions)
+        if context_kv is not None:
+            self._check_context_kv(x, context, context_positions, cache, context_kv)
         if cache is not None:
             return self._cached(x, cache, positions, score_mod, mask, return_weights, context)
         B, Lq, _ = x.shape
-        source = x if context is None else context                          # (B, Lk, d_model or kv_dim)
-        Lk = source.shape[1]
+        q = self.q_proj(x).view(B, Lq, self.n_heads, self.head_dim).transpose(1, 2)     # (B, Hq, Lq, D)
+        if context_kv is not None:
+            k, v = context_kv                                               # (B, Hkv, Lk, D) x2, projected
+        else:
+            source = x if context is None else context                      # (B, Lk, d_model or kv_dim)
+            Lk = source.shape[1]
+            k = self.k_proj(source).view(B, Lk, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, Lk, D)
+            v = self.v_proj(source).view(B, Lk, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, Lk, D)
 
-        q = self.q_proj(x).view(B, Lq, self.n_heads, self.head_dim)         # (B, Lq, Hq, D)
-        k = self.k_proj(source).view(B, Lk, self.n_kv_heads, self.head_dim)  # (B, Lk, Hkv, D)
-        v = self.v_proj(source).view(B, Lk, self.n_kv_heads, self.head_dim)  # (B, Lk, Hkv, D)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # (B, Hq, Lq, D), (B, Hkv, Lk, D) x2
-
-        if self.rope is not None:
+        if self.rope is not None and context_kv is None:
             if context is None:
                 q, k = self.rope(q, k, positions, positions)                # same tokens, same positions
             elif context_positions is not None:
@@ -211,6 +233,23 @@ class MultiHeadAttention(nn.Module):
         out = cache.attention(q, k, v, scale=self.scale, score_mod=score_mod, backend=self.backend)  # (B, Hq, n, D)
         out = out.transpose(1, 2).reshape(B, n, self.n_heads * self.head_dim)            # (B, n, Hq*D)
         return self.o_proj(out)                                                           # (B, n, d_model)
+
+    def _check_context_kv(self, x, context, context_positions, cache, context_kv):
+        if context is not None or context_positions is not None or cache is not None:
+            raise ValueError("context_kv replaces context (cross-attention): do not also pass context=, "
+                             "context_positions= or cache=")
+        if not isinstance(context_kv, (tuple, list)) or len(context_kv) != 2:
+            raise TypeError(f"context_kv must be the (k, v) pair of project_context(context), "
+                            f"got {type(context_kv).__name__}")
+        k, v = context_kv
+        for name, t in (("k", k), ("v", v)):
+            if (not isinstance(t, Tensor) or t.dim() != 4 or t.shape[0] != x.shape[0]
+                    or t.shape[1] != self.n_kv_heads or t.shape[3] != self.head_dim):
+                shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(f"context_kv {name} must be (B={x.shape[0]}, Hkv={self.n_kv_heads}, Lk, "
+                                 f"D={self.head_dim}) as project_context(context) returns, got {shape}")
+        if k.shape != v.shape:
+            raise ValueError(f"context_kv k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
 
     def _check_inputs(self, x, context, positions, context_positions):
         if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
@@ -392,36 +431,41 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, *, context: Tensor | None = None, mask=None, causal: bool = False,
                 context_mask=None, positions: Tensor | None = None, return_weights: bool = False,
-                cache=None):
+                cache=None, context_kv: tuple[Tensor, Tensor] | None = None):
         """x (B, L, d_model) -> (B, L, d_model); with return_weights, (x, {"self": w, "cross": w or None}).
 
         `mask`/`causal`/`positions` go to self-attention; `context` (B, Lk, d_model)
         and `context_mask` (e.g. `qkv.masks.padding(lengths)`) to cross-attention.
+        `context_kv`: instead of `context`, its keys and values precomputed once by
+        `self.cross_attn.project_context(context)` (a decoder reuses them every step).
         `cache` (a `qkv.cache.LayerCache`): x is the new tokens of a causal decoder,
         self-attention reads and extends the cache (see MultiHeadAttention).
         """
+        if context is not None and context_kv is not None:
+            raise ValueError("pass context= or its projected context_kv=, not both")
+        if self.cross_attention and context is None and context_kv is None:
+            raise ValueError("this Block has cross_attention=True: pass context=(B, Lk, d_model), e.g. the "
+                             "encoder output (or context_kv=block.cross_attn.project_context(context))")
+        if not self.cross_attention and (context is not None or context_mask is not None or context_kv is not None):
+            raise ValueError("context/context_mask/context_kv given but this Block has no cross-attention; "
+                             "build it with cross_attention=True")
         if cache is not None:
             if return_weights or mask is not None:
                 raise ValueError("a cached step cannot take mask= or return_weights=; run without cache=")
             x, _ = self._sublayer(x, self.norm1, lambda h: self.self_attn(h, positions=positions, cache=cache),
                                   False)
             if self.cross_attention:
-                x, _ = self._sublayer(x, self.norm_cross, lambda h: self.cross_attn(h, context, mask=context_mask),
-                                      False)
+                x, _ = self._sublayer(x, self.norm_cross, lambda h: self.cross_attn(
+                    h, context, mask=context_mask, context_kv=context_kv), False)
             x, _ = self._sublayer(x, self.norm2, self.ffn, False)
             return x
-        if self.cross_attention and context is None:
-            raise ValueError("this Block has cross_attention=True: pass context=(B, Lk, d_model), "
-                             "e.g. the encoder output")
-        if not self.cross_attention and (context is not None or context_mask is not None):
-            raise ValueError("context/context_mask given but this Block has no cross-attention; "
-                             "build it with cross_attention=True")
         weights = {"self": None, "cross": None}
         x, weights["self"] = self._sublayer(x, self.norm1, lambda h: self.self_attn(
             h, mask=mask, causal=causal, positions=positions, return_weights=return_weights), return_weights)
         if self.cross_attention:
             x, weights["cross"] = self._sublayer(x, self.norm_cross, lambda h: self.cross_attn(
-                h, context, mask=context_mask, return_weights=return_weights), return_weights)
+                h, context, mask=context_mask, return_weights=return_weights, context_kv=context_kv),
+                return_weights)
         x, _ = self._sublayer(x, self.norm2, self.ffn, False)
         return (x, weights) if return_weights else x
 

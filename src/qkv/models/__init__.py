@@ -1,17 +1,19 @@
 """Models built from `qkv.layers`: decoders (GPT-2 / Llama / Mistral style), a BERT-style
-encoder, and checkpoint import.
+encoder, the original encoder-decoder Transformer, and checkpoint import.
 
     from qkv.models import Decoder, DecoderConfig, Encoder, EncoderConfig
     model = Decoder(DecoderConfig.llama(n_layers=2))
     encoder = Encoder(EncoderConfig.bert(n_layers=2))
+    seq2seq = Seq2Seq(Seq2SeqConfig(vocab_size=23))
     model = qkv.models.hf.load("path/to/hf-checkpoint")      # config.json + *.safetensors
 """
 
 from qkv.models.config import DecoderConfig
 from qkv.models.decoder import Decoder
 from qkv.models.encoder import Encoder, EncoderConfig, EncoderOutput
+from qkv.models.seq2seq import Seq2Seq, Seq2SeqConfig
 
-__all__ = ["Decoder", "DecoderConfig", "Encoder", "EncoderConfig", "EncoderOutput", "hf"]
+__all__ = ["Decoder", "DecoderConfig", "Encoder", "EncoderConfig", "EncoderOutput", "Seq2Seq", "Seq2SeqConfig", "hf"]
 
 
 def __getattr__(name):
