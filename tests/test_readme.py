@@ -31,6 +31,17 @@ def test_the_generation_tour_runs(capsys):
     assert namespace["cache"].lengths.tolist() == [4]
 
 
+def test_the_encoder_tour_runs(capsys):
+    code = re.findall(r"```python\n(.*?)```", README, re.S)
+    assert len(code) >= 3, "README has no encoder block"
+    namespace: dict = {}
+    exec(compile(code[2], "README.md", "exec"), namespace)
+    assert namespace["vectors"].shape == (2, 384)
+    assert namespace["h"].shape == (2, 7, 64)
+    assert float(namespace["h"][1, 4:].abs().max()) == 0.0            # packed: zeros at the padding
+    assert 0.0 <= namespace["result"].accuracy <= 1.0
+
+
 def test_capability_table_is_current():
     assert qkv.backends.list().markdown() in README
 

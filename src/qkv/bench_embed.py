@@ -194,7 +194,7 @@ def _training(quick: bool, seed: int, log) -> dict:
 
 def render(result: dict, *, markdown: bool = False) -> str:
     e = result["embed"]
-    head = ["contender", "seconds", "sentences/s", "vs sentence-transformers", "max |diff|"]
+    head = ["contender", "seconds", "sentences/s", "vs sentence-transformers", "max abs diff"]
     cells = [[r["contender"], f"{r['seconds']:.3f}", f"{r['sentences_per_s']:.1f}", f"{r['vs_reference']:.2f}x",
               "-" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.1e}"] for r in e["rows"]]
     goals = result["goals"]
@@ -229,7 +229,7 @@ def _goals(result: dict) -> list[dict]:
     goals = [
         {"goal": "qkv (default) sentences/s / sentence-transformers'", "measured": auto["vs_reference"],
          "shown": f"{auto['vs_reference']:.2f}x", "target": ">= 1.5x", "met": auto["vs_reference"] >= 1.5},
-        {"goal": "embeddings: max |qkv - sentence-transformers| per component", "measured": worst_diff,
+        {"goal": "embeddings: max abs difference from sentence-transformers, per component", "measured": worst_diff,
          "shown": f"{worst_diff:.1e}", "target": "<= 1e-5", "met": worst_diff <= 1e-5},
     ]
     t = result.get("training")
