@@ -46,6 +46,7 @@ from torch import Tensor
 
 import qkv
 from qkv import _numba
+from qkv._checks import check_int
 
 __all__ = ["LayerCache", "ContiguousCache", "RingCache", "PagedCache", "BlockPool", "Cache", "CacheFull",
            "cache_bytes", "split_kv_attention", "split_kv_rule"]
@@ -55,12 +56,7 @@ class CacheFull(ValueError):
     """An append needs more room than the cache was built with."""
 
 
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
+_check_int = check_int
 
 
 def _element_size(dtype: torch.dtype) -> int:

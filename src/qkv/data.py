@@ -42,6 +42,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from qkv._checks import check_int
+
 __all__ = ["PAD", "BOS", "EOS", "N_SPECIAL", "TASKS", "EVAL_SEED", "Task", "Batch", "make_task", "batch",
            "ByteTokenizer", "CharTokenizer"]
 
@@ -51,12 +53,7 @@ EVAL_SEED = 1_000_003         # the default seed of held-out sets; training seed
 TASKS = ("reverse", "sort", "copy_offset")
 
 
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
+_check_int = check_int
 
 
 def _generator(seed: int | None, generator: torch.Generator | None) -> torch.Generator:

@@ -28,18 +28,14 @@ from torch import Tensor, nn
 
 import qkv
 from qkv import _numba
+from qkv._checks import check_int
 from qkv import scores as _scores
 from qkv.positional import RotaryEmbedding
 
 __all__ = ["MultiHeadAttention", "Linear", "FeedForward", "RMSNorm", "Block", "ACTIVATIONS", "NORMS"]
 
 
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
+_check_positive_int = check_int
 
 
 def _check_dropout(name: str, p) -> float:

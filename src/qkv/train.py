@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qkv import data as _data
+from qkv._checks import check_int, check_number
 
 __all__ = ["History", "TrainResult", "SCHEDULES", "lr_schedule", "seq2seq_loss", "fit", "evaluate_exact",
            "train_task", "train_reversal", "RECIPE"]
@@ -31,21 +32,7 @@ __all__ = ["History", "TrainResult", "SCHEDULES", "lr_schedule", "seq2seq_loss",
 SCHEDULES = ("cosine", "inverse_sqrt", "constant")
 
 
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _check_number(name: str, value, *, lo: float = 0.0, lo_open: bool = False, hi: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if value < lo or (lo_open and value == lo) or (hi is not None and value >= hi):
-        bound = f"{'>' if lo_open else '>='} {lo}" + (f" and < {hi}" if hi is not None else "")
-        raise ValueError(f"{name} must be {bound}, got {value!r}")
-    return float(value)
+_check_int, _check_number = check_int, check_number
 
 
 def lr_schedule(kind: str, *, lr: float, warmup: int, steps: int, min_lr: float = 0.0) -> Callable[[int], float]:

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 import qkv
+from qkv._checks import check_int
 from qkv.layers import ACTIVATIONS, Block
 
 __all__ = ["EncoderConfig", "Encoder", "EncoderOutput", "PACK_MIN_PADDING", "ENCODER_ACTIVATIONS"]
@@ -47,12 +48,7 @@ PACK_MIN_PADDING = 0.25
 ENCODER_ACTIVATIONS = tuple(name for name, (_, gated) in ACTIVATIONS.items() if not gated)
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
+_positive_int = check_int
 
 
 @dataclass

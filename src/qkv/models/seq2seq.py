@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 import qkv
 from qkv import _numba
+from qkv._checks import check_int
 from qkv.cache import Cache, _Spec
 from qkv.layers import ACTIVATIONS, Block
 from qkv.positional import sinusoidal
@@ -43,12 +44,7 @@ from qkv.positional import sinusoidal
 __all__ = ["Seq2SeqConfig", "Seq2Seq"]
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
+_positive_int = check_int
 
 
 @dataclass
