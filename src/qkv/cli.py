@@ -11,6 +11,9 @@ generate text, embed sentences.
     qkv generate --checkpoint DIR --prompt "text or token ids" [--max-new-tokens N] [--temperature T]
                  [--top-k K] [--top-p P] [--seed S] [--stop ID ...] [--cache contiguous|paged]
     qkv embed "a sentence" "another" [--model DIR] [--batch-size N] [--no-pack]
+    qkv train [DATA] [--tokenizer byte|char|PATH] [--preset tiny|small|base] [--config FILE] [--steps N]
+              [--batch-size B] [--context T] [--lr LR] [--warmup W] [--accum K] [--bf16] [--eval-every N]
+              [--ckpt-every N] [--keep N] [--out runs/train] [--resume] [--seed S]
     qkv --version
 
 `main(argv)` returns the exit status instead of exiting, so tests can call it
@@ -187,6 +190,22 @@ def _cmd_embed(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from qkv import checkpoint, train
+
+    try:
+        result = train.train_lm(args.data, out=args.out, tokenizer=args.tokenizer, preset=args.preset,
+                                config=args.config, steps=args.steps, batch_size=args.batch_size,
+                                context=args.context, lr=args.lr, warmup=args.warmup, accum_steps=args.accum,
+                                bf16=args.bf16, eval_every=args.eval_every, ckpt_every=args.ckpt_every,
+                                keep=args.keep, resume=args.resume, seed=args.seed, progress=True)
+    except (ValueError, TypeError, FileNotFoundError, checkpoint.CheckpointError) as exc:
+        raise UsageError(str(exc).replace("\n", " ")) from exc
+    print(f"validation: loss {result.val_loss:.4f} nats/token, {result.val_bpc:.4f} bits per character")
+    print(f"checkpoint: {result.checkpoint}  (qkv generate --checkpoint {result.checkpoint} --ids --prompt ...)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="qkv", description="Self-attention from the textbook formula to fast exact kernels.")
     parser.add_argument("--version", action="version", version=f"qkv {qkv.__version__}")
@@ -252,6 +271,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-pack", action="store_true",
                    help="always run padded batches (default: pack a batch's tokens when padding is large)")
     p.set_defaults(func=_cmd_embed)
+
+    p = sub.add_parser("train", help="train a decoder language model on text, with atomic checkpoints",
+                       description="Train a GPT-2 style decoder on a text file or folder (default: the Python "
+                                   "standard library's sources), print a progress line and the validation bits "
+                                   "per character, and write checkpoints OUT/step-N (loadable by qkv generate) "
+                                   "and OUT/loss.png. --resume continues the run exactly.")
+    p.add_argument("data", nargs="?", default=None, metavar="DATA",
+                   help="a UTF-8 text file or a folder of them (default: the Python standard library sources)")
+    p.add_argument("--tokenizer", default="byte", metavar="byte|char|PATH",
+                   help="byte (default), char (the corpus's characters) or a tokenizer.json")
+    p.add_argument("--preset", default="tiny", help="model size: tiny, small (6 x 384, 6 heads) or base")
+    p.add_argument("--config", default=None, metavar="FILE", help="a JSON file of DecoderConfig fields "
+                   "(instead of --preset)")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
+    p.add_argument("--batch-size", type=int, default=16, help="windows per micro-batch (default 16)")
+    p.add_argument("--context", type=int, default=128, help="tokens per window (default 128)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    p.add_argument("--warmup", type=int, default=None, help="warmup steps (default min(100, steps / 10))")
+    p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (default float32)")
+    p.add_argument("--eval-every", type=int, default=0, help="validate every N steps (default: at the end)")
+    p.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N steps (default: at the end)")
+    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep (default 3)")
+    p.add_argument("--out", default=os.path.join("runs", "train"), help="run directory (default runs/train)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the batches (default 0)")
+    p.set_defaults(func=_cmd_train)
     return parser
 
 
@@ -264,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     if args.command is None:
         parser.print_usage(sys.stderr)
-        print("qkv: error: choose a command: explain, backends, demo, bench, generate or embed (qkv --help says more)",
+        print("qkv: error: choose a command: explain, backends, demo, bench, generate, embed or train "
+              "(qkv --help says more)",
               file=sys.stderr)
         return 2
     try:

@@ -1,11 +1,14 @@
 """Training: a teacher-forced loop, learning-rate schedules, exact-match evaluation, task recipes.
 
-Legend: B batch, Lt target length, V vocabulary.
+Legend: B batch, Lt target length, T context (tokens per training window), V vocabulary.
 
     fit(model, next_batch, steps=...)          AdamW + warmup then cosine / inverse-sqrt / constant,
                                                cross-entropy over non-PAD targets, gradient clipping
     evaluate_exact(model, (srcs, tgts))        greedy generation, fraction of outputs equal to the target
     train_task("reverse") / train_reversal()   a synthetic task from qkv.data end to end
+    train_lm(data, out=..., steps=...)         a decoder language model on text (teacher forcing,
+                                               causal mask), validation bits per character,
+                                               atomic checkpoints (qkv.checkpoint) and exact resume
 
 `fit` knows a model only through `loss_fn(model, batch) -> (mean loss, tokens)`
 (default `seq2seq_loss`: a `qkv.data.Batch` through `model(src, src_lengths,
@@ -27,7 +30,8 @@ from qkv import data as _data
 from qkv._checks import check_int, check_number
 
 __all__ = ["History", "TrainResult", "SCHEDULES", "lr_schedule", "seq2seq_loss", "fit", "evaluate_exact",
-           "train_task", "train_reversal", "RECIPE"]
+           "train_task", "train_reversal", "RECIPE", "PRESETS", "decoder_config", "estimate_memory",
+           "available_memory", "lm_loss", "evaluate_lm", "LMHistory", "LMResult", "train_lm"]
 
 SCHEDULES = ("cosine", "inverse_sqrt", "constant")
 
@@ -296,3 +300,448 @@ def train_task(name: str = "reverse", *, vocab: int = 20, min_len: int = 8, max_
 def train_reversal(**kwargs) -> TrainResult:
     """`train_task("reverse", ...)`: lengths 8-16, 20 content tokens, `RECIPE` hyper-parameters."""
     return train_task("reverse", **kwargs)
+
+
+# -----------------------------------------------------------------------------
+# Decoder language models on text
+
+# GPT-2 style decoders (learned positions, LayerNorm, gelu_tanh MLP, tied head), so a
+# checkpoint is a Hugging Face GPT-2 directory; max_positions is the training context.
+PRESETS = {
+    "tiny": {"d_model": 64, "n_layers": 2, "n_heads": 4},
+    "small": {"d_model": 384, "n_layers": 6, "n_heads": 6},
+    "base": {"d_model": 768, "n_layers": 12, "n_heads": 12},
+}
+
+
+def decoder_config(preset: str | None = "tiny", *, vocab_size: int, context: int, config=None):
+    """The `DecoderConfig` to train: a preset name (PRESETS) or `config`, a dict or a
+    JSON file of DecoderConfig fields (vocab_size defaults to the tokenizer's,
+    max_positions to `context`). Checked before anything is allocated: heads divide
+    d_model (or head_dim is set), kv heads divide heads, the vocabulary covers the
+    tokenizer, the context fits, and the model can be saved as a Hugging Face checkpoint."""
+    import json
+    from pathlib import Path
+
+    from qkv.models import DecoderConfig
+    from qkv.models.hf import config_to_hf
+
+    _check_int("vocab_size", vocab_size, 1)
+    _check_int("context", context, 1)
+    if config is not None:
+        source = "config"
+        if isinstance(config, (str, Path)):
+            source = str(config)
+            try:
+                config = json.loads(Path(config).read_text())
+            except FileNotFoundError:
+                raise FileNotFoundError(f"config file {source} does not exist") from None
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise ValueError(f"config file {source} is not valid JSON: {exc}") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{source} must hold a JSON object of DecoderConfig fields, got {type(config).__name__}")
+        fields = dict(config)
+    else:
+        if preset not in PRESETS:
+            raise ValueError(f"preset must be one of {', '.join(map(repr, PRESETS))} (or pass a config file), "
+                             f"got {preset!r}")
+        source = f"preset {preset!r}"
+        fields = {**PRESETS[preset], "arch": "gpt2"}
+    fields.setdefault("vocab_size", vocab_size)
+    fields.setdefault("max_positions", context)
+    d, h = fields.get("d_model"), fields.get("n_heads")
+    kv = fields.get("n_kv_heads") or h
+    if isinstance(d, int) and isinstance(h, int) and h > 0 and fields.get("head_dim") is None and d % h:
+        raise ValueError(f"{source}: d_model={d} is not divisible by n_heads={h}; pick heads that divide the width")
+    if isinstance(h, int) and isinstance(kv, int) and kv > 0 and h % kv:
+        raise ValueError(f"{source}: n_kv_heads={kv} must divide n_heads={h}")
+    if isinstance(fields["vocab_size"], int) and fields["vocab_size"] < vocab_size:
+        raise ValueError(f"{source}: vocab_size={fields['vocab_size']} is smaller than the tokenizer's {vocab_size}")
+    if isinstance(fields["max_positions"], int) and fields["max_positions"] < context:
+        raise ValueError(f"{source}: max_positions={fields['max_positions']} is shorter than the context {context}; "
+                         f"lower --context or raise max_positions")
+    try:
+        cfg = DecoderConfig.from_dict(fields)
+        config_to_hf(cfg)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{source}: {exc}") from None
+    return cfg
+
+
+def available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def estimate_memory(config, batch_size: int, context: int) -> dict[str, int]:
+    """A rough upper estimate, in bytes, of training `config` in float32 on
+    (batch_size, context) windows: weights + gradients + AdamW's two moments
+    (16 bytes a parameter), activations kept for backward (per layer and token
+    ~16 d_model + 2 ffn_hidden floats plus 3 n_heads x context attention scores) and
+    the logits with their gradient (3 x V floats a token). Counts parameters on the
+    meta device: nothing is allocated."""
+    from qkv.models import Decoder
+
+    params = sum(p.numel() for p in Decoder(config, device="meta").parameters())
+    tokens = batch_size * context
+    act = 4 * tokens * config.n_layers * (16 * config.d_model + 2 * config.ffn_hidden + 3 * config.n_heads * context)
+    logits = 4 * tokens * 3 * config.vocab_size
+    out = {"params": params, "states": 16 * params, "activations": act + logits}
+    out["total"] = out["states"] + out["activations"]
+    return out
+
+
+def _check_memory(config, batch_size: int, context: int, limit: int | None) -> None:
+    est = estimate_memory(config, batch_size, context)
+    if limit is not None and est["total"] > limit:
+        g = 2.0 ** 30
+        raise ValueError(f"training this model needs about {est['total'] / g:.1f} GiB ({est['params'] / 1e6:.1f}M "
+                         f"parameters: {est['states'] / g:.1f} GiB of weights, gradients and AdamW state; "
+                         f"{est['activations'] / g:.1f} GiB of activations for batch {batch_size} x context "
+                         f"{context}) but only {limit / g:.1f} GiB is available (MemAvailable); use a smaller "
+                         f"preset, batch size or context (accumulate with --accum instead)")
+
+
+def lm_loss(model: nn.Module, tokens: Tensor) -> tuple[Tensor, int]:
+    """Mean next-token cross-entropy (nats) of windows tokens (B, T + 1): the model
+    reads tokens[:, :-1] with the causal mask and predicts tokens[:, 1:]."""
+    if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.shape[1] < 2:
+        raise ValueError(f"tokens must be (B, T + 1) ids with T >= 1, got "
+                         f"{tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__}")
+    logits = model(tokens[:, :-1])                                          # (B, T, V)
+    target = tokens[:, 1:]                                                  # (B, T)
+    return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten()), target.numel()
+
+
+@torch.no_grad()
+def evaluate_lm(model: nn.Module, batches: list[Tensor], *, bf16: bool = False) -> float:
+    """Mean next-token loss (nats per token) over windows (b, T + 1); restores the
+    model's training mode."""
+    was = model.training
+    model.eval()
+    total, n = 0.0, 0
+    try:
+        for x in batches:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss, k = lm_loss(model, x)
+            total += float(loss) * k
+            n += k
+    finally:
+        model.train(was)
+    return total / n
+
+
+@dataclass
+class LMHistory:
+    """Per optimizer step: loss (mean over the accumulated micro-batches), lr,
+    gradient norm; `val`: (step, validation loss in nats/token, bits per character)."""
+
+    loss: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    grad_norm: list[float] = field(default_factory=list)
+    val: list[tuple[int, float, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"loss": self.loss, "lr": self.lr, "grad_norm": self.grad_norm, "val": [list(v) for v in self.val]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LMHistory":
+        return cls(list(d["loss"]), list(d["lr"]), list(d["grad_norm"]), [tuple(v) for v in d["val"]])
+
+
+@dataclass
+class LMResult:
+    """What `train_lm` returns. val_bpc: bits per character of the validation text
+    (nats per token x tokens per character / ln 2)."""
+
+    model: nn.Module
+    data: _data.TextData
+    history: LMHistory
+    val_loss: float
+    val_bpc: float
+    out: object
+    checkpoint: object
+    resumed_from: object
+    tokens_per_s: float
+
+
+# training arguments a resumed run must repeat exactly (they decide the losses)
+_RESUME_KEYS = ("data", "tokenizer", "config", "steps", "batch_size", "context", "lr", "warmup", "min_lr",
+                "weight_decay", "clip", "accum_steps", "bf16", "seed", "val_fraction", "max_corpus_bytes")
+
+
+class _Progress:
+    """One status line on stderr: rewritten in place on a terminal, a line per
+    report otherwise."""
+
+    def __init__(self, steps: int, start: int, every: int):
+        import sys
+
+        self.stream, self.steps, self.start, self.every = sys.stderr, steps, start, every
+        self.tty = self.stream.isatty()
+        self.t0 = time.perf_counter()
+        self.tokens = 0
+
+    def update(self, step: int, loss: float, tokens: int, val: tuple | None) -> None:
+        self.tokens += tokens
+        if not (self.tty or step % self.every == 0 or step == self.steps):
+            return
+        dt = time.perf_counter() - self.t0
+        done = step - self.start
+        eta = dt / done * (self.steps - step) if done else 0.0
+        v = f"  val {val[1]:.3f} ({val[2]:.3f} bpc)" if val else ""
+        line = (f"step {step}/{self.steps}  loss {loss:.4f}{v}  {self.tokens / max(dt, 1e-9):,.0f} tok/s  "
+                f"ETA {int(eta) // 60}m{int(eta) % 60:02d}s")
+        self.stream.write(("\r" + line + "\x1b[K") if self.tty else line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _plot(path, history: LMHistory) -> None:
+    """The loss curve (training loss per step, validation loss) as a PNG, written atomically."""
+    import os
+    import warnings
+
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        from matplotlib.figure import Figure
+    except ImportError:
+        warnings.warn("matplotlib is not installed: no loss-curve PNG (pip install matplotlib)", stacklevel=3)
+        return
+    fig = Figure(figsize=(7, 4))
+    ax = fig.add_subplot()
+    ax.plot(range(1, len(history.loss) + 1), history.loss, lw=0.8, label="train")
+    if history.val:
+        ax.plot([v[0] for v in history.val], [v[1] for v in history.val], "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    tmp = f"{path}.tmp-{os.getpid()}"
+    fig.savefig(tmp, format="png", dpi=100)
+    os.replace(tmp, path)
+
+
+def _optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], list[dict]]:
+    sd = opt.state_dict()
+    tensors = {f"opt.{i}.{k}": (v if isinstance(v, Tensor) else torch.tensor(v))
+               for i, st in sd["state"].items() for k, v in st.items()}
+    return tensors, sd["param_groups"]
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], groups: list[dict]) -> None:
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        if key.startswith("opt."):
+            _, i, name = key.split(".", 2)
+            state.setdefault(int(i), {})[name] = v
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in groups]
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _rng_state() -> tuple[dict[str, Tensor], dict]:
+    import random
+
+    import numpy as np
+
+    v, keys, pos, has_gauss, gauss = np.random.get_state()
+    py = random.getstate()
+    return ({"rng.torch": torch.get_rng_state()},
+            {"python": [py[0], list(py[1]), py[2]], "numpy": [v, keys.tolist(), pos, has_gauss, gauss]})
+
+
+def _set_rng_state(tensors: dict[str, Tensor], state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    if "rng.torch" in tensors:
+        torch.set_rng_state(tensors["rng.torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    v, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((v, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+
+
+def train_lm(data=None, *, out="runs/train", tokenizer: str = "byte", preset: str = "tiny", config=None,
+             steps: int = 1000, batch_size: int = 16, context: int = 128, lr: float = 1e-3,
+             warmup: int | None = None, min_lr: float | None = None, weight_decay: float = 0.1,
+             clip: float | None = 1.0, accum_steps: int = 1, bf16: bool = False, eval_every: int = 0,
+             eval_windows: int = 64, ckpt_every: int = 0, keep: int = 3, resume: bool = False, seed: int = 0,
+             val_fraction: float = 0.02, max_corpus_bytes: int = _data.DEFAULT_CORPUS_BYTES,
+             progress: bool = False, plot: bool = True, stop_after: int | None = None,
+             memory_limit: int | None = -1) -> LMResult:
+    """Train a decoder language model on text with teacher forcing and the causal mask.
+
+    Args:
+        data: a text file or folder (`qkv.data.load_corpus`); None: the Python standard
+            library's sources. tokenizer: "byte", "char" or a tokenizer.json path.
+        preset / config: the model (`decoder_config`); checked, and its memory estimated
+            against `memory_limit` bytes (-1: MemAvailable; None: no check), before allocation.
+        steps, batch_size, context, accum_steps: optimizer steps of accum_steps micro-batches
+            of (batch_size, context + 1) windows each.
+        lr, warmup, min_lr: linear warmup (default min(100, steps // 10)) then cosine to
+            min_lr (default lr / 10). weight_decay, clip: AdamW decay, gradient-norm clip.
+        bf16: bfloat16 autocast on the CPU (weights and optimizer stay float32).
+        eval_every, eval_windows: validation every N steps (0: at the end only) on up to
+            eval_windows windows of the held-out last `val_fraction` of the text.
+        ckpt_every, keep: a checkpoint every N steps (0: at the end only) in out/step-N,
+            keeping the newest `keep` (`qkv.checkpoint`). resume: continue from the newest
+            valid checkpoint in `out` with the same arguments: the losses continue exactly
+            as the uninterrupted run's would. Without resume, an `out` that already holds
+            checkpoints is refused.
+        progress: a status line (loss, tokens/s, ETA) on stderr. plot: out/loss.png.
+        stop_after: end after this step (checkpointing it), as an interruption would.
+
+    Validation bits per character = loss (nats/token) x tokens per character of the
+    validation text / ln 2; for "char" that is loss / ln 2, for "byte" loss / ln 2 per
+    byte times bytes per character (1 for ASCII text).
+    """
+    import sys
+    from pathlib import Path
+
+    from qkv import checkpoint as _ckpt
+    from qkv.models import Decoder
+
+    for name, v in (("steps", steps), ("batch_size", batch_size), ("context", context),
+                    ("accum_steps", accum_steps), ("eval_windows", eval_windows), ("keep", keep)):
+        _check_int(name, v, 1)
+    for name, v in (("eval_every", eval_every), ("ckpt_every", ckpt_every), ("seed", seed)):
+        _check_int(name, v, 0)
+    warmup = min(100, steps // 10) if warmup is None else _check_int("warmup", warmup, 0)
+    _check_number("lr", lr, lo_open=True)
+    min_lr = lr / 10 if min_lr is None else _check_number("min_lr", min_lr)
+    _check_number("weight_decay", weight_decay)
+    if clip is not None:
+        _check_number("clip", clip, lo_open=True)
+    if stop_after is not None:
+        _check_int("stop_after", stop_after, 1)
+    if config is None and preset not in PRESETS:
+        raise ValueError(f"preset must be one of {', '.join(map(repr, PRESETS))} (or pass a config file), "
+                         f"got {preset!r}")
+    tok_spec = str(tokenizer)
+    if tok_spec not in ("byte", "char"):
+        _data.make_tokenizer(tok_spec)                          # a bad spec or a missing file, before reading data
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; pass a directory for the checkpoints")
+    start_ckpt = None
+    if resume:
+        start_ckpt = _ckpt.latest(out)
+        if start_ckpt is None:
+            raise ValueError(f"nothing to resume: {out} holds no valid checkpoint; run without --resume")
+        skipped = [p for p in _ckpt.list_checkpoints(out) if p.name > start_ckpt.name]
+        for p in skipped:
+            print(f"warning: skipping {p}: it does not verify; resuming from {start_ckpt}", file=sys.stderr)
+    elif _ckpt.list_checkpoints(out):
+        raise ValueError(f"{out} already holds checkpoints; pass --resume to continue that run or choose "
+                         f"another --out")
+
+    text = _data.load_corpus(data, max_bytes=max_corpus_bytes)
+    ds = _data.TextData.build(text, tok_spec, val_fraction=val_fraction)
+    ds.check_context(context)
+    cfg = decoder_config(preset if config is None else None, vocab_size=ds.tokenizer.vocab_size, context=context,
+                         config=config)
+    if memory_limit == -1:
+        memory_limit = available_memory()
+    _check_memory(cfg, batch_size, context, memory_limit)
+
+    args = {"data": None if data is None else str(Path(data).resolve()), "tokenizer": tok_spec,
+            "config": cfg.to_dict(), "steps": steps, "batch_size": batch_size, "context": context, "lr": lr,
+            "warmup": warmup, "min_lr": min_lr, "weight_decay": weight_decay, "clip": clip,
+            "accum_steps": accum_steps, "bf16": bf16, "seed": seed, "val_fraction": val_fraction,
+            "max_corpus_bytes": max_corpus_bytes}
+    torch.manual_seed(seed)
+    model = Decoder(cfg)
+    opt = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    history, start = LMHistory(), 0
+    if start_ckpt is not None:
+        ck = _ckpt.load(start_ckpt)
+        saved = ck.state.get("args", {})
+        diff = [f"{k}: checkpoint {saved.get(k)!r}, now {args[k]!r}" for k in _RESUME_KEYS if saved.get(k) != args[k]]
+        if diff:
+            raise ValueError(f"--resume needs the arguments of the run in {out}; these differ: " + "; ".join(diff))
+        if ck.state.get("data_sha256") != ds.sha256:
+            raise ValueError(f"the training text changed since {start_ckpt} was written; resume with the same data")
+        model.load_state_dict(ck.model.state_dict(), strict=True)
+        _load_optimizer(opt, ck.tensors, ck.state["optimizer"]["param_groups"])
+        _set_rng_state(ck.tensors, ck.state["rng"])
+        history, start = LMHistory.from_dict(ck.state["history"]), ck.step
+        del ck
+    lr_at = lr_schedule("cosine", lr=lr, warmup=warmup, steps=steps, min_lr=min_lr)
+    val_batches = ds.val_batches(batch_size, context, max_windows=eval_windows)
+    extra = {"tokenizer.json": ds.tokenizer.path} if isinstance(ds.tokenizer, _data.FileTokenizer) else {}
+    stop = steps if stop_after is None else min(stop_after, steps)
+    out.mkdir(parents=True, exist_ok=True)
+    bar = _Progress(steps, start, max(1, steps // 20)) if progress else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    last_ckpt, t0, tokens = start_ckpt, time.perf_counter(), 0
+
+    def write_checkpoint(step: int):
+        opt_tensors, groups = _optimizer_state(opt)
+        rng_tensors, rng_json = _rng_state()
+        state = {"args": args, "data_sha256": ds.sha256, "data_position": {"seed": seed, "step": step},
+                 "optimizer": {"param_groups": groups}, "scheduler": {"kind": "cosine", "step": step},
+                 "rng": rng_json, "history": history.to_dict(),
+                 "tokenizer": {"spec": tok_spec, "vocab_size": ds.tokenizer.vocab_size,
+                               "alphabet": getattr(ds.tokenizer, "alphabet", None)}}
+        return _ckpt.save(out, step, model, {**opt_tensors, **rng_tensors}, state, keep=keep, extra_files=extra)
+
+    model.train()
+    try:
+        for step in range(start, stop):
+            rate = lr_at(step)
+            for g in opt.param_groups:
+                g["lr"] = rate
+            opt.zero_grad(set_to_none=True)
+            total = 0.0
+            for k in range(accum_steps):
+                x = ds.batch(step, batch_size, context, seed=seed, micro=k)                 # (B, T+1)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    loss, n = lm_loss(model, x)
+                (loss / accum_steps).backward()
+                total += float(loss.detach())
+                tokens += n
+            value = total / accum_steps
+            if not math.isfinite(value):
+                raise FloatingPointError(f"loss is {value} at step {step}; lower lr (now {rate:.3g}) or raise warmup")
+            norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else float("inf"))
+            opt.step()
+            history.loss.append(value)
+            history.lr.append(rate)
+            history.grad_norm.append(float(norm))
+            done = step + 1
+            val = None
+            if (eval_every and done % eval_every == 0) or done == stop:
+                vl = evaluate_lm(model, val_batches, bf16=bf16)
+                val = (done, vl, vl * ds.tokens_per_char / math.log(2))
+                history.val.append(val)
+            if bar is not None:
+                bar.update(done, value, n * accum_steps, val)
+            if (ckpt_every and done % ckpt_every == 0) or done == stop:
+                last_ckpt = write_checkpoint(done)
+            if plot and (val is not None or done == stop):
+                _plot(out / "loss.png", history)
+    finally:
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - t0
+    if history.val and history.val[-1][0] == len(history.loss):
+        _, vl, bpc = history.val[-1]
+    else:
+        vl = evaluate_lm(model, val_batches, bf16=bf16)
+        bpc = vl * ds.tokens_per_char / math.log(2)
+    return LMResult(model, ds, history, vl, bpc, out, last_ckpt, start_ckpt,
+                    tokens / seconds if seconds > 0 else 0.0)
