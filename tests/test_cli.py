@@ -193,8 +193,12 @@ def test_demo_quick_writes_summaries(capsys, tmp_path):
     assert md.startswith("# qkv demo")
     table_rows = [line for line in md.splitlines() if line.startswith("| 256 |") or line.startswith("| 512 |")]
     assert len(table_rows) == 4
+    train = summary["steps"]["training"]
+    assert train["final_loss"] < train["first_loss"] and 0 < train["val_bpc"] < 8.0
+    assert (out_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert summary["steps"]["seq2seq"]["accuracy_after"] > summary["steps"]["seq2seq"]["accuracy_before"]
     # atomic writes leave no temporary files behind
-    assert sorted(p.name for p in out_dir.iterdir()) == ["summary.json", "summary.md"]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["loss.png", "summary.json", "summary.md"]
 
 
 def test_bench_writes_json_with_forward_and_backward(tmp_path, capsys):
