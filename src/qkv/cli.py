@@ -191,7 +191,7 @@ def _cmd_embed(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from qkv import checkpoint, train
+    from qkv import checkpoint, distributed, train
 
     try:
         result = train.train_lm(args.data, out=args.out, tokenizer=args.tokenizer, preset=args.preset,
@@ -201,8 +201,9 @@ def _cmd_train(args) -> int:
                                 keep=args.keep, resume=args.resume, seed=args.seed, progress=True)
     except (ValueError, TypeError, FileNotFoundError, checkpoint.CheckpointError) as exc:
         raise UsageError(str(exc).replace("\n", " ")) from exc
-    print(f"validation: loss {result.val_loss:.4f} nats/token, {result.val_bpc:.4f} bits per character")
-    print(f"checkpoint: {result.checkpoint}  (qkv generate --checkpoint {result.checkpoint} --ids --prompt ...)")
+    if distributed.is_main():                      # under torchrun: once, from rank 0
+        print(f"validation: loss {result.val_loss:.4f} nats/token, {result.val_bpc:.4f} bits per character")
+        print(f"checkpoint: {result.checkpoint}  (qkv generate --checkpoint {result.checkpoint} --ids --prompt ...)")
     return 0
 
 

@@ -17,6 +17,7 @@ tgt_in)`), so other models plug in with their own loss function.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -424,6 +425,13 @@ def lm_loss(model: nn.Module, tokens: Tensor) -> tuple[Tensor, int]:
 def evaluate_lm(model: nn.Module, batches: list[Tensor], *, bf16: bool = False) -> float:
     """Mean next-token loss (nats per token) over windows (b, T + 1); restores the
     model's training mode."""
+    total, n = _lm_sums(model, batches, bf16=bf16)
+    return total / n
+
+
+@torch.no_grad()
+def _lm_sums(model: nn.Module, batches: list[Tensor], *, bf16: bool = False) -> tuple[float, int]:
+    """(summed next-token loss in nats, tokens) over windows (b, T + 1)."""
     was = model.training
     model.eval()
     total, n = 0.0, 0
@@ -435,7 +443,7 @@ def evaluate_lm(model: nn.Module, batches: list[Tensor], *, bf16: bool = False) 
             n += k
     finally:
         model.train(was)
-    return total / n
+    return total, n
 
 
 @dataclass
@@ -605,6 +613,13 @@ def train_lm(data=None, *, out="runs/train", tokenizer: str = "byte", preset: st
         progress: a status line (loss, tokens/s, ETA) on stderr. plot: out/loss.png.
         stop_after: end after this step (checkpointing it), as an interruption would.
 
+    Data parallel: under `torchrun --nproc_per_node=W` (WORLD_SIZE > 1) each of the W
+    processes trains a DistributedDataParallel copy on its contiguous B / W rows of every
+    global batch (batch_size is global: W must divide it), so the run follows the
+    one-process run of the same arguments up to float rounding, and can be resumed with
+    another W. Validation is shared out and summed; rank 0 alone prints, plots and writes
+    checkpoints, and every rank waits for each checkpoint to be written.
+
     Validation bits per character = loss (nats/token) x tokens per character of the
     validation text / ln 2; for "char" that is loss / ln 2, for "byte" loss / ln 2 per
     byte times bytes per character (1 for ASCII text).
@@ -613,6 +628,7 @@ def train_lm(data=None, *, out="runs/train", tokenizer: str = "byte", preset: st
     from pathlib import Path
 
     from qkv import checkpoint as _ckpt
+    from qkv import distributed as _dist
     from qkv.models import Decoder
 
     for name, v in (("steps", steps), ("batch_size", batch_size), ("context", context),
@@ -637,111 +653,134 @@ def train_lm(data=None, *, out="runs/train", tokenizer: str = "byte", preset: st
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; pass a directory for the checkpoints")
-    start_ckpt = None
-    if resume:
-        start_ckpt = _ckpt.latest(out)
-        if start_ckpt is None:
-            raise ValueError(f"nothing to resume: {out} holds no valid checkpoint; run without --resume")
-        skipped = [p for p in _ckpt.list_checkpoints(out) if p.name > start_ckpt.name]
-        for p in skipped:
-            print(f"warning: skipping {p}: it does not verify; resuming from {start_ckpt}", file=sys.stderr)
-    elif _ckpt.list_checkpoints(out):
-        raise ValueError(f"{out} already holds checkpoints; pass --resume to continue that run or choose "
-                         f"another --out")
+    world = _dist.env_world()
+    _dist.check_divisible(batch_size, world)
+    with _dist.process_group("cpu") as world:
+        start_ckpt = None
+        if resume:
+            start_ckpt = _ckpt.latest(out)
+            if start_ckpt is None:
+                raise ValueError(f"nothing to resume: {out} holds no valid checkpoint; run without --resume")
+            skipped = [p for p in _ckpt.list_checkpoints(out) if p.name > start_ckpt.name]
+            for p in skipped:
+                if world.main:
+                    print(f"warning: skipping {p}: it does not verify; resuming from {start_ckpt}",
+                          file=sys.stderr)
+        elif _ckpt.list_checkpoints(out):
+            raise ValueError(f"{out} already holds checkpoints; pass --resume to continue that run or choose "
+                             f"another --out")
 
-    text = _data.load_corpus(data, max_bytes=max_corpus_bytes)
-    ds = _data.TextData.build(text, tok_spec, val_fraction=val_fraction)
-    ds.check_context(context)
-    cfg = decoder_config(preset if config is None else None, vocab_size=ds.tokenizer.vocab_size, context=context,
-                         config=config)
-    if memory_limit == -1:
-        memory_limit = available_memory()
-    _check_memory(cfg, batch_size, context, memory_limit)
+        text = _data.load_corpus(data, max_bytes=max_corpus_bytes)
+        ds = _data.TextData.build(text, tok_spec, val_fraction=val_fraction)
+        ds.check_context(context)
+        cfg = decoder_config(preset if config is None else None, vocab_size=ds.tokenizer.vocab_size, context=context,
+                             config=config)
+        if memory_limit == -1:
+            memory_limit = available_memory()
+        _check_memory(cfg, batch_size // world.size, context, memory_limit)
 
-    args = {"data": None if data is None else str(Path(data).resolve()), "tokenizer": tok_spec,
-            "config": cfg.to_dict(), "steps": steps, "batch_size": batch_size, "context": context, "lr": lr,
-            "warmup": warmup, "min_lr": min_lr, "weight_decay": weight_decay, "clip": clip,
-            "accum_steps": accum_steps, "bf16": bf16, "seed": seed, "val_fraction": val_fraction,
-            "max_corpus_bytes": max_corpus_bytes}
-    torch.manual_seed(seed)
-    model = Decoder(cfg)
-    opt = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95), eps=1e-8)
-    history, start = LMHistory(), 0
-    if start_ckpt is not None:
-        ck = _ckpt.load(start_ckpt)
-        saved = ck.state.get("args", {})
-        diff = [f"{k}: checkpoint {saved.get(k)!r}, now {args[k]!r}" for k in _RESUME_KEYS if saved.get(k) != args[k]]
-        if diff:
-            raise ValueError(f"--resume needs the arguments of the run in {out}; these differ: " + "; ".join(diff))
-        if ck.state.get("data_sha256") != ds.sha256:
-            raise ValueError(f"the training text changed since {start_ckpt} was written; resume with the same data")
-        model.load_state_dict(ck.model.state_dict(), strict=True)
-        _load_optimizer(opt, ck.tensors, ck.state["optimizer"]["param_groups"])
-        _set_rng_state(ck.tensors, ck.state["rng"])
-        history, start = LMHistory.from_dict(ck.state["history"]), ck.step
-        del ck
-    lr_at = lr_schedule("cosine", lr=lr, warmup=warmup, steps=steps, min_lr=min_lr)
-    val_batches = ds.val_batches(batch_size, context, max_windows=eval_windows)
-    extra = {"tokenizer.json": ds.tokenizer.path} if isinstance(ds.tokenizer, _data.FileTokenizer) else {}
-    stop = steps if stop_after is None else min(stop_after, steps)
-    out.mkdir(parents=True, exist_ok=True)
-    bar = _Progress(steps, start, max(1, steps // 20)) if progress else None
-    params = [p for p in model.parameters() if p.requires_grad]
-    last_ckpt, t0, tokens = start_ckpt, time.perf_counter(), 0
+        args = {"data": None if data is None else str(Path(data).resolve()), "tokenizer": tok_spec,
+                "config": cfg.to_dict(), "steps": steps, "batch_size": batch_size, "context": context, "lr": lr,
+                "warmup": warmup, "min_lr": min_lr, "weight_decay": weight_decay, "clip": clip,
+                "accum_steps": accum_steps, "bf16": bf16, "seed": seed, "val_fraction": val_fraction,
+                "max_corpus_bytes": max_corpus_bytes}
+        torch.manual_seed(seed)
+        model = Decoder(cfg)
+        opt = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95), eps=1e-8)
+        history, start = LMHistory(), 0
+        if start_ckpt is not None:
+            ck = _ckpt.load(start_ckpt)
+            saved = ck.state.get("args", {})
+            diff = [f"{k}: checkpoint {saved.get(k)!r}, now {args[k]!r}" for k in _RESUME_KEYS if saved.get(k) != args[k]]
+            if diff:
+                raise ValueError(f"--resume needs the arguments of the run in {out}; these differ: " + "; ".join(diff))
+            if ck.state.get("data_sha256") != ds.sha256:
+                raise ValueError(f"the training text changed since {start_ckpt} was written; resume with the same data")
+            model.load_state_dict(ck.model.state_dict(), strict=True)
+            _load_optimizer(opt, ck.tensors, ck.state["optimizer"]["param_groups"])
+            _set_rng_state(ck.tensors, ck.state["rng"])
+            history, start = LMHistory.from_dict(ck.state["history"]), ck.step
+            del ck
+        # every rank starts from the same weights (same seed or checkpoint); DDP also broadcasts rank 0's
+        net = model
+        if world.distributed:
+            net = nn.parallel.DistributedDataParallel(model)
+        lr_at = lr_schedule("cosine", lr=lr, warmup=warmup, steps=steps, min_lr=min_lr)
+        val_batches = ds.val_batches(batch_size, context, max_windows=eval_windows)
 
-    def write_checkpoint(step: int):
-        opt_tensors, groups = _optimizer_state(opt)
-        rng_tensors, rng_json = _rng_state()
-        state = {"args": args, "data_sha256": ds.sha256, "data_position": {"seed": seed, "step": step},
-                 "optimizer": {"param_groups": groups}, "scheduler": {"kind": "cosine", "step": step},
-                 "rng": rng_json, "history": history.to_dict(),
-                 "tokenizer": {"spec": tok_spec, "vocab_size": ds.tokenizer.vocab_size,
-                               "alphabet": getattr(ds.tokenizer, "alphabet", None)}}
-        return _ckpt.save(out, step, model, {**opt_tensors, **rng_tensors}, state, keep=keep, extra_files=extra)
+        def validate() -> float:
+            # each rank scores every W-th window batch; the sums over ranks give the one-process mean
+            total, count = _dist.all_sum(list(_lm_sums(model, val_batches[world.rank::world.size], bf16=bf16)),
+                                         world)
+            return total / count
+        extra = {"tokenizer.json": ds.tokenizer.path} if isinstance(ds.tokenizer, _data.FileTokenizer) else {}
+        stop = steps if stop_after is None else min(stop_after, steps)
+        out.mkdir(parents=True, exist_ok=True)
+        _dist.barrier(world)                        # every rank has read `out` before rank 0 writes to it
+        bar = _Progress(steps, start, max(1, steps // 20)) if progress and world.main else None
+        params = [p for p in model.parameters() if p.requires_grad]
+        last_ckpt, t0, tokens = start_ckpt, time.perf_counter(), 0
 
-    model.train()
-    try:
-        for step in range(start, stop):
-            rate = lr_at(step)
-            for g in opt.param_groups:
-                g["lr"] = rate
-            opt.zero_grad(set_to_none=True)
-            total = 0.0
-            for k in range(accum_steps):
-                x = ds.batch(step, batch_size, context, seed=seed, micro=k)                 # (B, T+1)
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    loss, n = lm_loss(model, x)
-                (loss / accum_steps).backward()
-                total += float(loss.detach())
-                tokens += n
-            value = total / accum_steps
-            if not math.isfinite(value):
-                raise FloatingPointError(f"loss is {value} at step {step}; lower lr (now {rate:.3g}) or raise warmup")
-            norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else float("inf"))
-            opt.step()
-            history.loss.append(value)
-            history.lr.append(rate)
-            history.grad_norm.append(float(norm))
-            done = step + 1
-            val = None
-            if (eval_every and done % eval_every == 0) or done == stop:
-                vl = evaluate_lm(model, val_batches, bf16=bf16)
-                val = (done, vl, vl * ds.tokens_per_char / math.log(2))
-                history.val.append(val)
+        def write_checkpoint(step: int):
+            opt_tensors, groups = _optimizer_state(opt)
+            rng_tensors, rng_json = _rng_state()
+            state = {"args": args, "data_sha256": ds.sha256, "data_position": {"seed": seed, "step": step},
+                     "optimizer": {"param_groups": groups}, "scheduler": {"kind": "cosine", "step": step},
+                     "rng": rng_json, "history": history.to_dict(),
+                     "tokenizer": {"spec": tok_spec, "vocab_size": ds.tokenizer.vocab_size,
+                                   "alphabet": getattr(ds.tokenizer, "alphabet", None)}}
+            return _ckpt.save(out, step, model, {**opt_tensors, **rng_tensors}, state, keep=keep, extra_files=extra)
+
+        model.train()
+        try:
+            for step in range(start, stop):
+                rate = lr_at(step)
+                for g in opt.param_groups:
+                    g["lr"] = rate
+                opt.zero_grad(set_to_none=True)
+                total = 0.0
+                for k in range(accum_steps):
+                    x = ds.batch(step, batch_size, context, seed=seed, micro=k)                 # (B, T+1)
+                    x = _dist.shard_rows(x, world)                                              # (B/W, T+1)
+                    # gradients are averaged over ranks once, on the last micro-batch
+                    sync = not world.distributed or k == accum_steps - 1
+                    with contextlib.nullcontext() if sync else net.no_sync():
+                        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                            loss, n = lm_loss(net, x)
+                        (loss / accum_steps).backward()
+                    total += float(loss.detach())
+                    tokens += n * world.size
+                # equal tokens per rank: the global batch's mean loss is the mean of the ranks' means
+                value = _dist.all_sum([total], world)[0] / (accum_steps * world.size)
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"loss is {value} at step {step}; lower lr (now {rate:.3g}) or raise warmup")
+                norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else float("inf"))
+                opt.step()
+                history.loss.append(value)
+                history.lr.append(rate)
+                history.grad_norm.append(float(norm))
+                done = step + 1
+                val = None
+                if (eval_every and done % eval_every == 0) or done == stop:
+                    vl = validate()
+                    val = (done, vl, vl * ds.tokens_per_char / math.log(2))
+                    history.val.append(val)
+                if bar is not None:
+                    bar.update(done, value, n * accum_steps, val)
+                if (ckpt_every and done % ckpt_every == 0) or done == stop:
+                    # rank 0 writes (all ranks hold the same weights and state); the others wait for it
+                    last_ckpt = write_checkpoint(done) if world.main else out / _ckpt.step_dir_name(done)
+                    _dist.barrier(world)
+                if plot and world.main and (val is not None or done == stop):
+                    _plot(out / "loss.png", history)
+        finally:
             if bar is not None:
-                bar.update(done, value, n * accum_steps, val)
-            if (ckpt_every and done % ckpt_every == 0) or done == stop:
-                last_ckpt = write_checkpoint(done)
-            if plot and (val is not None or done == stop):
-                _plot(out / "loss.png", history)
-    finally:
-        if bar is not None:
-            bar.close()
-    seconds = time.perf_counter() - t0
-    if history.val and history.val[-1][0] == len(history.loss):
-        _, vl, bpc = history.val[-1]
-    else:
-        vl = evaluate_lm(model, val_batches, bf16=bf16)
-        bpc = vl * ds.tokens_per_char / math.log(2)
-    return LMResult(model, ds, history, vl, bpc, out, last_ckpt, start_ckpt,
-                    tokens / seconds if seconds > 0 else 0.0)
+                bar.close()
+        seconds = time.perf_counter() - t0
+        if history.val and history.val[-1][0] == len(history.loss):
+            _, vl, bpc = history.val[-1]
+        else:
+            vl = validate()
+            bpc = vl * ds.tokens_per_char / math.log(2)
+        return LMResult(model, ds, history, vl, bpc, out, last_ckpt, start_ckpt,
+                        tokens / seconds if seconds > 0 else 0.0)
