@@ -8,6 +8,7 @@ generate text, embed sentences.
     qkv bench attention [--quick] [--lengths L ...] [--out runs/bench] [--no-flex] [--no-memory]
     qkv bench generate [--quick] [--out runs/bench]
     qkv bench embed [--quick] [--out runs/bench]
+    qkv bench train [--quick] [--out runs/bench]
     qkv generate --checkpoint DIR --prompt "text or token ids" [--max-new-tokens N] [--temperature T]
                  [--top-k K] [--top-p P] [--seed S] [--stop ID ...] [--cache contiguous|paged]
     qkv embed "a sentence" "another" [--model DIR] [--batch-size N] [--no-pack]
@@ -71,6 +72,13 @@ def _cmd_demo(args) -> int:
 def _cmd_bench(args) -> int:
     from qkv import demo
 
+    if args.what == "train":
+        from qkv import bench_train
+
+        if args.lengths or args.no_flex or args.no_memory:
+            raise UsageError("--lengths, --no-flex and --no-memory belong to `qkv bench attention`")
+        bench_train.run(args.out, quick=args.quick)
+        return 0
     if args.what == "embed":
         from qkv import bench_embed
 
@@ -234,8 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "sdpa and FlexAttention on long masked sequences (attention.json, attention.md). "
                                    "`qkv bench generate`: decoding vs transformers (generate.json, generate.md). "
                                    "`qkv bench embed`: MiniLM embeddings vs sentence-transformers and encoder-decoder "
-                                   "training throughput (embed.json, embed.md).")
-    p.add_argument("what", nargs="?", choices=("backends", "attention", "generate", "embed"), default="backends",
+                                   "training throughput (embed.json, embed.md). `qkv bench train`: decoder training vs "
+                                   "transformers' GPT-2 and 2 processes vs 1 (train.json, train.md).")
+    p.add_argument("what", nargs="?", choices=("backends", "attention", "generate", "embed", "train"), default="backends",
                    help="which benchmark (default backends)")
     p.add_argument("--out", default=os.path.join("runs", "bench"), help="where the results go (default runs/bench)")
     p.add_argument("--quick", action="store_true", help="backends: L in {256, 512}; attention: L in {1024, 4096}")
