@@ -635,7 +635,8 @@ def _training(quick: bool) -> tuple[dict, str]:
     h = result.history
     tok = result.data.tokenizer
     prompt = tok.encode("def ")
-    sample = tok.decode(generate(result.model, prompt, max_new_tokens=160 if not quick else 24, temperature=0.7,
+    room = setup["context"] - len(prompt)                  # the model's context is the training context
+    sample = tok.decode(generate(result.model, prompt, max_new_tokens=min(160, room), temperature=0.7,
                                  top_k=20, seed=0))
     params = sum(p.numel() for p in result.model.parameters())
     lines = [f"  {params / 1e6:.2f}M parameters; loss {h.loss[0]:.3f} -> {sum(h.loss[-10:]) / len(h.loss[-10:]):.3f} "
