@@ -371,14 +371,9 @@ def decoder_config(preset: str | None = "tiny", *, vocab_size: int, context: int
 
 def available_memory() -> int | None:
     """MemAvailable of /proc/meminfo in bytes (None where there is no such file)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    from qkv import backends
+
+    return backends.available_bytes(torch.device("cpu"))
 
 
 def estimate_memory(config, batch_size: int, context: int) -> dict[str, int]:
