@@ -754,12 +754,22 @@ def run(out_dir="runs/bench", quick: bool = False, *, lengths: Sequence[int] | N
         "rows": rows, "agreement": agreement, "memory": mem, "goals": goals,
     }
     result["seconds"] = round(time.perf_counter() - started, 1)
+    write_results(result, out_dir, "attention", render, log)
+    return result
+
+
+def write_results(result: dict, out_dir, name: str, render, log, *, title: str | None = None) -> tuple[Path, Path]:
+    """Print `render(result)`, write `name`.json and `name`.md (the Markdown render, under `# title` when given)
+    atomically into `out_dir`, and say where: the last step of every `qkv bench` benchmark."""
     log("\n" + render(result))
     out = Path(out_dir)
-    json_path = write_atomic(out / "attention.json", json.dumps(result, indent=2) + "\n")
-    md_path = write_atomic(out / "attention.md", render(result, markdown=True))
+    md = render(result, markdown=True)
+    if title is not None:
+        md = f"# {title}\n\n{md}\n"
+    json_path = write_atomic(out / f"{name}.json", json.dumps(result, indent=2) + "\n")
+    md_path = write_atomic(out / f"{name}.md", md)
     log(f"\nfinished in {result['seconds']:.0f} s; wrote {json_path} and {md_path}")
-    return result
+    return json_path, md_path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

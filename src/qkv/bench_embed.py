@@ -38,8 +38,8 @@ from typing import Sequence
 
 import torch
 
-from qkv.bench import format_table
-from qkv.demo import format_machine, machine_info, write_atomic
+from qkv.bench import format_table, write_results
+from qkv.demo import format_machine, machine_info
 
 __all__ = ["run", "main", "make_sentences", "render"]
 
@@ -300,14 +300,7 @@ def run(out_dir="runs/bench", quick: bool = False, *, seed: int = 0, threads: in
         result["training"] = _training(quick, seed, log)
     result["goals"] = _goals(result)
     result["seconds"] = time.perf_counter() - start
-    import json
-
-    write_atomic(os.path.join(out_dir, "embed.json"), json.dumps(result, indent=2) + "\n")
-    write_atomic(os.path.join(out_dir, "embed.md"),
-                 "# qkv embedding benchmark\n\n" + render(result, markdown=True) + "\n")
-    log("")
-    log(render(result))
-    log(f"\nfinished in {result['seconds']:.0f} s; wrote {out_dir}/embed.json and {out_dir}/embed.md")
+    write_results(result, out_dir, "embed", render, log, title="qkv embedding benchmark")
     return result
 
 

@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import math
 import os
 import statistics
@@ -56,14 +55,13 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from qkv.bench import format_table
+from qkv.bench import format_table, write_results
 from qkv.cache import cache_bytes
-from qkv.demo import _median_ms, format_machine, machine_info, write_atomic
+from qkv.demo import _median_ms, format_machine, machine_info
 
 __all__ = ["run", "main", "Sizes", "FULL", "QUICK", "memory_bandwidth", "render"]
 
@@ -701,11 +699,7 @@ def _run(s: Sizes, out_dir, quick: bool, seed: int, log, hf_version: str) -> dic
     result["config"]["batch"] = s.batch
     result["goals"] = evaluate_goals(result)
     result["seconds"] = round(time.perf_counter() - started, 1)
-    log("\n" + render(result))
-    out = Path(out_dir)
-    json_path = write_atomic(out / "generate.json", json.dumps(result, indent=2) + "\n")
-    md_path = write_atomic(out / "generate.md", render(result, markdown=True))
-    log(f"\nfinished in {result['seconds']:.0f} s; wrote {json_path} and {md_path}")
+    write_results(result, out_dir, "generate", render, log)
     return result
 
 

@@ -69,8 +69,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qkv._checks import check_int
-from qkv.bench import format_table
-from qkv.demo import format_machine, machine_info, write_atomic
+from qkv.bench import format_table, write_results
+from qkv.demo import format_machine, machine_info
 
 __all__ = ["run", "main", "Sizes", "FULL", "QUICK", "HYPER", "LOSS_RTOL", "render", "make_batch", "make_optimizer",
            "train_step", "build_models", "loss_agreement", "compare_hf", "data_parallel", "profile_step"]
@@ -806,11 +806,7 @@ def _run(s: Sizes, out_dir, quick: bool, seed: int, threads: int, ddp: bool, pro
         result["profile"] = prof
     result["goals"] = evaluate_goals(result)
     result["seconds"] = round(time.perf_counter() - started, 1)
-    log("\n" + render(result))
-    out = Path(out_dir)
-    json_path = write_atomic(out / "train.json", json.dumps(result, indent=2) + "\n")
-    md_path = write_atomic(out / "train.md", render(result, markdown=True))
-    log(f"\nfinished in {result['seconds']:.0f} s; wrote {json_path} and {md_path}")
+    write_results(result, out_dir, "train", render, log)
     return result
 
 

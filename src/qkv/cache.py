@@ -38,7 +38,6 @@ the right kind per layer (a ring for sliding-window layers of a contiguous cache
 from __future__ import annotations
 
 import heapq
-import math
 from dataclasses import dataclass
 
 import torch

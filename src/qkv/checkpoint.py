@@ -35,7 +35,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 __all__ = ["CheckpointError", "Checkpoint", "save", "load", "verify", "latest", "list_checkpoints",

@@ -70,29 +70,10 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_bench(args) -> int:
+    import importlib
+
     from qkv import demo
 
-    if args.what == "train":
-        from qkv import bench_train
-
-        if args.lengths or args.no_flex or args.no_memory:
-            raise UsageError("--lengths, --no-flex and --no-memory belong to `qkv bench attention`")
-        bench_train.run(args.out, quick=args.quick)
-        return 0
-    if args.what == "embed":
-        from qkv import bench_embed
-
-        if args.lengths or args.no_flex or args.no_memory:
-            raise UsageError("--lengths, --no-flex and --no-memory belong to `qkv bench attention`")
-        bench_embed.run(args.out, quick=args.quick)
-        return 0
-    if args.what == "generate":
-        from qkv import bench_generate
-
-        if args.lengths or args.no_flex or args.no_memory:
-            raise UsageError("--lengths, --no-flex and --no-memory belong to `qkv bench attention`")
-        bench_generate.run(args.out, quick=args.quick)
-        return 0
     if args.what == "attention":
         from qkv import bench
 
@@ -104,6 +85,9 @@ def _cmd_bench(args) -> int:
         return 0
     if args.lengths or args.no_flex or args.no_memory:
         raise UsageError("--lengths, --no-flex and --no-memory belong to `qkv bench attention`")
+    if args.what in ("generate", "embed", "train"):                # qkv.bench_generate, bench_embed, bench_train
+        importlib.import_module(f"qkv.bench_{args.what}").run(args.out, quick=args.quick)
+        return 0
     demo.bench(args.out, quick=args.quick)
     return 0
 
@@ -127,7 +111,7 @@ def _read_prompt(args, tokenizer) -> list[int]:
 
 
 def _cmd_generate(args) -> int:
-    from qkv.generate import generate, stream
+    from qkv.generate import stream
     from qkv.models import hf
 
     from qkv.models import Decoder

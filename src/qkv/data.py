@@ -46,7 +46,6 @@ any training seed the helpers here pick), so it is not the training stream.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import sysconfig
 from collections.abc import Callable, Iterable, Sequence

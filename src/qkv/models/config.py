@@ -15,7 +15,7 @@ small size; every field can be overridden. Configs round-trip through dicts
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from qkv.layers import ACTIVATIONS, NORMS
 
