@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 TORCH  := torch==2.13.0
 JOBS   ?= 2
 
-.PHONY: install demo test bench clean
+.PHONY: install browser demo test bench clean
 
 install: $(VENV)/.installed
 
@@ -23,7 +23,19 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: install
 	$(VENV)/bin/qkv demo
 
-test: install
+# Headless Chromium and its driver (Debian packages) for tests/test_viz_browser.py; `make demo`
+# needs neither. CI runs as root with no stdin; elsewhere sudo is used when there is one.
+# QKV_SKIP_BROWSER=1 skips the install (and the browser test).
+browser:
+	@[ "$$QKV_SKIP_BROWSER" = 1 ] || { test -x /usr/bin/chromium && test -x /usr/bin/chromedriver; } || { \
+	  if [ "$$(id -u)" -eq 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO=sudo; else \
+	    echo "make browser: installing chromium needs root; run 'apt-get install chromium chromium-driver'" \
+	         "as root, or set QKV_SKIP_BROWSER=1 to skip the browser test" >&2; exit 1; fi; \
+	  echo "installing chromium and chromium-driver (apt-get)"; \
+	  $$SUDO apt-get update -qq && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
+
+test: install browser
 	$(PY) -m pytest -q -n $(JOBS) --dist loadfile
 
 bench: install

@@ -1,0 +1,808 @@
+"""Pictures of attention: PNG heatmaps, mask/tile pictures and a self-contained HTML viewer.
+
+Legend: H heads, Lq query length, Lk key length, nQ/nK tiles along the queries/keys,
+bq/bk tile height/width.
+
+Everything here takes plain arrays (NumPy arrays or torch tensors, on any device),
+however the weights were captured::
+
+    import qkv
+    from qkv import viz
+
+    q = k = v = torch.randn(1, 4, 6, 16)
+    out, w = qkv.attention(q, k, v, causal=True, return_weights=True)   # w (1, 4, 6, 6)
+    tokens = ["the", "dog", "fetches", "the", "stick", "."]
+
+    viz.heatmap(w[0, 0], "head0.png", x_labels=tokens, y_labels=tokens, title="layer 0, head 0")
+    viz.grid({"layer 0": w[0]}, "heads.png", labels=tokens)           # layers x heads small maps
+    viz.mask_picture(qkv.masks.sliding_window(16), 64, 64, "window.png", tile=(16, 16))
+    viz.html({"layer 0": w[0]}, tokens, "attention.html")             # open it in any browser
+
+PNGs are drawn with matplotlib's Agg canvas (no window, no global pyplot state).
+The HTML file holds its data, script and style inline and loads nothing, so it
+works from a file:// URL with no network. Every file is written atomically
+(a temporary file in the same directory, then `os.replace`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html as _html
+import json
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from qkv._checks import check_int
+
+__all__ = ["heatmap", "grid", "mask_picture", "html", "heatmap_figsize", "grid_figsize",
+           "MAX_DENSE", "MAX_HTML_WEIGHTS", "MAX_HTML_TOKENS"]
+
+MAX_DENSE = 1 << 22            # mask_picture: largest Lq * Lk drawn element by element (2048 x 2048)
+MAX_TILES = 1 << 18            # mask_picture: largest nQ * nK
+MAX_HTML_WEIGHTS = 2_000_000   # html: layers x heads x Lq x Lk
+MAX_HTML_TOKENS = 512          # html: tokens per side
+MAX_GRID_SIDE = 64             # grid: layers, heads
+HTML_SCALE = 10_000            # html stores round(weight * HTML_SCALE): 4 decimals
+
+_TICKS = 48                    # heatmap: at most this many labels per axis
+_LABEL_CHARS = 16              # longer labels are cut with an ellipsis
+
+# mask_picture colours
+_ALLOWED, _MASKED = "#1f3b73", "#ffffff"
+_EMPTY_C, _PARTIAL_C, _FULL_C = "#cfcfcf", "#f0a202", "#2a9d6f"
+
+
+# ----------------------------------------------------------------------------
+# Input checks
+# ----------------------------------------------------------------------------
+
+def _as_array(name: str, x, ndim: int, hint: str = "") -> np.ndarray:
+    """`x` (NumPy array, torch tensor or nested list) as a finite float32 array with `ndim` dims."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach()
+        if x.is_complex():
+            raise TypeError(f"{name} must be real, got a tensor of dtype {x.dtype}")
+        x = x.to("cpu", torch.float32).numpy()
+    elif isinstance(x, (str, bytes)) or x is None:
+        raise TypeError(f"{name} must be an array or tensor, got {type(x).__name__}")
+    a = np.asarray(x)
+    if a.dtype == object or not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_) \
+            or np.issubdtype(a.dtype, np.complexfloating):
+        raise TypeError(f"{name} must hold real numbers, got dtype {a.dtype}")
+    if a.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(a.shape)}"
+                         + (f"; {hint}" if hint else ""))
+    if a.size == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(a.shape)}); there is nothing to draw")
+    a = a.astype(np.float32, copy=False)
+    bad = ~np.isfinite(a)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"{name} holds {int(bad.sum())} NaN/inf values (first at index {first}); attention "
+                         "weights must be finite (a row whose keys are all masked gives NaN: fix the mask)")
+    return a
+
+
+def _labels(name: str, labels, n: int) -> list[str] | None:
+    """`labels` as a list of `n` strings (numbers are allowed and printed), or None."""
+    if labels is None:
+        return None
+    if isinstance(labels, (str, bytes)):
+        raise TypeError(f"{name} must be a list of strings, not one string; split it into tokens first")
+    try:
+        labels = list(labels)
+    except TypeError:
+        raise TypeError(f"{name} must be a list of strings, got {type(labels).__name__}") from None
+    out = []
+    for i, t in enumerate(labels):
+        if isinstance(t, torch.Tensor) and t.dim() == 0:
+            t = t.item()
+        if isinstance(t, np.generic):
+            t = t.item()
+        if isinstance(t, bool) or not isinstance(t, (str, int, float)):
+            raise TypeError(f"{name}[{i}] must be a string (or a number), got {type(t).__name__} {t!r}")
+        out.append(str(t))
+    if len(out) != n:
+        raise ValueError(f"{name} has {len(out)} entries but the weights have {n} positions on that axis")
+    return out
+
+
+def _path(path, suffixes: tuple[str, ...]) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    p = Path(path)
+    if p.suffix.lower() not in suffixes:
+        raise ValueError(f"path {str(p)!r} must end in {' or '.join(suffixes)}")
+    return p
+
+
+def _write_atomic(path: Path, write: Callable[[str], None]) -> Path:
+    """Call `write(tmp)` on a temporary file next to `path`, then move it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        try:
+            os.fchmod(fd, 0o644)  # mkstemp creates 0600; pictures are meant to be read by others
+        finally:
+            os.close(fd)
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _layers(maps, what: str = "maps") -> list[tuple[str, np.ndarray]]:
+    """maps -> [(name, (H, Lq, Lk) float32)], all with the same Lq and Lk.
+
+    Accepts {name: (H, Lq, Lk)}, a sequence of (H, Lq, Lk) arrays, or one (layers, H, Lq, Lk) array.
+    """
+    if isinstance(maps, Mapping):
+        items = [(str(k), v) for k, v in maps.items()]
+    elif isinstance(maps, (torch.Tensor, np.ndarray)):
+        if maps.ndim != 4:
+            raise ValueError(f"{what} as one array must be (layers, H, Lq, Lk), got shape {tuple(maps.shape)}; "
+                             "or pass {layer_name: (H, Lq, Lk)}")
+        items = [(f"layer {i}", maps[i]) for i in range(maps.shape[0])]
+    elif isinstance(maps, Sequence) and not isinstance(maps, (str, bytes)):
+        items = [(f"layer {i}", v) for i, v in enumerate(maps)]
+    else:
+        raise TypeError(f"{what} must be a dict {{layer_name: (H, Lq, Lk) array}}, a list of (H, Lq, Lk) arrays "
+                        f"or one (layers, H, Lq, Lk) array; got {type(maps).__name__}")
+    if not items:
+        raise ValueError(f"{what} is empty: give at least one layer of weights (H, Lq, Lk)")
+    out = []
+    for name, v in items:
+        a = _as_array(f"{what}[{name!r}]", v, 3, "each layer is (H, Lq, Lk): add a head axis with w[None], "
+                      "or pick one batch row with w[0]")
+        if out and a.shape[1:] != out[0][1].shape[1:]:
+            raise ValueError(f"{what}[{name!r}] is (H, Lq, Lk) = {tuple(a.shape)} but {what}[{out[0][0]!r}] is "
+                             f"{tuple(out[0][1].shape)}; every layer must have the same Lq and Lk")
+        out.append((name, a))
+    return out
+
+
+def _short(s: str, n: int = _LABEL_CHARS) -> str:
+    s = s if len(s) <= n else s[: n - 1] + "\u2026"
+    # matplotlib reads text between two '$' as mathtext; a token is plain text
+    return s.replace("$", r"\$")
+
+
+def _thin(n: int, most: int) -> list[int]:
+    """Tick positions: every position, or every step-th when there are more than `most`."""
+    step = max(1, math.ceil(n / most))
+    return list(range(0, n, step))
+
+
+def _figure(w_in: float, h_in: float, dpi: int):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w_in, h_in), dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save_png(fig, path: Path, dpi: int) -> Path:
+    return _write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+
+
+# ----------------------------------------------------------------------------
+# Heatmaps
+# ----------------------------------------------------------------------------
+
+def _side(n: int) -> float:
+    """Inches for one axis of a heatmap with n cells: ~0.3 in per cell, between 2.5 and 10."""
+    return min(10.0, max(2.5, 0.3 * n))
+
+
+def heatmap_figsize(Lq: int, Lk: int, *, labels: bool = True) -> tuple[float, float]:
+    """(width, height) in inches of `heatmap`'s figure; the PNG is round(width * dpi) x round(height * dpi)."""
+    margin = 1.6 if labels else 0.6
+    return _side(Lk) + margin + 1.2, _side(Lq) + margin + 0.6
+
+
+def heatmap(weights, path, *, x_labels: Sequence[str] | None = None, y_labels: Sequence[str] | None = None,
+            title: str | None = None, dpi: int = 120, cmap: str = "viridis") -> Path:
+    """Draw one head's weights (Lq, Lk) as a PNG: rows = queries (y_labels), columns = keys (x_labels).
+
+    Labels are thinned to at most 48 per axis and cut at 16 characters. The colour
+    scale runs from min(0, weights) to max(weights), with a colorbar. Returns the path.
+    """
+    w = _as_array("weights", weights, 2, "pass one head, e.g. weights[b, h] of a (B, H, Lq, Lk) tensor")
+    Lq, Lk = w.shape
+    xl, yl = _labels("x_labels", x_labels, Lk), _labels("y_labels", y_labels, Lq)
+    dpi = check_int("dpi", dpi, 20)
+    p = _path(path, (".png",))
+
+    fig = _figure(*heatmap_figsize(Lq, Lk, labels=xl is not None or yl is not None), dpi)
+    fig.set_layout_engine("constrained")
+    ax = fig.add_subplot()
+    lo, hi = min(0.0, float(w.min())), float(w.max())
+    im = ax.imshow(w, cmap=cmap, vmin=lo, vmax=hi if hi > lo else lo + 1.0, interpolation="nearest", aspect="auto")
+    fs = 9 if max(Lq, Lk) <= 32 else 7
+    for labels, n, set_ticks, set_text in ((xl, Lk, ax.set_xticks, ax.set_xticklabels),
+                                           (yl, Lq, ax.set_yticks, ax.set_yticklabels)):
+        ticks = _thin(n, _TICKS)
+        set_ticks(ticks)
+        if labels is not None:
+            set_text([_short(labels[i]) for i in ticks], fontsize=fs)
+    if xl is not None:
+        ax.tick_params(axis="x", labelrotation=90)
+    ax.set_xlabel("key", fontsize=9)
+    ax.set_ylabel("query", fontsize=9)
+    if title:
+        ax.set_title(_short(str(title), 80), fontsize=10)
+    fig.colorbar(im, ax=ax, shrink=0.9, label="weight")
+    return _save_png(fig, p, dpi)
+
+
+def grid_figsize(n_layers: int, n_heads: int, *, labels: bool = False) -> tuple[float, float]:
+    """(width, height) in inches of `grid`'s figure."""
+    cell = min(1.3, max(0.55, 9.0 / max(n_layers, n_heads)))
+    extra = 0.7 if labels else 0.0
+    return 1.1 + extra + n_heads * cell + 0.9, 0.8 + n_layers * cell + extra + 0.2
+
+
+def grid(maps, path, *, labels: Sequence[str] | None = None, query_labels: Sequence[str] | None = None,
+         title: str | None = None, dpi: int = 100, cmap: str = "viridis") -> Path:
+    """A layers x heads grid of small maps (one shared colour scale), as a PNG.
+
+    `maps`: {layer_name: (H, Lq, Lk)}, a list of (H, Lq, Lk) arrays, or one (layers, H, Lq, Lk)
+    array; layers may have different head counts but share Lq and Lk. `labels` are the key
+    tokens (and the query tokens unless `query_labels` is given); they are written along the
+    left column and the bottom row, thinned to at most 8. Returns the path.
+    """
+    layers = _layers(maps)
+    Lq, Lk = layers[0][1].shape[1:]
+    kl = _labels("labels", labels, Lk)
+    if query_labels is None and kl is not None and Lq != Lk:
+        raise ValueError(f"labels has {Lk} key tokens but the maps have Lq = {Lq} queries: "
+                         "pass query_labels for cross-attention")
+    ql = _labels("query_labels", query_labels, Lq) if query_labels is not None else kl
+    n_layers, n_heads = len(layers), max(a.shape[0] for _, a in layers)
+    if n_layers > MAX_GRID_SIDE or n_heads > MAX_GRID_SIDE:
+        raise ValueError(f"grid draws at most {MAX_GRID_SIDE} layers x {MAX_GRID_SIDE} heads, got {n_layers} x "
+                         f"{n_heads}; pass a subset (e.g. every other layer) or one layer at a time")
+    dpi = check_int("dpi", dpi, 20)
+    p = _path(path, (".png",))
+
+    has_labels = ql is not None or kl is not None
+    w_in, h_in = grid_figsize(n_layers, n_heads, labels=has_labels)
+    fig = _figure(w_in, h_in, dpi)
+    extra = 0.7 if has_labels else 0.0
+    left, right = (1.1 + extra) / w_in, 1.0 - 0.9 / w_in
+    bottom, top = (0.2 + extra) / h_in, 1.0 - 0.8 / h_in
+    gs = fig.add_gridspec(n_layers, n_heads, left=left, right=right, bottom=bottom, top=top,
+                          wspace=0.08, hspace=0.08)
+    hi = max(float(a.max()) for _, a in layers)
+    lo = min(0.0, min(float(a.min()) for _, a in layers))
+    im = None
+    fs = 6
+    for r, (name, a) in enumerate(layers):
+        for h in range(n_heads):
+            ax = fig.add_subplot(gs[r, h])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if h >= a.shape[0]:
+                ax.set_axis_off()
+                continue
+            im = ax.imshow(a[h], cmap=cmap, vmin=lo, vmax=hi if hi > lo else lo + 1.0,
+                           interpolation="nearest", aspect="auto")
+            if r == 0:
+                ax.set_title(f"head {h}", fontsize=8)
+            if h == 0:
+                ax.set_ylabel(_short(name, 14), fontsize=8)
+                if ql is not None:
+                    ticks = _thin(Lq, 8)
+                    ax.set_yticks(ticks, [_short(ql[i], 10) for i in ticks], fontsize=fs)
+            if r == n_layers - 1 and kl is not None:
+                ticks = _thin(Lk, 8)
+                ax.set_xticks(ticks, [_short(kl[i], 10) for i in ticks], fontsize=fs, rotation=90)
+    cax = fig.add_axes((right + 0.15 / w_in, bottom, 0.15 / w_in, top - bottom))
+    fig.colorbar(im, cax=cax, label="weight")
+    fig.suptitle(_short(str(title), 100) if title else f"{n_layers} layers x {n_heads} heads, "
+                 f"Lq = {Lq}, Lk = {Lk} (rows: queries, columns: keys)", fontsize=10)
+    return _save_png(fig, p, dpi)
+
+
+# ----------------------------------------------------------------------------
+# Masks and their tiles
+# ----------------------------------------------------------------------------
+
+def mask_picture(mask, Lq: int, Lk: int, path, *, tile: int | tuple[int, int] = (16, 16),
+                 q_offset: int | None = None, batch: int = 0, head: int = 0, dense: bool = True,
+                 title: str | None = None, dpi: int = 110) -> Path:
+    """Draw a mask and its BlockMask tiles as a PNG.
+
+    Left: the dense allowed pattern (dark = may attend), with the tile grid. Right (or
+    alone with `dense=False`): each (bq x bk) tile as the library classifies it,
+    `mask.block_mask(...)`: EMPTY (skipped, grey), PARTIAL (mask applied, amber) or FULL
+    (no mask needed, green). `mask` is a qkv mask, a callable (b, h, q_idx, kv_idx) -> bool
+    or a bool tensor; `batch`/`head` pick the row and head of masks that depend on them.
+    The tiled backend's tiles are `qkv.backends.tiled.DEFAULT_BLOCK`. Returns the path.
+    """
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator
+
+    from qkv import masks as M
+
+    Lq, Lk = check_int("Lq", Lq), check_int("Lk", Lk)
+    bq, bk = (tile, tile) if isinstance(tile, int) and not isinstance(tile, bool) else tuple(tile)
+    bq, bk = check_int("tile[0]", bq), check_int("tile[1]", bk)
+    batch, head = check_int("batch", batch, 0), check_int("head", head, 0)
+    dpi = check_int("dpi", dpi, 20)
+    p = _path(path, (".png",))
+    if dense and Lq * Lk > MAX_DENSE:
+        side = int(math.isqrt(MAX_DENSE))
+        raise ValueError(f"Lq * Lk = {Lq * Lk:,} is too many pairs to draw one by one (limit {MAX_DENSE:,}); "
+                         f"pass dense=False to draw the tiles only, or a smaller size such as Lq = Lk = {side}")
+    n_tiles = math.ceil(Lq / bq) * math.ceil(Lk / bk)
+    if n_tiles > MAX_TILES:
+        raise ValueError(f"{n_tiles:,} tiles of {bq} x {bk} are too many to draw (limit {MAX_TILES:,}); "
+                         "pass a larger tile")
+    m = M.as_mask(mask)
+    q_offset = Lk - Lq if q_offset is None else int(q_offset)
+    bm = m.block_mask(Lq, Lk, block=(bq, bk), q_offset=q_offset)
+    if batch >= bm.B or head >= bm.H:
+        raise ValueError(f"batch={batch}, head={head} is outside the mask's (B, H) = ({bm.B}, {bm.H})")
+    kind = bm.kind[batch % bm.kind.shape[0], head % bm.kind.shape[1]].cpu().numpy()   # (nQ, nK) int8
+    counts = {name: int((kind == v).sum()) for name, v in (("EMPTY", M.EMPTY), ("PARTIAL", M.PARTIAL),
+                                                           ("FULL", M.FULL))}
+
+    panel_w = 4.2
+    panel_h = min(8.0, max(1.6, panel_w * Lq / Lk))
+    n_panels = 2 if dense else 1
+    w_in, h_in = 0.9 + n_panels * (panel_w + 0.7), panel_h + 1.9
+    fig = _figure(w_in, h_in, dpi)
+    bottom, top = 1.0 / h_in, 1.0 - 0.75 / h_in
+    axes = []
+    for i in range(n_panels):
+        x0 = (0.9 + i * (panel_w + 0.7)) / w_in
+        axes.append(fig.add_axes((x0, bottom, panel_w / w_in, top - bottom)))
+    # tile edges; position p is drawn over [p - 0.5, p + 0.5] so integer ticks name rows and columns
+    qe = q_offset + np.minimum(np.arange(kind.shape[0] + 1) * bq, Lq) - 0.5   # absolute query positions
+    ke = np.minimum(np.arange(kind.shape[1] + 1) * bk, Lk) - 0.5
+    x_lim, y_lim = (ke[0], ke[-1]), (qe[-1], qe[0])
+    lines = kind.shape[0] <= 64 and kind.shape[1] <= 64
+
+    if dense:
+        d = m.to_dense(Lq, Lk, q_offset=q_offset)
+        d = d[batch % d.shape[0], head % d.shape[1]].cpu().numpy()         # (Lq, Lk) bool
+        ax = axes[0]
+        ax.imshow(d, cmap=ListedColormap([_MASKED, _ALLOWED]), vmin=0, vmax=1, interpolation="nearest",
+                  aspect="auto", extent=(*x_lim, *y_lim))
+        if lines:
+            ax.vlines(ke[1:-1], *y_lim, colors="#9a9a9a", linewidth=0.6)
+            ax.hlines(qe[1:-1], *x_lim, colors="#9a9a9a", linewidth=0.6)
+        ax.set_title(f"allowed pairs: {int(d.sum()):,} of {Lq * Lk:,}", fontsize=9)
+        ax.set_xlabel("key position", fontsize=8)
+        ax.set_ylabel("query position", fontsize=8)
+
+    ax = axes[-1]
+    ax.pcolormesh(ke, qe, kind, cmap=ListedColormap([_EMPTY_C, _PARTIAL_C, _FULL_C]), vmin=-0.5, vmax=2.5,
+                  edgecolors="white" if lines else "none", linewidth=0.6 if lines else 0.0, antialiased=False)
+    ax.set_xlim(*x_lim)
+    ax.set_ylim(*y_lim)
+    ax.set_title(f"{kind.shape[0]} x {kind.shape[1]} tiles of {bq} x {bk}: {bm.sparsity:.0%} "
+                 "skipped", fontsize=9)
+    ax.set_xlabel("key position", fontsize=8)
+    if not dense:
+        ax.set_ylabel("query position", fontsize=8)
+    for a in axes:
+        a.tick_params(labelsize=7)
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+        a.yaxis.set_major_locator(MaxNLocator(integer=True))
+    handles = [Patch(facecolor=_EMPTY_C, label=f"EMPTY: skipped ({counts['EMPTY']})"),
+               Patch(facecolor=_PARTIAL_C, label=f"PARTIAL: mask applied ({counts['PARTIAL']})"),
+               Patch(facecolor=_FULL_C, label=f"FULL: no mask needed ({counts['FULL']})")]
+    if dense:
+        handles = [Patch(facecolor=_ALLOWED, label="may attend"),
+                   Patch(facecolor=_MASKED, edgecolor="#999999", label="masked")] + handles
+    fig.legend(handles=handles, loc="lower center", ncol=3 if not dense else 5, fontsize=7, frameon=False)
+    fig.suptitle(_short(str(title), 100) if title else f"{_short(repr(m), 70)}   Lq = {Lq}, Lk = {Lk}",
+                 fontsize=10)
+    return _save_png(fig, p, dpi)
+
+
+# ----------------------------------------------------------------------------
+# HTML viewer
+# ----------------------------------------------------------------------------
+
+def _script_json(obj) -> str:
+    """JSON safe inside a <script> element: '<', '>' and '&' only ever appear as \\u escapes."""
+    text = json.dumps(obj, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def html(maps, tokens: Sequence[str], path, *, title: str | None = None,
+         query_tokens: Sequence[str] | None = None) -> Path:
+    """Write a self-contained HTML viewer of attention weights (no network, no external files).
+
+    `maps` is {layer_name: (H, Lq, Lk)} (or a list of (H, Lq, Lk), or one (layers, H, Lq, Lk)
+    array) of attention probabilities in [0, 1]; `tokens` are the Lk key tokens and, for
+    self-attention, the queries too; for cross-attention pass the Lq `query_tokens`.
+
+    The page has a head view (pick a layer and a head or all heads; queries on the left,
+    keys on the right, line opacity = weight; hover a token to see only its lines, click to
+    pin it) and a model view (layers x heads thumbnails; click one to open it in the head
+    view). Weights are stored to 4 decimals. `window.qkvViewer` exposes select(layer, head),
+    focus(side, index), show(view) and state(); the head-view canvas carries data-layer,
+    data-head, data-focus and a data-drawn summary of its last drawing. Returns the path.
+    """
+    layers = _layers(maps)
+    Lq, Lk = layers[0][1].shape[1:]
+    toks = _labels("tokens", tokens, Lk)
+    if toks is None:
+        raise TypeError("tokens must be a list of Lk strings, got None")
+    if query_tokens is None:
+        if Lq != Lk:
+            raise ValueError(f"the maps are cross-attention (Lq = {Lq} queries, Lk = {Lk} keys): pass the {Lq} "
+                             "query_tokens")
+        qtoks = toks
+    else:
+        qtoks = _labels("query_tokens", query_tokens, Lq)
+    if max(Lq, Lk) > MAX_HTML_TOKENS:
+        raise ValueError(f"the viewer draws at most {MAX_HTML_TOKENS} tokens per side, got Lq = {Lq}, Lk = {Lk}; "
+                         "slice the sequence (e.g. w[..., :256, :256] and tokens[:256])")
+    total = sum(a.size for _, a in layers)
+    if total > MAX_HTML_WEIGHTS:
+        raise ValueError(f"{total:,} weights (layers x heads x Lq x Lk) are too many for one page (limit "
+                         f"{MAX_HTML_WEIGHTS:,}); pass fewer layers or heads, or a shorter sequence")
+    for name, a in layers:
+        lo, hi = float(a.min()), float(a.max())
+        if lo < -1e-3 or hi > 1 + 1e-3:
+            raise ValueError(f"maps[{name!r}] holds values in [{lo:.4g}, {hi:.4g}]; the viewer shows attention "
+                             "probabilities in [0, 1] (apply softmax to scores first, or use heatmap for raw scores)")
+    title_s = "attention" if title is None else str(title)
+    p = _path(path, (".html", ".htm"))
+
+    data = {
+        "version": 1,
+        "title": title_s,
+        "tokens": toks,
+        "query_tokens": qtoks,
+        "self_attention": query_tokens is None,
+        "scale": HTML_SCALE,
+        "layers": [{"name": name, "heads": int(a.shape[0]),
+                    # (H, Lq, Lk) -> per head a flat row-major list of Lq * Lk ints, weight * scale
+                    "weights": [np.rint(np.clip(a[h], 0.0, 1.0) * HTML_SCALE).astype(np.int32).ravel().tolist()
+                                for h in range(a.shape[0])]}
+                   for name, a in layers],
+    }
+    kind = "self-attention" if query_tokens is None else "cross-attention"
+    meta = f"{len(layers)} layer{'s' * (len(layers) != 1)}, {kind}, {Lq} queries x {Lk} keys"
+    parts = {"TITLE": _html.escape(title_s), "META": _html.escape(meta), "STYLE": _STYLE, "SCRIPT": _SCRIPT,
+             "DATA": _script_json(data)}
+    # one pass, so placeholder-like text inside the title or tokens is never substituted
+    page = re.sub(r"%(TITLE|META|STYLE|SCRIPT|DATA)%", lambda m: parts[m.group(1)], _PAGE)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(page)
+
+    return _write_atomic(p, write)
+
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,">
+<title>%TITLE%</title>
+<style>%STYLE%</style>
+</head>
+<body>
+<header>
+  <h1>%TITLE%</h1>
+  <p class="meta">%META%</p>
+  <nav class="tabs" role="tablist">
+    <button type="button" id="tab-head" class="tab active" data-view="head">Head view</button>
+    <button type="button" id="tab-model" class="tab" data-view="model">Model view</button>
+  </nav>
+</header>
+<main>
+<section id="head-view">
+  <div class="controls">
+    <label>Layer <select id="layer-select"></select></label>
+    <label>Head <select id="head-select"></select></label>
+    <span id="swatches" aria-label="heads"></span>
+  </div>
+  <p class="hint">Queries on the left, keys on the right; a line's opacity is its weight.
+    Hover a token to see only its lines, click it to pin (click again to release).</p>
+  <div id="head-panel">
+    <div id="query-col" class="tokens left"></div>
+    <canvas id="head-canvas" data-drawn=""></canvas>
+    <div id="key-col" class="tokens right"></div>
+  </div>
+</section>
+<section id="model-view" hidden>
+  <p class="hint">One thumbnail per layer and head: rows are queries, columns are keys, darker is more
+    weight (each thumbnail scaled to its own maximum). Click a thumbnail to open it in the head view.</p>
+  <div id="model-grid"></div>
+</section>
+</main>
+<script id="qkv-data" type="application/json">%DATA%</script>
+<script>%SCRIPT%</script>
+</body>
+</html>
+"""
+
+_STYLE = """
+:root { --fg: #1d2330; --muted: #5b6475; --line: #d8dce3; --accent: #2f6fde; }
+* { box-sizing: border-box; }
+body { margin: 0; padding: 16px 24px; font: 14px/1.4 system-ui, -apple-system, "Segoe UI", sans-serif;
+       color: var(--fg); background: #fff; }
+h1 { font-size: 20px; margin: 0 0 2px; }
+.meta, .hint { color: var(--muted); margin: 4px 0 10px; }
+.tabs { display: flex; gap: 4px; border-bottom: 1px solid var(--line); margin: 8px 0 12px; }
+.tab { font: inherit; border: 1px solid var(--line); border-bottom: none; background: #f4f6f9; padding: 6px 14px;
+       border-radius: 6px 6px 0 0; cursor: pointer; color: var(--muted); }
+.tab.active { background: #fff; color: var(--fg); font-weight: 600; position: relative; top: 1px; }
+.controls { display: flex; flex-wrap: wrap; align-items: center; gap: 14px; }
+select { font: inherit; padding: 2px 4px; }
+#swatches { display: inline-flex; flex-wrap: wrap; gap: 4px; }
+.swatch { width: 20px; height: 20px; border-radius: 4px; border: 2px solid transparent; cursor: pointer; padding: 0;
+          font: 10px/16px monospace; color: #fff; }
+.swatch.all { width: auto; padding: 0 6px; background: #59606e; }
+.swatch.active { border-color: var(--fg); box-shadow: 0 0 0 1px #fff inset; }
+#head-panel { display: flex; align-items: flex-start; margin-top: 6px; }
+.tokens { display: flex; flex-direction: column; }
+.token { height: 22px; line-height: 22px; padding: 0 6px; max-width: 180px; overflow: hidden; text-overflow: ellipsis;
+         white-space: pre; cursor: pointer; border-radius: 3px; font-family: ui-monospace, Menlo, Consolas, monospace;
+         font-size: 13px; }
+.tokens.left .token { text-align: right; }
+.token:hover, .token.focus { outline: 1px solid var(--accent); }
+.token.pinned { outline: 2px solid var(--accent); }
+#model-grid { display: grid; gap: 6px; align-items: center; justify-content: start; }
+.thumb { border: 1px solid var(--line); cursor: pointer; image-rendering: pixelated; display: block; }
+.thumb:hover { outline: 2px solid var(--accent); }
+.axis { color: var(--muted); font-size: 12px; text-align: center; white-space: nowrap; }
+.axis.row { text-align: right; padding-right: 4px; max-width: 140px; overflow: hidden; text-overflow: ellipsis; }
+"""
+
+# The viewer script: plain ES5, no libraries. Token text only ever reaches the page
+# through textContent, title attributes and canvas text, never as markup.
+_SCRIPT = r"""
+(function () {
+  "use strict";
+  var DATA = JSON.parse(document.getElementById("qkv-data").textContent);
+  var ROW = 22, WIDTH = 280, MIN_W = 0.004, THUMB = 76;
+  var nQ = DATA.query_tokens.length, nK = DATA.tokens.length, S = DATA.scale;
+  var state = {layer: 0, head: "all", hover: null, pinned: null, view: "head"};
+  var canvas = document.getElementById("head-canvas");
+  var qCol = document.getElementById("query-col"), kCol = document.getElementById("key-col");
+  var layerSel = document.getElementById("layer-select"), headSel = document.getElementById("head-select");
+  var swatches = document.getElementById("swatches");
+  var qEls = [], kEls = [];
+
+  function hue(h, n) { return Math.round(360 * h / Math.max(n, 1)) % 360; }
+  function color(h, n) { return "hsl(" + hue(h, n) + ",72%,42%)"; }
+  function rgb(h, n) {           // the same colour as color(h, n), as [r, g, b] in 0..255
+    var s = 0.72, l = 0.42, c = (1 - Math.abs(2 * l - 1)) * s, hp = hue(h, n) / 60;
+    var x = c * (1 - Math.abs(hp % 2 - 1)), m = l - c / 2, t;
+    if (hp < 1) t = [c, x, 0]; else if (hp < 2) t = [x, c, 0]; else if (hp < 3) t = [0, c, x];
+    else if (hp < 4) t = [0, x, c]; else if (hp < 5) t = [x, 0, c]; else t = [c, 0, x];
+    return [Math.round((t[0] + m) * 255), Math.round((t[1] + m) * 255), Math.round((t[2] + m) * 255)];
+  }
+  function nHeads(l) { return DATA.layers[l].heads; }
+  function heads() {
+    if (state.head === "all") { var a = []; for (var h = 0; h < nHeads(state.layer); h++) a.push(h); return a; }
+    return [state.head];
+  }
+  function focus() { return state.pinned || state.hover; }
+  function el(tag, cls, text) {
+    var e = document.createElement(tag);
+    if (cls) e.className = cls;
+    if (text !== undefined) e.textContent = text;
+    return e;
+  }
+
+  // ---- head view ---------------------------------------------------------
+  function buildTokens(col, toks, side, store) {
+    toks.forEach(function (t, i) {
+      var e = el("div", "token", t === "" ? "\u2205" : t);
+      e.title = (side === "q" ? "query " : "key ") + i + ": " + t;
+      e.dataset.side = side; e.dataset.index = i;
+      e.addEventListener("mouseenter", function () { state.hover = {side: side, index: i}; draw(); });
+      e.addEventListener("mouseleave", function () { state.hover = null; draw(); });
+      e.addEventListener("click", function () {
+        var p = state.pinned;
+        state.pinned = (p && p.side === side && p.index === i) ? null : {side: side, index: i};
+        draw();
+      });
+      col.appendChild(e); store.push(e);
+    });
+  }
+
+  function sizeCanvas() {
+    var h = Math.max(nQ, nK) * ROW, dpr = Math.min(window.devicePixelRatio || 1, 2);
+    if (h * dpr > 30000) dpr = 1;
+    canvas.width = Math.round(WIDTH * dpr); canvas.height = Math.round(h * dpr);
+    canvas.style.width = WIDTH + "px"; canvas.style.height = h + "px";
+    canvas._dpr = dpr;
+  }
+
+  function draw() {
+    var ctx = canvas.getContext("2d"), dpr = canvas._dpr, L = DATA.layers[state.layer], hs = heads();
+    var f = focus(), n = 0, sum = 0, shade = new Float64Array(f ? (f.side === "q" ? nK : nQ) : 0);
+    ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+    ctx.clearRect(0, 0, WIDTH, Math.max(nQ, nK) * ROW);
+    ctx.lineWidth = 2;
+    hs.forEach(function (h) {
+      var W = L.weights[h];
+      ctx.strokeStyle = color(h, L.heads);
+      var q0 = 0, q1 = nQ, k0 = 0, k1 = nK;
+      if (f && f.side === "q") { q0 = f.index; q1 = f.index + 1; }
+      if (f && f.side === "k") { k0 = f.index; k1 = f.index + 1; }
+      for (var q = q0; q < q1; q++) {
+        for (var k = k0; k < k1; k++) {
+          var w = W[q * nK + k] / S;
+          if (f) shade[f.side === "q" ? k : q] += w / hs.length;
+          if (w < MIN_W) continue;
+          ctx.globalAlpha = Math.min(1, w);
+          ctx.beginPath(); ctx.moveTo(0, q * ROW + ROW / 2); ctx.lineTo(WIDTH, k * ROW + ROW / 2); ctx.stroke();
+          n += 1; sum += w * (1 + ((q * nK + k) % 97)) * (h + 1);
+        }
+      }
+    });
+    ctx.globalAlpha = 1;
+    // token shading: the focused token's weights, averaged over the drawn heads
+    qEls.concat(kEls).forEach(function (e) { e.style.background = ""; e.classList.remove("focus", "pinned"); });
+    if (f) {
+      var own = (f.side === "q" ? qEls : kEls)[f.index], other = f.side === "q" ? kEls : qEls;
+      own.classList.add(state.pinned ? "pinned" : "focus");
+      for (var i = 0; i < shade.length; i++) {
+        if (shade[i] > 0) other[i].style.background = "rgba(47,111,222," + Math.min(1, shade[i]).toFixed(3) + ")";
+      }
+    }
+    var fs = f ? f.side + f.index : "none";
+    canvas.dataset.layer = state.layer; canvas.dataset.head = state.head; canvas.dataset.focus = fs;
+    canvas.dataset.drawn = [state.layer, state.head, fs, n, sum.toFixed(4)].join("|");
+  }
+
+  function buildHeadControls() {
+    var H = nHeads(state.layer);
+    headSel.textContent = ""; swatches.textContent = "";
+    headSel.appendChild(new Option("all heads", "all"));
+    var all = el("button", "swatch all", "all");
+    all.type = "button"; all.title = "all heads"; all.dataset.head = "all";
+    all.addEventListener("click", function () { select(state.layer, "all"); });
+    swatches.appendChild(all);
+    for (var h = 0; h < H; h++) {
+      headSel.appendChild(new Option("head " + h, String(h)));
+      var s = el("button", "swatch");
+      s.type = "button"; s.title = "head " + h; s.dataset.head = h; s.style.background = color(h, H);
+      s.addEventListener("click", (function (hh) { return function () { select(state.layer, hh); }; })(h));
+      swatches.appendChild(s);
+    }
+  }
+
+  function syncControls() {
+    layerSel.value = String(state.layer);
+    headSel.value = String(state.head);
+    Array.prototype.forEach.call(swatches.children, function (s) {
+      s.classList.toggle("active", s.dataset.head === String(state.head));
+    });
+  }
+
+  function select(layer, head) {
+    if (typeof layer === "string") {
+      var idx = DATA.layers.map(function (l) { return l.name; }).indexOf(layer);
+      if (idx < 0 && /^\d+$/.test(layer)) idx = Number(layer);
+      layer = idx;
+    }
+    if (!(layer >= 0 && layer < DATA.layers.length)) throw new Error("qkvViewer.select: no layer " + layer);
+    if (head === undefined || head === null) head = "all";
+    if (head !== "all") {
+      head = Number(head);
+      if (!(head >= 0 && head < nHeads(layer) && head === Math.floor(head))) {
+        throw new Error("qkvViewer.select: layer " + layer + " has no head " + head);
+      }
+    }
+    var rebuild = layer !== state.layer || !headSel.options.length;
+    state.layer = layer; state.head = head;
+    if (rebuild) buildHeadControls();
+    syncControls(); draw();
+    return api.state();
+  }
+
+  // ---- model view --------------------------------------------------------
+  function buildModel() {
+    var grid = document.getElementById("model-grid"), maxH = 0;
+    DATA.layers.forEach(function (L) { maxH = Math.max(maxH, L.heads); });
+    grid.style.gridTemplateColumns = "auto repeat(" + maxH + ", " + THUMB + "px)";
+    grid.appendChild(el("div", "axis", ""));
+    for (var h = 0; h < maxH; h++) grid.appendChild(el("div", "axis", "head " + h));
+    var off = document.createElement("canvas");
+    off.width = nK; off.height = nQ;
+    var octx = off.getContext("2d");
+    DATA.layers.forEach(function (L, l) {
+      var lab = el("div", "axis row", L.name); lab.title = L.name; grid.appendChild(lab);
+      for (var h = 0; h < maxH; h++) {
+        if (h >= L.heads) { grid.appendChild(el("div")); continue; }
+        var W = L.weights[h], mx = 1, i;
+        for (i = 0; i < W.length; i++) if (W[i] > mx) mx = W[i];
+        var img = octx.createImageData(nK, nQ), c = rgb(h, L.heads);
+        for (i = 0; i < W.length; i++) {
+          var a = W[i] / mx, p = 4 * i;      // blend white -> head colour by a
+          img.data[p] = Math.round(255 + (c[0] - 255) * a);
+          img.data[p + 1] = Math.round(255 + (c[1] - 255) * a);
+          img.data[p + 2] = Math.round(255 + (c[2] - 255) * a);
+          img.data[p + 3] = 255;
+        }
+        octx.putImageData(img, 0, 0);
+        var t = document.createElement("canvas");
+        t.className = "thumb"; t.width = THUMB; t.height = THUMB;
+        t.dataset.layer = l; t.dataset.head = h; t.title = L.name + ", head " + h;
+        var tctx = t.getContext("2d");
+        tctx.imageSmoothingEnabled = nK > THUMB || nQ > THUMB;
+        tctx.drawImage(off, 0, 0, THUMB, THUMB);
+        t.addEventListener("click", (function (ll, hh) {
+          return function () { select(ll, hh); show("head"); };
+        })(l, h));
+        grid.appendChild(t);
+      }
+    });
+  }
+
+  function show(view) {
+    if (view !== "head" && view !== "model") throw new Error("qkvViewer.show: view is 'head' or 'model'");
+    state.view = view;
+    document.getElementById("head-view").hidden = view !== "head";
+    document.getElementById("model-view").hidden = view !== "model";
+    document.getElementById("tab-head").classList.toggle("active", view === "head");
+    document.getElementById("tab-model").classList.toggle("active", view === "model");
+  }
+
+  var api = {
+    layers: DATA.layers.map(function (l) { return l.name; }),
+    heads: function (l) { return nHeads(l); },
+    select: select,
+    focus: function (side, index) {
+      if (side === null || side === undefined) { state.pinned = null; }
+      else {
+        if ((side !== "q" && side !== "k") || !(index >= 0 && index < (side === "q" ? nQ : nK))) {
+          throw new Error("qkvViewer.focus: side is 'q' or 'k' and index a token position");
+        }
+        state.pinned = {side: side, index: index};
+      }
+      draw(); return api.state();
+    },
+    show: function (view) { show(view); return api.state(); },
+    weight: function (l, h, q, k) { return DATA.layers[l].weights[h][q * nK + k] / S; },
+    state: function () {
+      var f = focus();
+      return {layer: state.layer, layerName: DATA.layers[state.layer].name, head: state.head,
+              focus: f ? {side: f.side, index: f.index} : null, view: state.view, drawn: canvas.dataset.drawn};
+    }
+  };
+
+  DATA.layers.forEach(function (L, l) { layerSel.appendChild(new Option(L.name, String(l))); });
+  layerSel.addEventListener("change", function () {
+    var l = Number(layerSel.value), h = state.head;
+    select(l, h !== "all" && h < nHeads(l) ? h : "all");
+  });
+  headSel.addEventListener("change", function () { select(state.layer, headSel.value); });
+  document.getElementById("tab-head").addEventListener("click", function () { show("head"); });
+  document.getElementById("tab-model").addEventListener("click", function () { show("model"); });
+  buildTokens(qCol, DATA.query_tokens, "q", qEls);
+  buildTokens(kCol, DATA.tokens, "k", kEls);
+  sizeCanvas();
+  buildModel();
+  select(0, "all");
+  api.ready = true;
+  window.qkvViewer = api;
+})();
+"""
