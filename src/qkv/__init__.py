@@ -22,9 +22,9 @@ from qkv.backends import use_backend
 __version__ = "0.1.0"
 
 __all__ = ["attention", "attention_weights", "use_backend", "backends", "masks", "scores", "reference",
-           "positional", "layers", "nn", "cache", "models", "generate", "__version__"]
+           "positional", "layers", "nn", "cache", "models", "generate", "inspect", "__version__"]
 
-_LAZY = {"positional", "layers", "nn", "cli", "demo", "cache", "models", "generate"}
+_LAZY = {"positional", "layers", "nn", "cli", "demo", "cache", "models", "generate", "inspect"}
 
 
 def __getattr__(name):

@@ -30,6 +30,8 @@ import qkv
 from qkv import _numba
 from qkv._checks import check_int
 from qkv import scores as _scores
+from qkv.backends import linear as _kernel
+from qkv.inspect import ATTENTION_HOOK
 from qkv.positional import RotaryEmbedding
 
 __all__ = ["MultiHeadAttention", "Linear", "FeedForward", "RMSNorm", "Block", "ACTIVATIONS", "NORMS"]
@@ -73,6 +75,11 @@ class MultiHeadAttention(nn.Module):
         rope: a `qkv.positional.RotaryEmbedding` (its head_dim must be D) or None.
         alibi: False; True for the paper's slopes for n_heads; or a (n_heads,) tensor of slopes.
         backend: passed to `qkv.attention` ("auto", "math", "sdpa", ...).
+        attention: "exact" (softmax, the default), or kernelised O(L) attention:
+            "linear" (elu+1 features) or "performer" (FAVOR+ random features; the
+            layer owns a `qkv.backends.linear.Performer(256, seed=0)`, or pass your
+            own `Performer(...)` object). Approximate attention takes mask None or
+            causal, no dropout, ALiBi or weights; decode with a `qkv.cache.LinearStateCache`.
 
     Positions. RoPE rotates q and k by the absolute positions of their tokens.
     In self-attention both come from `positions` (default arange(Lq)). In
@@ -89,7 +96,7 @@ class MultiHeadAttention(nn.Module):
                  head_dim: int | None = None, kv_dim: int | None = None, bias: bool = True,
                  out_bias: bool | None = None, dropout: float = 0.0, scale: float | None = None,
                  rope: RotaryEmbedding | None = None, alibi: bool | Tensor = False,
-                 backend: str = "auto", device=None, dtype=None):
+                 backend: str = "auto", attention="exact", device=None, dtype=None):
         super().__init__()
         _check_positive_int("d_model", d_model)
         _check_positive_int("n_heads", n_heads)
@@ -120,7 +127,8 @@ class MultiHeadAttention(nn.Module):
         self.head_dim, self.kv_dim = head_dim, kv_dim
         self.dropout = _check_dropout("dropout", dropout)
         self.scale = None if scale is None else float(scale)
-        self.backend = backend
+        self.attention, self.feature_map, self.backend = _kernel.layer_choice(
+            attention, backend, dropout=self.dropout, alibi=alibi is not False and alibi is not None)
 
         factory = {"device": device, "dtype": dtype}
         self.q_proj = Linear(d_model, n_heads * head_dim, bias=bias, **factory)
@@ -203,9 +211,13 @@ class MultiHeadAttention(nn.Module):
             alibi = _scores.alibi(self.alibi_slopes)
             score_mod = alibi if score_mod is None else _scores.chain(alibi, score_mod)
 
-        result = qkv.attention(q, k, v, mask=mask, causal=causal, score_mod=score_mod, scale=self.scale,
-                               dropout_p=self.dropout if self.training else 0.0, backend=self.backend,
-                               return_weights=return_weights)
+        hook = ATTENTION_HOOK.get()
+        if hook is not None:  # qkv.inspect.capture records this call's inputs; the call itself is unchanged
+            hook(self, q, k, mask=mask, causal=causal, score_mod=score_mod, scale=self.scale, q_offset=None)
+        with _kernel.use_feature_map(self.feature_map):                     # a Performer layer's own features
+            result = qkv.attention(q, k, v, mask=mask, causal=causal, score_mod=score_mod, scale=self.scale,
+                                   dropout_p=self.dropout if self.training else 0.0, backend=self.backend,
+                                   return_weights=return_weights)
         out, weights = result if return_weights else (result, None)         # out (B, Hq, Lq, D)
         out = out.transpose(1, 2).reshape(B, Lq, self.n_heads * self.head_dim)  # (B, Lq, Hq*D)
         out = self.o_proj(out)                                              # (B, Lq, d_model)
@@ -215,6 +227,9 @@ class MultiHeadAttention(nn.Module):
         if context is not None or mask is not None or return_weights:
             raise ValueError("with a KV cache, attention is causal self-attention over the cached tokens: "
                              "context=, mask= and return_weights= are not available; run without cache=")
+        hook = ATTENTION_HOOK.get()
+        if hook is not None:  # qkv.inspect.capture cannot see the cached keys: it refuses
+            hook(self, None, None, cached=True)
         B, n, _ = x.shape
         q = self.q_proj(x).view(B, n, self.n_heads, self.head_dim).transpose(1, 2)       # (B, Hq, n, D)
         k = self.k_proj(x).view(B, n, self.n_kv_heads, self.head_dim).transpose(1, 2)    # (B, Hkv, n, D)
@@ -226,7 +241,8 @@ class MultiHeadAttention(nn.Module):
         if self.alibi_slopes is not None:
             alibi = _scores.alibi(self.alibi_slopes)
             score_mod = alibi if score_mod is None else _scores.chain(alibi, score_mod)
-        out = cache.attention(q, k, v, scale=self.scale, score_mod=score_mod, backend=self.backend)  # (B, Hq, n, D)
+        with _kernel.use_feature_map(self.feature_map):
+            out = cache.attention(q, k, v, scale=self.scale, score_mod=score_mod, backend=self.backend)  # (B, Hq, n, D)
         out = out.transpose(1, 2).reshape(B, n, self.n_heads * self.head_dim)            # (B, n, Hq*D)
         return self.o_proj(out)                                                           # (B, n, d_model)
 
@@ -266,7 +282,8 @@ class MultiHeadAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, "
                 f"head_dim={self.head_dim}, kv_dim={self.kv_dim}, dropout={self.dropout}, "
-                f"alibi={self.alibi_slopes is not None}, backend={self.backend!r}")
+                f"alibi={self.alibi_slopes is not None}, backend={self.backend!r}"
+                + ("" if self.attention == "exact" else f", attention={self.feature_map or self.attention!r}"))
 
 
 # -----------------------------------------------------------------------------

@@ -47,6 +47,7 @@ __all__ = [
     "Mask", "BlockMask", "EMPTY", "PARTIAL", "FULL",
     "causal", "sliding_window", "prefix_lm", "document", "padding", "global_tokens",
     "dilated", "block_sparse", "from_dense", "as_mask", "evaluate",
+    "longformer", "bigbird", "dilated_window",
 ]
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
@@ -715,6 +716,138 @@ def block_sparse(layout, block: int | tuple[int, int]) -> Mask:
         raise ValueError(f"block_sparse layout must have 2 to 4 dimensions, got shape {tuple(t.shape)}")
     bq, bk = (block, block) if isinstance(block, (int, np.integer)) else tuple(block)
     return _BlockSparse(t, _check_int("block", bq, 1), _check_int("block", bk, 1))
+
+
+# ----------------------------------------------------------------------------
+# Sparse attention patterns from the literature, as one-line masks
+# ----------------------------------------------------------------------------
+
+_global_tokens = global_tokens  # `longformer` takes a parameter of that name
+
+
+def longformer(window: int, global_tokens=()) -> Mask:
+    """Longformer (Beltagy et al. 2020): a symmetric sliding window plus global tokens.
+
+    Query q may attend to key kv when `|q - kv| < window` (2 * window - 1 keys;
+    the paper's window w of w/2 keys each side is `window = w // 2 + 1`), or when
+    q or kv is one of `global_tokens` (positions that attend everywhere and are
+    attended by everyone). `& causal()` gives the decoder variant. Analytic tiles.
+    """
+    local = sliding_window(window, causal=False)
+    if len(global_tokens) == 0:
+        return local
+    return local | _global_tokens(global_tokens)
+
+
+def dilated_window(window: int, dilation: int, causal: bool = True) -> Mask:
+    """Longformer's dilated sliding window: `window` keys spaced `dilation` apart (the `dilated` mask).
+
+    causal=True: q - kv in {0, d, ..., (window-1)d}; causal=False: |q - kv| in that set.
+    """
+    return dilated(window, dilation, causal)
+
+
+class _BigBird(Mask):
+    analytic = True
+
+    def __init__(self, block: int, window_blocks: int, global_blocks: int, random_blocks: int, seed: int,
+                 length: int | None):
+        self.block, self.window_blocks, self.global_blocks = block, window_blocks, global_blocks
+        self.random_blocks, self.seed, self.length = random_blocks, seed, length
+        self._layouts: dict[int, _BlockSparse] = {}
+        self.random = None                      # (nb, nb) bool: the random blocks (length given only)
+        if length is not None:
+            nb = length // block
+            self.random = self._random(nb, self._structured(torch.arange(nb)[:, None], torch.arange(nb)[None, :]))
+
+    def _structured(self, qb, kb):
+        """Window and global blocks, on block indices (torch or NumPy, broadcast)."""
+        near = xp(qb).abs(qb - kb) <= self.window_blocks // 2
+        if self.window_blocks == 0:
+            near = near & False
+        return near | (qb < self.global_blocks) | (kb < self.global_blocks)
+
+    def _random(self, nb: int, structured: torch.Tensor) -> torch.Tensor:
+        """Each non-global query block row gets `random_blocks` of the key blocks it does not yet see."""
+        out = torch.zeros(nb, nb, dtype=torch.bool)
+        g = torch.Generator().manual_seed(self.seed)
+        for i in range(self.global_blocks, nb):
+            free = torch.nonzero(~structured[i]).flatten()
+            out[i, free[torch.randperm(free.numel(), generator=g)[:self.random_blocks]]] = True
+        return out
+
+    def validate(self, B, H, Lq, Lk, q_offset):
+        bs = self.block
+        if self.length is None:
+            if Lk % bs:
+                raise ValueError(f"bigbird block={bs} does not divide the key length {Lk}; pad the sequence to a "
+                                 f"multiple of {bs} or choose a block size that divides it")
+        elif Lk > self.length or q_offset + Lq > self.length:
+            raise ValueError(f"this bigbird layout was built for length={self.length} but the call needs "
+                             f"{max(Lk, q_offset + Lq)} positions; build it with a larger length")
+        if Lq and q_offset < 0:
+            raise ValueError(f"bigbird queries must sit at positions >= 0, got q_offset={q_offset}")
+
+    def __call__(self, b, h, q, kv):
+        qb, kb = q // self.block, kv // self.block
+        out = self._structured(qb, kb)
+        if self.random is not None:
+            lay = like(self.random, q)
+            nb = lay.shape[0]
+            out = out | lay[xp(q).clip(qb, 0, nb - 1), xp(q).clip(kb, 0, nb - 1)]
+        return out
+
+    def tile_bounds(self, g):
+        if self.length is not None:
+            nb = self.length // self.block
+        else:
+            nb = -(-max(g.Lk, g.q_offset + g.Lq, 1) // self.block)
+        if nb not in self._layouts:
+            idx = torch.arange(nb)
+            layout = self._structured(idx[:, None], idx[None, :])
+            if self.random is not None:
+                layout = layout | self.random
+            self._layouts[nb] = _BlockSparse(layout, self.block, self.block)
+        return self._layouts[nb].tile_bounds(g)
+
+    def __repr__(self):
+        return (f"bigbird(block={self.block}, window_blocks={self.window_blocks}, global_blocks={self.global_blocks}, "
+                f"random_blocks={self.random_blocks}, seed={self.seed}, length={self.length})")
+
+
+def bigbird(block: int, window_blocks: int = 3, global_blocks: int = 1, random_blocks: int = 0, seed: int = 0, *,
+            length: int | None = None) -> Mask:
+    """BigBird (Zaheer et al. 2020): block-sparse window + global + random blocks, on blocks of `block` positions.
+
+    With block indices qb = q // block, kb = kv // block, q may attend to kv when
+    - window: |qb - kb| <= window_blocks // 2 (window_blocks: 0 or an odd count, centred on qb);
+    - global: qb < global_blocks or kb < global_blocks (the first blocks see and are seen by all);
+    - random: kb is one of `random_blocks` key blocks drawn, seeded, for row qb among those it
+      does not already see (global rows see everything already).
+
+    Random blocks are drawn over a whole layout, so they need `length` (a multiple of
+    `block`; calls may use any prefix of it, e.g. decode steps). Without random blocks
+    `length` may be left out; then every call's key length must be a multiple of
+    `block`. A block size that does not divide the length raises ValueError (here when
+    `length` is given, else at the call). Analytic tiles: `tiled` skips the empty ones.
+    """
+    block = _check_int("block", block, 1)
+    window_blocks = _check_int("window_blocks", window_blocks, 0)
+    if window_blocks and window_blocks % 2 == 0:
+        raise ValueError(f"window_blocks must be 0 or odd (the window is centred on the query's block), "
+                         f"got {window_blocks}")
+    global_blocks = _check_int("global_blocks", global_blocks, 0)
+    random_blocks = _check_int("random_blocks", random_blocks, 0)
+    seed = _check_int("seed", seed, 0)
+    if length is not None:
+        length = _check_int("length", length, 1)
+        if length % block:
+            raise ValueError(f"bigbird block={block} does not divide length={length}; pad the sequence to a "
+                             f"multiple of {block} or choose a block size that divides it")
+    elif random_blocks:
+        raise ValueError("bigbird random blocks are drawn over the whole sequence: pass length= "
+                         "(a multiple of block), or random_blocks=0")
+    return _BigBird(block, window_blocks, global_blocks, random_blocks, seed, length)
 
 
 class _FromDense(Mask):

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qkv.attention import attention
+from qkv.inspect import ATTENTION_HOOK
 from qkv.scores import bias as _bias
 
 __all__ = ["MultiheadAttention"]
@@ -215,6 +216,10 @@ class MultiheadAttention(nn.Module):
                 kw["score_mod"] = _bias(additive)
 
         dropout_p = float(self.dropout) if self.training else 0.0
+        hook = ATTENTION_HOOK.get()
+        if hook is not None:  # qkv.inspect.capture records this call's inputs; the call itself is unchanged
+            hook(self, q, k, mask=kw.get("mask"), causal=kw.get("causal", False), score_mod=kw.get("score_mod"),
+                 scale=None, q_offset=kw.get("q_offset"))
         result = attention(q, k, v, dropout_p=dropout_p, return_weights=need_weights, **kw)
         out, weights = result if need_weights else (result, None)            # out (N, H, L, D)
 

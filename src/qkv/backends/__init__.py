@@ -270,7 +270,8 @@ def _checked(be: Backend, call: Call) -> Backend:
 def _who_can(call: Call) -> str:
     # suggest auto's backends first (in its order), then the rest (e.g. the oracle)
     order = [n for n in _AUTO_ORDER if n in _REGISTRY] + [n for n in _REGISTRY if n not in _AUTO_ORDER]
-    able = [name for name in order if _REGISTRY[name].refusal(call) is None]
+    # approximate backends compute something else: never suggested in place of an exact one
+    able = [name for name in order if _REGISTRY[name].capabilities.exact and _REGISTRY[name].refusal(call) is None]
     if able:
         return f"use backend={able[0]!r}" + (f" (or {', '.join(map(repr, able[1:]))})" if able[1:] else "")
     return "no registered backend supports this combination"
@@ -350,8 +351,11 @@ from qkv.backends import math as _math  # noqa: E402
 from qkv.backends import reference as _reference  # noqa: E402
 from qkv.backends import sdpa as _sdpa  # noqa: E402
 from qkv.backends import tiled as _tiled  # noqa: E402
+from qkv.backends import linear as _linear  # noqa: E402
 
 register(_reference.ReferenceBackend())
 register(_math.MathBackend())
 register(_sdpa.SDPABackend())
 register(_tiled.TiledBackend())
+register(_linear.LinearBackend())      # approximate: explicit backend= or a layer's attention= only, never auto
+register(_linear.PerformerBackend())
