@@ -197,8 +197,14 @@ def test_demo_quick_writes_summaries(capsys, tmp_path):
     assert train["final_loss"] < train["first_loss"] and 0 < train["val_bpc"] < 8.0
     assert (out_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert summary["steps"]["seq2seq"]["accuracy_after"] > summary["steps"]["seq2seq"]["accuracy_before"]
+    assert (out_dir / "worked_example.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    minilm = summary["steps"]["attention_maps"]["minilm"]
+    assert len(minilm["focus"]["per_layer"]) == 6 and minilm["focus"]["token"] == "it"
+    assert (out_dir / "minilm" / "attention.html").stat().st_size > 0
     # atomic writes leave no temporary files behind
-    assert sorted(p.name for p in out_dir.iterdir()) == ["loss.png", "summary.json", "summary.md"]
+    written = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file())
+    assert {"loss.png", "summary.json", "summary.md", "worked_example.png", "minilm/heads.png"} <= set(written)
+    assert all(p.rsplit(".", 1)[-1] in ("png", "json", "md", "html") and "/." not in "/" + p for p in written), written
 
 
 def test_bench_writes_json_with_forward_and_backward(tmp_path, capsys):

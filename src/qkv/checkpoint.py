@@ -107,12 +107,13 @@ def _stall(step: int) -> None:
 
 
 def save(run_dir, step: int, model: nn.Module, tensors: dict[str, Tensor], state: dict, *, keep: int = 3,
-         extra_files: dict[str, Path] | None = None) -> Path:
+         extra_files: dict[str, Path | str | bytes] | None = None) -> Path:
     """Write checkpoint `run_dir/step-{step:06d}` atomically and keep the newest `keep`.
 
     tensors: optimizer / RNG tensors (CPU, contiguous) for training_state.safetensors;
     state: JSON-able dict for training_state.json ("step", "format" and the file
-    hashes are added); extra_files: name -> file copied in (e.g. tokenizer.json).
+    hashes are added); extra_files: name -> a file (Path) copied in, or the
+    content (str or bytes) to write (e.g. tokenizer.json).
     """
     from safetensors.torch import save_file
 
@@ -129,7 +130,10 @@ def save(run_dir, step: int, model: nn.Module, tensors: dict[str, Tensor], state
     tmp.mkdir()
     hf.save(model, tmp)
     for src_name, src in (extra_files or {}).items():
-        shutil.copyfile(src, tmp / src_name)
+        if isinstance(src, (str, bytes)):
+            (tmp / src_name).write_bytes(src.encode("utf-8") if isinstance(src, str) else src)
+        else:
+            shutil.copyfile(src, tmp / src_name)
     _stall(step)
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / STATE_TENSORS),
               metadata={"format": "pt"})

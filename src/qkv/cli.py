@@ -1,7 +1,7 @@
 """The `qkv` command: explain attention on a sentence, list backends, run the tour or the benchmark,
-generate text, embed sentences.
+generate text, embed sentences, draw attention maps.
 
-    qkv explain "the dog fetches the stick" [--dim 8] [--seed 0] [--causal]
+    qkv explain "the dog fetches the stick" [--dim 8] [--seed 0] [--causal] [--png FILE]
     qkv backends
     qkv demo [--out runs/demo] [--quick]
     qkv bench [--out runs/bench] [--quick]
@@ -12,6 +12,7 @@ generate text, embed sentences.
     qkv generate --checkpoint DIR --prompt "text or token ids" [--max-new-tokens N] [--temperature T]
                  [--top-k K] [--top-p P] [--seed S] [--stop ID ...] [--cache contiguous|paged]
     qkv embed "a sentence" "another" [--model DIR] [--batch-size N] [--no-pack]
+    qkv viz "a sentence" (--checkpoint DIR | --pretrained minilm) [--layer N] [--head N] [--focus WORD] [--out DIR]
     qkv train [DATA] [--tokenizer byte|char|PATH] [--preset tiny|small|base] [--config FILE] [--steps N]
               [--batch-size B] [--context T] [--lr LR] [--warmup W] [--accum K] [--bf16] [--eval-every N]
               [--ckpt-every N] [--keep N] [--out runs/train] [--resume] [--seed S]
@@ -54,6 +55,14 @@ def _cmd_explain(args) -> int:
         raise UsageError(str(exc)) from exc
     print("single-head self-attention, step by step:  softmax(Q K^T / sqrt(d_k)) V\n")
     print(demo.render_trace(trace, dim=args.dim, seed=args.seed, causal=args.causal))
+    if args.png:
+        from qkv import viz
+
+        try:
+            path = viz.trace_picture(trace, args.png, title=f"qkv explain \"{args.sentence}\"")
+        except (ValueError, TypeError) as exc:
+            raise UsageError(str(exc)) from exc
+        print(f"\npicture of the trace: {path}")
     return 0
 
 
@@ -104,7 +113,11 @@ def _read_prompt(args, tokenizer) -> list[int]:
         if not ids:
             raise UsageError("the prompt is empty; give at least one token id")
         return ids
-    ids = tokenizer.encode(text).ids
+    try:
+        ids = tokenizer.encode(text).ids
+    except Exception as exc:  # the tokenizers library raises its own type, e.g. for a character it cannot map
+        raise UsageError(f"the prompt cannot be encoded by {args.checkpoint}/tokenizer.json ({exc}); a character-level "
+                         f"checkpoint knows only its training text's characters") from None
     if not ids:
         raise UsageError(f"the prompt {text!r} encodes to no tokens")
     return ids
@@ -164,6 +177,69 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _viz_source(args):
+    """(model, token ids, token labels, description) for `qkv viz`."""
+    from qkv import embed, viz
+    from qkv.models import hf
+
+    if (args.checkpoint is None) == (args.pretrained is None):
+        raise UsageError("choose the model: --checkpoint DIR (a local checkpoint) or --pretrained minilm")
+    if args.pretrained is not None:
+        try:
+            enc = embed.SentenceEncoder.load()
+        except embed.PretrainedNotInstalled:
+            raise UsageError(f"the packaged MiniLM is not installed: {embed.INSTALL_HINT}") from None
+        text = args.sentence.lower() if enc.do_lower_case else args.sentence
+        e = enc.tokenizer.encode(text)
+        return enc.model, e.ids, [viz.token_label(t) for t in e.tokens], "all-MiniLM-L6-v2"
+    try:
+        model = hf.load(args.checkpoint)
+    except (ValueError, FileNotFoundError) as exc:
+        raise UsageError(str(exc)) from exc
+    tok_path = os.path.join(args.checkpoint, "tokenizer.json")
+    if args.ids or not os.path.exists(tok_path):
+        try:
+            ids = [int(t) for t in args.sentence.replace(",", " ").split()]
+        except ValueError:
+            why = "--ids was given" if args.ids else f"{args.checkpoint} has no tokenizer.json"
+            raise UsageError(f"{why}: the input must be token ids separated by spaces, got {args.sentence!r}") from None
+        labels = [str(i) for i in ids]
+    else:
+        from tokenizers import Tokenizer
+
+        try:
+            e = Tokenizer.from_file(tok_path).encode(args.sentence)
+        except Exception as exc:  # the tokenizers library's own error type
+            raise UsageError(f"the sentence cannot be encoded by {tok_path} ({exc})") from None
+        ids, labels = e.ids, [viz.token_label(t) for t in e.tokens]
+    if not ids:
+        raise UsageError("the sentence encodes to no tokens")
+    vocab = getattr(model.config, "vocab_size", None)
+    if vocab is not None and not all(0 <= i < vocab for i in ids):
+        raise UsageError(f"token ids must be in 0..{vocab - 1} for {args.checkpoint}")
+    return model, ids, labels, os.path.basename(os.path.normpath(args.checkpoint))
+
+
+def _cmd_viz(args) -> int:
+    from qkv import viz
+
+    model, ids, labels, what = _viz_source(args)
+    try:
+        focus = None if args.focus is None else viz.find_token(labels, args.focus)
+        report = viz.attention_report(model, ids, labels, args.out, layer=args.layer, head=args.head, focus=focus,
+                                      title=f"{what}: {args.sentence}")
+    except (ValueError, TypeError) as exc:
+        raise UsageError(str(exc).replace("\n", " ")) from exc
+    n = len(report["layers"])
+    print(f"{what}: {len(ids)} tokens, {n} attention layers x {report['heads'][0]} heads")
+    print(f"tokens: {' | '.join(labels)}")
+    if "focus" in report:
+        print(viz.format_focus(report))
+    print(f"wrote {report['grid']} (every layer and head), {report['head']} (one head) and {report['html']} "
+          f"(open it in a browser: pick a layer and head, hover a token)")
+    return 0
+
+
 def _cmd_embed(args) -> int:
     from qkv import embed
 
@@ -195,7 +271,7 @@ def _cmd_train(args) -> int:
         raise UsageError(str(exc).replace("\n", " ")) from exc
     if distributed.is_main():                      # under torchrun: once, from rank 0
         print(f"validation: loss {result.val_loss:.4f} nats/token, {result.val_bpc:.4f} bits per character")
-        print(f"checkpoint: {result.checkpoint}  (qkv generate --checkpoint {result.checkpoint} --ids --prompt ...)")
+        print(f"checkpoint: {result.checkpoint}  (qkv generate --checkpoint {result.checkpoint} --prompt 'def ')")
     return 0
 
 
@@ -211,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dim", type=int, default=8, help="width of the toy embeddings and projections (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random projections W_q, W_k, W_v (default 0)")
     p.add_argument("--causal", action="store_true", help="each token may only attend to itself and earlier tokens")
+    p.add_argument("--png", default=None, metavar="FILE", help="also draw the trace (Q, K, V, scores, weights, "
+                   "output) into this PNG")
     p.set_defaults(func=_cmd_explain)
 
     p = sub.add_parser("backends", help="the registered backends and what each supports")
@@ -252,6 +330,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", type=int, nargs="*", default=(), metavar="ID", help="token ids that end generation")
     p.add_argument("--cache", choices=("contiguous", "paged"), default="contiguous", help="KV cache layout")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("viz", help="attention maps of a sentence: PNG pictures and an offline HTML viewer",
+                       description="Run a sentence through a local checkpoint (--checkpoint DIR, with its "
+                                   "tokenizer.json) or the packaged all-MiniLM-L6-v2 (--pretrained minilm), capture "
+                                   "every layer's attention weights and write OUT/heads.png (layers x heads), "
+                                   "OUT/head.png (one head, token labels) and OUT/attention.html (an offline viewer).")
+    p.add_argument("sentence", help="the text (or token ids with --ids)")
+    p.add_argument("--checkpoint", default=None, metavar="DIR", help="a local checkpoint directory")
+    p.add_argument("--pretrained", default=None, choices=("minilm",), help="the packaged all-MiniLM-L6-v2")
+    p.add_argument("--ids", action="store_true", help="the sentence is token ids separated by spaces")
+    p.add_argument("--layer", type=int, default=None, help="layer of head.png (default: the last)")
+    p.add_argument("--head", type=int, default=None, help="head of head.png (default 0)")
+    p.add_argument("--focus", default=None, metavar="WORD", help="also print where this token attends in every layer")
+    p.add_argument("--out", default=os.path.join("runs", "viz"), help="output folder (default runs/viz)")
+    p.set_defaults(func=_cmd_viz)
 
     p = sub.add_parser("embed", help="sentence embeddings (all-MiniLM-L6-v2) and their cosine similarities",
                        description="Embed sentences with a sentence-transformers model (default: the bundled "
@@ -304,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     if args.command is None:
         parser.print_usage(sys.stderr)
-        print("qkv: error: choose a command: explain, backends, demo, bench, generate, embed or train "
+        print("qkv: error: choose a command: explain, backends, demo, bench, generate, embed, viz or train "
               "(qkv --help says more)",
               file=sys.stderr)
         return 2

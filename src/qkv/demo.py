@@ -488,7 +488,12 @@ def _worked_example(quick: bool) -> tuple[dict, str]:
         "sentence": EXAMPLE_SENTENCE, "tokens": trace.tokens, "dim": int(trace.x.shape[1]), "seed": 0,
         "weights": np.round(trace.weights, 6).tolist(), "most_attended": most_attended(trace),
     }
-    md = f'`qkv explain "{EXAMPLE_SENTENCE}"`\n\n```\n{text}\n```'
+    from qkv import viz
+
+    picture = viz.trace_picture(trace, _OUT / "worked_example.png", title=f'qkv explain "{EXAMPLE_SENTENCE}"')
+    print(f"\npicture of every step: {picture}")
+    data["picture"] = str(picture)
+    md = f'`qkv explain "{EXAMPLE_SENTENCE}"`\n\n```\n{text}\n```\n\n![the trace](worked_example.png)'
     return data, md
 
 
@@ -784,6 +789,35 @@ def _seq2seq(quick: bool) -> tuple[dict, str]:
     return data, "```\n" + "\n".join(lines) + "\n```"
 
 
+IT_SENTENCE = "The animal didn't cross the street because it was too tired"
+
+
+def _attention_maps(quick: bool) -> tuple[dict, str]:
+    from qkv import viz
+    from qkv.embed import PretrainedNotInstalled, SentenceEncoder
+
+    out: dict = {}
+    lines: list[str] = []
+    md: list[str] = []
+    try:
+        enc = SentenceEncoder.load()
+    except PretrainedNotInstalled as exc:
+        print(f"MiniLM skipped: {exc}")
+        out["minilm"] = {"skipped": str(exc)}
+    else:
+        e = enc.tokenizer.encode(IT_SENTENCE.lower() if enc.do_lower_case else IT_SENTENCE)
+        labels = [viz.token_label(t) for t in e.tokens]
+        report = viz.attention_report(enc.model, e.ids, labels, _OUT / "minilm", focus=viz.find_token(labels, "it"),
+                                      title=f"all-MiniLM-L6-v2: {IT_SENTENCE}")
+        lines += [f'all-MiniLM-L6-v2 on "{IT_SENTENCE}": every layer and head captured by qkv.inspect',
+                  viz.format_focus(report),
+                  f"pictures: {report['grid']}, {report['head']}; viewer: {report['html']} (offline; hover a token)"]
+        out["minilm"] = report
+        md += ["![MiniLM heads](minilm/heads.png)"]
+    print("\n".join(lines))
+    return out, "```\n" + "\n".join(lines) + "\n```\n\n" + "\n".join(md)
+
+
 STEPS: list[Step] = [
     Step("worked_example", "the worked example: attention step by step",
          "single-head self-attention on 'the dog fetches the stick': Q, K, V, scores, scaling, softmax, output",
@@ -814,6 +848,10 @@ STEPS: list[Step] = [
          "the all-MiniLM-L6-v2 checkpoint run by qkv's BERT-style encoder: cosine similarities of a few sentences",
          "bidirectional self-attention lets every token see the whole sentence; mean-pooled, the states "
          "place sentences of similar meaning near each other", _embeddings),
+    Step("attention_maps", "seeing attention: weights from any backend, pictures and a viewer",
+         "where 'it' attends in each layer of the pretrained MiniLM, as PNG maps and an offline HTML viewer",
+         "fast kernels never materialise the weights; qkv.inspect recomputes them from q, k and each row's "
+         "log-sum-exp, so any model on any backend can be looked at", _attention_maps),
     Step("seq2seq", "encoder-decoder: learning to reverse",
          "an encoder-decoder trained teacher-forced on sequence reversal: held-out accuracy before and after",
          "reversing needs each output position to find one far-away input: cross-attention learns exactly that "

@@ -41,7 +41,8 @@ import torch
 
 from qkv._checks import check_int
 
-__all__ = ["heatmap", "grid", "mask_picture", "html", "heatmap_figsize", "grid_figsize",
+__all__ = ["heatmap", "grid", "mask_picture", "html", "trace_picture", "attention_report", "format_focus",
+           "token_label", "find_token", "heatmap_figsize", "grid_figsize",
            "MAX_DENSE", "MAX_HTML_WEIGHTS", "MAX_HTML_TOKENS"]
 
 MAX_DENSE = 1 << 22            # mask_picture: largest Lq * Lk drawn element by element (2048 x 2048)
@@ -244,6 +245,80 @@ def heatmap(weights, path, *, x_labels: Sequence[str] | None = None, y_labels: S
         ax.set_title(_short(str(title), 80), fontsize=10)
     fig.colorbar(im, ax=ax, shrink=0.9, label="weight")
     return _save_png(fig, p, dpi)
+
+
+MAX_TRACE_TOKENS = 24           # trace_picture: longest sentence drawn (values are written in the cells up to 12)
+
+
+def trace_picture(trace, path, *, title: str | None = None, dpi: int = 110) -> Path:
+    """Draw a `qkv.reference.Trace` (single-head attention, step by step) as one PNG.
+
+    Top row: Q, K, V and the output (L x d, one row per token); bottom row: the
+    raw scores Q K^T, the scaled scores, the masked scores (disallowed pairs
+    hatched) and the softmax weights (L x L, rows = queries, columns = keys).
+    Cells carry their values when L <= 12. Returns the path.
+    """
+    from qkv.reference import Trace
+
+    if not isinstance(trace, Trace):
+        raise TypeError(f"trace must be a qkv.reference.Trace (from qkv.reference.explain), got {type(trace).__name__}")
+    L = len(trace.tokens)
+    if not 1 <= L <= MAX_TRACE_TOKENS:
+        raise ValueError(f"a trace picture holds 1 to {MAX_TRACE_TOKENS} tokens, got {L}; "
+                         f"use heatmap(trace.weights, ...) for longer sequences")
+    dpi = check_int("dpi", dpi, 20)
+    p = _path(path, (".png",))
+    toks = [_short(t, 10) for t in trace.tokens]
+    d_k = trace.Q.shape[1]
+    top = [("Q = x W_q", trace.Q), ("K = x W_k", trace.K), ("V = x W_v", trace.V), ("output = weights V", trace.output)]
+    bottom = [("raw scores Q K^T", trace.raw_scores), (f"scaled: / sqrt({d_k})", trace.scaled_scores),
+              ("masked", np.where(trace.allowed, trace.masked_scores, np.nan)), ("softmax weights", trace.weights)]
+    cell = 0.42 if L <= 12 else 0.26
+    w_in = 4 * (max(L, d_k) * cell + 1.4) + 0.4
+    h_in = 2 * (L * cell + 1.3) + 0.6
+    fig = _figure(w_in, h_in, dpi)
+    fig.set_layout_engine("constrained")
+    axes = fig.subplots(2, 4)
+    for row, panels in enumerate((top, bottom)):
+        for col, (name, m) in enumerate(panels):
+            ax = axes[row, col]
+            m = np.asarray(m, dtype=np.float64)
+            finite = m[np.isfinite(m)]
+            lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+            if name == "softmax weights":
+                lo, hi = 0.0, max(hi, 1e-9)
+            cmap = "viridis" if name == "softmax weights" else "coolwarm"
+            if cmap == "coolwarm":                          # symmetric about zero
+                lo, hi = -max(abs(lo), abs(hi), 1e-9), max(abs(lo), abs(hi), 1e-9)
+            ax.imshow(np.ma.masked_invalid(m), cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest", aspect="auto")
+            if name in ("masked", "softmax weights") and not trace.allowed.all():
+                for i, j in zip(*np.nonzero(~trace.allowed)):
+                    ax.add_patch(_hatch(j, i))
+            if L <= 12 and m.shape[1] <= 12:
+                for i in range(m.shape[0]):
+                    for j in range(m.shape[1]):
+                        if np.isfinite(m[i, j]):
+                            dark = name == "softmax weights" and m[i, j] < 0.6 * hi
+                            ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                                    color="white" if dark else "black")
+            ax.set_title(name, fontsize=9)
+            ax.set_yticks(range(L))
+            ax.set_yticklabels(toks, fontsize=7)
+            if row == 1:
+                ax.set_xticks(range(L))
+                ax.set_xticklabels(toks, fontsize=7, rotation=90)
+            else:
+                ax.set_xticks(range(m.shape[1]))
+                ax.set_xticklabels([f"d{j}" for j in range(m.shape[1])], fontsize=6)
+    if title:
+        fig.suptitle(_short(str(title), 100), fontsize=11)
+    return _save_png(fig, p, dpi)
+
+
+def _hatch(j: int, i: int):
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///", edgecolor="#999999", linewidth=0)
 
 
 def grid_figsize(n_layers: int, n_heads: int, *, labels: bool = False) -> tuple[float, float]:
@@ -806,3 +881,97 @@ _SCRIPT = r"""
   window.qkvViewer = api;
 })();
 """
+
+
+# ----------------------------------------------------------------------------
+# One sentence through a model: every picture at once
+# ----------------------------------------------------------------------------
+
+def token_label(token: str) -> str:
+    """A readable label for a tokenizer's token string: byte-level BPE's 'Ġ' / 'Ċ'
+    stand-ins become a space / '\\n', WordPiece's '##' continuation stays."""
+    return token.replace("\u0120", " ").replace("\u010a", "\\n").replace("\u0109", "\\t") or "\u2205"
+
+
+def find_token(labels: Sequence[str], word: str) -> int:
+    """Index of the first label equal to `word` (case-insensitive, surrounding spaces
+    and a leading '##' ignored); ValueError listing the labels if there is none."""
+    key = word.strip().lower()
+    for i, t in enumerate(labels):
+        if t.strip().lower().removeprefix("##") == key:
+            return i
+    raise ValueError(f"no token {word!r} in the sentence; its tokens are {list(labels)}")
+
+
+def attention_report(model, input_ids, labels: Sequence[str], out, *, layer: int | None = None,
+                     head: int | None = None, focus: int | None = None, top: int = 3, title: str | None = None,
+                     **model_kwargs) -> dict:
+    """Capture every attention map of `model(input_ids, **model_kwargs)` (one sequence,
+    `qkv.inspect`) and write under the folder `out`: heads.png (layers x heads grid),
+    head.png (one head with token labels: `layer`, `head`, default the last layer's
+    head 0), attention.html (the offline viewer). With `focus` (a token index), also
+    the `top` tokens it attends to most in each layer (mean over heads) and the head
+    that puts most weight on its favourite token. Returns the figures and paths.
+    """
+    from qkv import inspect as _inspect
+
+    ids = torch.as_tensor(input_ids)
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.dim() != 2 or ids.shape[0] != 1:
+        raise ValueError(f"input_ids must be one sequence (L,) or (1, L), got {tuple(ids.shape)}")
+    L = ids.shape[1]
+    if len(labels) != L:
+        raise ValueError(f"got {len(labels)} labels for {L} tokens")
+    if L > MAX_HTML_TOKENS:
+        raise ValueError(f"{L} tokens is too long for full-matrix pictures (at most {MAX_HTML_TOKENS}); shorten the "
+                         f"text, or capture chosen rows with qkv.inspect.attention_maps(model, ids, rows=[...]) "
+                         f"and draw them with viz.heatmap")
+    if focus is not None and not (isinstance(focus, int) and 0 <= focus < L):
+        raise ValueError(f"focus must be a token index in 0..{L - 1}, got {focus!r}")
+    maps = _inspect.attention_maps(model, ids, **model_kwargs).to_numpy()          # {name: (H, L, L)}
+    names = [n for n in maps if maps[n].shape[-2:] == (L, L)]                        # self-attention only
+    if not names:
+        raise ValueError("the model ran no self-attention over the sequence; nothing to draw")
+    layer = len(names) - 1 if layer is None else layer
+    if not isinstance(layer, int) or not -len(names) <= layer < len(names):
+        raise ValueError(f"layer must be in 0..{len(names) - 1} (the model has {len(names)} attention layers), "
+                         f"got {layer!r}")
+    name = names[layer]
+    n_heads = maps[name].shape[0]
+    head = 0 if head is None else head
+    if not isinstance(head, int) or not -n_heads <= head < n_heads:
+        raise ValueError(f"head must be in 0..{n_heads - 1} (layer {layer} has {n_heads} heads), got {head!r}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    shown = {f"layer {i}": maps[n] for i, n in enumerate(names)}       # short row titles; report["layers"] has the paths
+    report: dict = {"tokens": list(labels), "layers": names, "heads": [int(maps[n].shape[0]) for n in names]}
+    report["grid"] = str(grid(shown, out / "heads.png", labels=labels, title=title))
+    report["head"] = str(heatmap(maps[name][head], out / "head.png", x_labels=labels, y_labels=labels,
+                                 title=f"{name}, head {head % n_heads}"))
+    report["html"] = str(html(shown, labels, out / "attention.html", title=title))
+    if focus is not None:
+        per_layer = []
+        for i, n in enumerate(names):
+            row = maps[n][:, focus, :]                                                # (H, L)
+            mean = row.mean(axis=0)
+            order = np.argsort(-mean, kind="stable")[:top]
+            best_h = int(np.argmax(row.max(axis=1)))
+            j = int(np.argmax(row[best_h]))
+            per_layer.append({"layer": i, "name": n,
+                              "top": [{"token": labels[k], "index": int(k), "weight": float(mean[k])} for k in order],
+                              "strongest_head": {"head": best_h, "token": labels[j], "index": j,
+                                                 "weight": float(row[best_h, j])}})
+        report["focus"] = {"token": labels[focus], "index": focus, "per_layer": per_layer}
+    return report
+
+
+def format_focus(report: dict) -> str:
+    """The focus part of `attention_report` as lines of text."""
+    f = report["focus"]
+    lines = [f"where {f['token']!r} (token {f['index']}) attends, per layer (mean over heads; strongest single head):"]
+    for r in f["per_layer"]:
+        tops = ", ".join(f"{t['token']!r} {t['weight']:.2f}" for t in r["top"])
+        s = r["strongest_head"]
+        lines.append(f"  layer {r['layer']}: {tops}   | head {s['head']}: {s['token']!r} {s['weight']:.2f}")
+    return "\n".join(lines)
