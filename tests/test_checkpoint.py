@@ -50,7 +50,7 @@ def test_save_is_complete_and_keeps_the_newest(corpus, tmp_path):
     assert checkpoint.latest(out).name == "step-000012"
     state = checkpoint.verify(out / "step-000012")
     assert state["step"] == 12 and state["data_position"] == {"seed": 0, "step": 12}
-    assert set(state["files"]) == {"config.json", "model.safetensors", "training_state.safetensors"}
+    assert set(state["files"]) == {"config.json", "model.safetensors", "training_state.safetensors", "tokenizer.json"}
     assert len(state["history"]["loss"]) == 12
     assert not list(out.glob(".tmp-*"))
 

@@ -112,8 +112,29 @@ def test_file_tokenizer(tmp_path):
     assert ds.tokenizer.vocab_size == 6 and set(ds.train.tolist()) <= set(range(6))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         data.make_tokenizer(str(tmp_path / "none.json"))
-    with pytest.raises(ValueError, match="'byte', 'char' or a path"):
+    with pytest.raises(ValueError, match="'byte', 'char', 'bpe'"):
         data.make_tokenizer("words")
+
+
+def test_bpe_is_trained_on_the_training_split_and_round_trips():
+    text = make_text(600)
+    ds = data.TextData.build(text, "bpe:300", val_fraction=0.1)
+    tok = ds.tokenizer
+    assert tok.vocab_size == 300 and ds.tokens_per_char < 0.6                 # merges: fewer tokens than chars
+    cut = len(text) - int(len(text) * 0.1)
+    assert tok.decode(ds.val.tolist()) == text[cut:] and tok.decode(ds.train.tolist()) == text[:cut]
+    assert tok.encode("\u2603 unseen \t") and tok.decode(tok.encode("\u2603 unseen \t")) == "\u2603 unseen \t"
+    assert tok.tokenizer.token_to_id("<|qkv:pad|>") == data.PAD and tok.tokenizer.token_to_id("<|qkv:eos|>") == data.EOS
+    again = data.train_bpe(text[:cut], 300)
+    assert again.to_json() == tok.to_json()                                  # deterministic
+    # merges learnt from the training split only: the validation text's frequent 'qq' is never merged
+    tail = "qqqqqqqq " * 100
+    held = data.TextData.build(text + tail, "bpe:300", val_fraction=len(tail) / len(text + tail) * 0.999)
+    assert not any("qq" in t for t in held.tokenizer.tokenizer.get_vocab())
+    assert any("qq" in t for t in data.train_bpe(text + tail, 300).tokenizer.get_vocab())
+    for spec, message in (("bpe:100", "must exceed 259"), ("bpe:x", "must be an integer")):
+        with pytest.raises(ValueError, match=message):
+            data.make_tokenizer(spec, text)
 
 
 # -- training ---------------------------------------------------------------------
@@ -143,6 +164,15 @@ def test_resume_reproduces_the_uninterrupted_losses_exactly(text_file, tmp_path)
         assert torch.equal(a, b), name
 
 
+def test_resume_with_bpe_reuses_the_checkpoint_tokenizer(text_file, tmp_path):
+    kw = dict(steps=6, ckpt_every=3, tokenizer="bpe:280")
+    full = run(text_file, tmp_path / "full", **kw)
+    run(text_file, tmp_path / "part", stop_after=3, **kw)
+    rest = run(text_file, tmp_path / "part", resume=True, **kw)
+    assert rest.history.loss == full.history.loss
+    assert rest.data.tokenizer.path is not None and rest.data.tokenizer.path.parent.name == "step-000003"
+
+
 def test_resume_refuses_changed_arguments_and_existing_runs(text_file, tmp_path):
     run(text_file, tmp_path / "r", steps=4)
     with pytest.raises(ValueError, match="already holds checkpoints; pass --resume"):
@@ -169,6 +199,24 @@ def test_checkpoint_loads_as_a_model_and_generates(text_file, tmp_path, capsys):
                      "--max-new-tokens", "4"])
     out = capsys.readouterr().out.split()
     assert code == 0 and len(out) == 4 and all(0 <= int(t) < r.data.tokenizer.vocab_size for t in out)
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "char"])
+def test_checkpoint_tokenizer_json_gives_text_generation(text_file, tmp_path, capsys, tokenizer):
+    from tokenizers import Tokenizer
+
+    r = run(text_file, tmp_path / tokenizer, steps=2, tokenizer=tokenizer)
+    exported = Tokenizer.from_file(str(r.checkpoint / "tokenizer.json"))
+    sample = r.data.tokenizer.decode(r.data.train[:200].tolist())
+    assert exported.encode(sample, add_special_tokens=False).ids == r.data.tokenizer.encode(sample)
+    assert exported.decode(r.data.tokenizer.encode(sample, bos=True, eos=True)) == sample
+    assert exported.get_vocab_size(with_added_tokens=True) == r.data.tokenizer.vocab_size
+    capsys.readouterr()
+    code = cli.main(["generate", "--checkpoint", str(r.checkpoint), "--prompt", sample[:5], "--max-new-tokens", "6"])
+    assert code == 0 and capsys.readouterr().out.startswith(sample[:5])
+    if tokenizer == "char":                          # a character the corpus never had: a clear refusal
+        code = cli.main(["generate", "--checkpoint", str(r.checkpoint), "--prompt", "\u2603", "--max-new-tokens", "1"])
+        assert code == 2 and "cannot be encoded" in capsys.readouterr().err
 
 
 # -- configs ---------------------------------------------------------------------
@@ -224,7 +272,7 @@ def test_cli_train_prints_progress_and_bpc(text_file, tmp_path, capsys):
     (["train", "/no/such/file.txt"], "does not exist"),
     (["train", "--preset", "huge"], "preset must be one of"),
     (["train", "--steps", "0"], "steps must be >= 1"),
-    (["train", "--tokenizer", "words"], "'byte', 'char' or a path"),
+    (["train", "--tokenizer", "words"], "'byte', 'char', 'bpe'"),
 ])
 def test_cli_train_bad_inputs_are_one_line_errors(capsys, tmp_path, argv, message):
     code = cli.main(argv + ["--out", str(tmp_path / "o")])

@@ -27,6 +27,22 @@ Batches (`batch`) follow teacher forcing::
     tgt_in     (B, Lt)   BOS t_1 .. t_m, PAD after        (the decoder's inputs)
     tgt_out    (B, Lt)   t_1 .. t_m EOS, PAD after        (what it must predict)
 
+Associative recall (`RecallTask`, decoder-style: one sequence in, one answer out)::
+
+    PAD = 0, BOS = 1 as above, QUERY = 3 (the "?" marker)
+    keys     4 .. 4 + n_keys - 1                      labels "k0" .. "k{n_keys-1}"
+    values   4 + n_keys .. 4 + n_keys + n_values - 1  labels "v0" .. "v{n_values-1}"
+    vocab_size = 4 + n_keys + n_values
+
+    position  0    1    2    3    4   ..  2n-1  2n   2n+1  2n+2
+    token     BOS  k_1  v_1  k_2  v_2 ..  k_n   v_n  ?     k_q       (n pairs, length 2n + 3)
+    answer    the value beside k_q (q = 1..n), predicted at the last position 2n + 2
+
+The n keys of a sequence are distinct, values are drawn with replacement, q is
+uniform. A `RecallBatch` pads rows on the right (PAD), which a causal model
+never sees from the earlier positions: ids (B, L), lengths (B,), answer (B,),
+and the positions of the matching key and value (B,) for measuring attention.
+
 Text corpora for language models (`load_corpus`, `make_tokenizer`, `TextData`)::
 
     load_corpus(path)        a UTF-8 text file, or every text file under a folder (sorted)
@@ -61,7 +77,8 @@ from qkv._checks import check_int
 
 __all__ = ["PAD", "BOS", "EOS", "N_SPECIAL", "TASKS", "EVAL_SEED", "Task", "Batch", "make_task", "batch",
            "ByteTokenizer", "CharTokenizer", "FileTokenizer", "DEFAULT_CORPUS_BYTES", "load_corpus",
-           "default_corpus", "make_tokenizer", "TextData", "unigram_entropy_bits"]
+           "default_corpus", "make_tokenizer", "train_bpe", "bpe_vocab", "BPE_VOCAB", "TextData", "unigram_entropy_bits", "QUERY", "RecallBatch",
+           "RecallTask"]
 
 PAD, BOS, EOS = 0, 1, 2
 N_SPECIAL = 3                 # content tokens start here
@@ -143,7 +160,8 @@ class Task:
 
     def __post_init__(self):
         if self.name not in TASKS:
-            raise ValueError(f"unknown task {self.name!r}; choose one of {', '.join(map(repr, TASKS))}")
+            raise ValueError(f"unknown task {self.name!r}; choose one of {', '.join(map(repr, TASKS))} "
+                             f"(associative recall is qkv.data.RecallTask)")
         _check_int("vocab", self.vocab, 1)
         _check_int("min_len", self.min_len, 1)
         _check_int("max_len", self.max_len, 1)
@@ -200,6 +218,128 @@ def make_task(name: str, *, vocab: int = 20, min_len: int = 8, max_len: int = 16
 
 
 # -----------------------------------------------------------------------------
+# Associative recall: key-value pairs, then a query key; answer its value.
+
+QUERY = 3                     # the "?" marker before the query key (recall task only)
+
+
+class RecallBatch(NamedTuple):
+    """Right-padded recall sequences (see the module docstring for the layout)."""
+
+    ids: Tensor            # (B, L) int64, PAD after each row's length
+    lengths: Tensor        # (B,) int64, 2 n + 3
+    answer: Tensor         # (B,) int64, the value id to predict at position lengths - 1
+    key_pos: Tensor        # (B,) int64, position of the key that matches the query
+    value_pos: Tensor      # (B,) int64, key_pos + 1
+
+
+@dataclass(frozen=True)
+class RecallTask:
+    """Associative recall: n key-value pairs (min_pairs <= n <= max_pairs), then "?"
+    and one of the n keys; the answer is its value. Keys and values come from
+    separate token ranges (n_keys and n_values of them)."""
+
+    n_keys: int = 32
+    n_values: int = 32
+    min_pairs: int = 8
+    max_pairs: int = 16
+
+    def __post_init__(self):
+        _check_int("n_keys", self.n_keys, 1)
+        _check_int("n_values", self.n_values, 2)
+        _check_int("min_pairs", self.min_pairs, 1)
+        _check_int("max_pairs", self.max_pairs, 1)
+        if self.min_pairs > self.max_pairs:
+            raise ValueError(f"min_pairs={self.min_pairs} must be <= max_pairs={self.max_pairs}")
+        if self.max_pairs > self.n_keys:
+            raise ValueError(f"max_pairs={self.max_pairs} exceeds n_keys={self.n_keys}: the keys of a sequence "
+                             f"are distinct, so raise n_keys or lower max_pairs")
+
+    @property
+    def first_key(self) -> int:
+        return QUERY + 1
+
+    @property
+    def first_value(self) -> int:
+        return QUERY + 1 + self.n_keys
+
+    @property
+    def vocab_size(self) -> int:
+        """PAD, BOS, EOS (unused), QUERY, then the keys and the values."""
+        return self.first_value + self.n_values
+
+    @property
+    def max_len(self) -> int:
+        """Tokens of the longest sequence: 2 max_pairs + 3."""
+        return 2 * self.max_pairs + 3
+
+    def label(self, token: int) -> str:
+        """A short name for one id: "k7", "v3", "?", "BOS", "PAD", "EOS"."""
+        token = int(token)
+        if self.first_key <= token < self.first_value:
+            return f"k{token - self.first_key}"
+        if self.first_value <= token < self.vocab_size:
+            return f"v{token - self.first_value}"
+        names = {PAD: "PAD", BOS: "BOS", EOS: "EOS", QUERY: "?"}
+        if token not in names:
+            raise ValueError(f"token {token} is outside this task's vocabulary [0, {self.vocab_size})")
+        return names[token]
+
+    def labels(self, ids) -> list[str]:
+        """`label` of every id of one sequence (a 1-D tensor or list)."""
+        return [self.label(t) for t in _check_ids(ids)]
+
+    def answer_of(self, ids) -> int:
+        """The answer of one unpadded sequence, by reading it (a check on the layout)."""
+        ids = _check_ids(ids)
+        n = (len(ids) - 3) // 2
+        if len(ids) != 2 * n + 3 or n < 1 or ids[0] != BOS or ids[-2] != QUERY:
+            raise ValueError("not a recall sequence: expected BOS k v .. k v ? k")
+        pairs = dict(zip(ids[1:2 * n + 1:2], ids[2:2 * n + 2:2]))
+        if len(pairs) != n or ids[-1] not in pairs:
+            raise ValueError("not a recall sequence: keys repeat, or the query key is not among them")
+        return pairs[ids[-1]]
+
+    def batch(self, n: int, *, seed: int | None = None, generator: torch.Generator | None = None,
+              device=None) -> RecallBatch:
+        """n random sequences, right-padded to the longest."""
+        _check_int("n", n, 1)
+        g = _generator(seed, generator)
+        pairs = torch.randint(self.min_pairs, self.max_pairs + 1, (n,), generator=g)              # (B,)
+        keys = torch.rand(n, self.n_keys, generator=g).argsort(dim=1)[:, :self.max_pairs]         # (B, P) distinct
+        values = torch.randint(0, self.n_values, (n, self.max_pairs), generator=g)                # (B, P)
+        which = (torch.rand(n, generator=g) * pairs).long()                                       # (B,) in [0, n)
+        lengths = 2 * pairs + 3                                                                   # (B,)
+        ids = torch.full((n, self.max_len), PAD, dtype=torch.long)                                # (B, 2P+3)
+        rows = torch.arange(n)
+        ids[:, 0] = BOS
+        ids[:, 1:2 * self.max_pairs + 1:2] = keys + self.first_key
+        ids[:, 2:2 * self.max_pairs + 2:2] = values + self.first_value
+        ids[torch.arange(self.max_len)[None, :] >= 2 * pairs[:, None] + 1] = PAD                  # past the pairs
+        ids = ids[:, :int(lengths.max())].contiguous()                                            # (B, L)
+        query_key = keys[rows, which] + self.first_key                                            # (B,)
+        ids[rows, lengths - 2] = QUERY
+        ids[rows, lengths - 1] = query_key
+        answer = values[rows, which] + self.first_value                                           # (B,)
+        key_pos = 1 + 2 * which                                                                   # (B,)
+        out = RecallBatch(ids, lengths, answer, key_pos, key_pos + 1)
+        return out if device is None else RecallBatch(*(x.to(device) for x in out))
+
+    def stream(self, batch_size: int, *, seed: int = 0, device=None) -> Callable[[int], RecallBatch]:
+        """`next_batch(step) -> RecallBatch` for `qkv.train.fit`: a fresh batch per call from
+        one generator seeded with `seed` (the step argument is accepted and ignored)."""
+        _check_int("batch_size", batch_size, 1)
+        if seed == EVAL_SEED:
+            raise ValueError(f"seed {EVAL_SEED} is the held-out seed (EVAL_SEED); train with another one")
+        g = torch.Generator().manual_seed(_check_int("seed", seed, 0))
+        return lambda step=0: self.batch(batch_size, generator=g, device=device)
+
+    def held_out(self, n: int, *, seed: int = EVAL_SEED, device=None) -> RecallBatch:
+        """An evaluation batch of n sequences drawn with its own seed (never a training stream's)."""
+        return self.batch(n, seed=seed, device=device)
+
+
+# -----------------------------------------------------------------------------
 # Tokenizers: text <-> ids with the same three specials in front.
 
 
@@ -232,6 +372,19 @@ class ByteTokenizer:
         if bad:
             raise ValueError(f"ids outside [0, {self.vocab_size}): {bad[:5]}")
         return bytes(i - N_SPECIAL for i in ids if i >= N_SPECIAL).decode("utf-8", errors="replace")
+
+    def to_json(self) -> str:
+        """This tokenizer as a `tokenizers` tokenizer.json (same ids both ways): a
+        byte-level BPE with no merges whose 256 byte symbols are ids 3..258."""
+        from tokenizers import decoders, models, pre_tokenizers
+
+        symbols = pre_tokenizers.ByteLevel.alphabet()                  # the 256 printable byte stand-ins
+        by_byte = _byte_symbols()
+        if sorted(symbols) != sorted(by_byte.values()):
+            raise RuntimeError("the tokenizers library's byte alphabet changed; cannot export the byte tokenizer")
+        vocab = {**_SPECIAL_NAMES, **{by_byte[b]: b + N_SPECIAL for b in range(256)}}
+        return _export(models.BPE(vocab=vocab, merges=[]),
+                       pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False), decoders.ByteLevel())
 
 
 class CharTokenizer:
@@ -276,8 +429,39 @@ class CharTokenizer:
             raise ValueError(f"ids outside [0, {self.vocab_size}): {bad[:5]}")
         return "".join(self.alphabet[i - N_SPECIAL] for i in ids if i >= N_SPECIAL)
 
+    def to_json(self) -> str:
+        """This tokenizer as a `tokenizers` tokenizer.json (same ids both ways): one
+        word per character; a character outside the alphabet fails to encode."""
+        from tokenizers import Regex, decoders, models, pre_tokenizers
+
+        vocab = {**_SPECIAL_NAMES, **self._ids}
+        return _export(models.WordLevel(vocab=vocab, unk_token="<|qkv:unknown|>"),
+                       pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated"), decoders.Fuse())
+
     def __repr__(self) -> str:
         return f"CharTokenizer({self.alphabet!r})"
+
+
+# The specials' names in an exported tokenizer.json: unlikely in text, since a
+# `tokenizers` tokenizer matches added tokens' names in its input.
+_SPECIAL_NAMES = {"<|qkv:pad|>": PAD, "<|qkv:bos|>": BOS, "<|qkv:eos|>": EOS}
+
+
+def _byte_symbols() -> dict[int, str]:
+    """GPT-2's byte -> printable character map (bytes that print stand for
+    themselves; the others take the characters from U+0100 on, in byte order)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    rest = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(rest)}}
+
+
+def _export(model, pre_tokenizer, decoder) -> str:
+    from tokenizers import AddedToken, Tokenizer
+
+    tok = Tokenizer(model)
+    tok.pre_tokenizer, tok.decoder = pre_tokenizer, decoder
+    tok.add_special_tokens([AddedToken(name, special=True) for name in _SPECIAL_NAMES])  # ids 0..2, in the vocab
+    return tok.to_str(pretty=True)
 
 
 class FileTokenizer:
@@ -293,7 +477,7 @@ class FileTokenizer:
             self.tokenizer = Tokenizer.from_file(str(file))
         except Exception as exc:  # the library raises its own exception type for a bad file
             raise ValueError(f"{file} is not a tokenizers tokenizer.json: {exc}") from None
-        self.path = file
+        self.path, self.name = file, str(file)
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
@@ -305,6 +489,43 @@ class FileTokenizer:
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode(_check_ids(ids))
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, name: str = "tokenizer") -> "FileTokenizer":
+        """Wrap a `tokenizers.Tokenizer` object (e.g. from `train_bpe`); `path` is None."""
+        self = cls.__new__(cls)
+        self.tokenizer, self.path, self.name = tokenizer, None, name
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        return self
+
+    def to_json(self) -> str:
+        """The tokenizer.json text (the file's own bytes when it came from a file)."""
+        if self.path is not None:
+            return Path(self.path).read_text(encoding="utf-8")
+        return self.tokenizer.to_str(pretty=True)
+
+
+BPE_VOCAB = 2048          # "bpe": the vocabulary of the byte-level BPE trained on the training text
+
+
+def train_bpe(text: str, vocab_size: int = BPE_VOCAB) -> FileTokenizer:
+    """A byte-level BPE (GPT-2's byte alphabet and word splitting) trained on `text`
+    with the `tokenizers` library: ids 0..2 are PAD/BOS/EOS, then the 256 bytes, then
+    merges up to `vocab_size`. Every string encodes (no unknown tokens) and decodes
+    back exactly. Deterministic for the same text and library version."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    check_int("vocab_size", vocab_size, 256 + N_SPECIAL + 1)
+    if not isinstance(text, str) or not text:
+        raise ValueError("train_bpe needs a non-empty str of training text")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(_SPECIAL_NAMES),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    step = 1 << 20                     # the trainer reads pieces; a word cut at a piece boundary hardly matters
+    tok.train_from_iterator((text[i:i + step] for i in range(0, len(text), step)), trainer, length=len(text) // step + 1)
+    return FileTokenizer.from_tokenizer(tok, f"bpe:{vocab_size}")
 
 
 # -----------------------------------------------------------------------------
@@ -381,19 +602,37 @@ def load_corpus(path=None, *, max_bytes: int = DEFAULT_CORPUS_BYTES) -> str:
     return text
 
 
+_TOKENIZER_HELP = "'byte', 'char', 'bpe' (or 'bpe:VOCAB', e.g. 'bpe:4096') or a path to a tokenizer.json"
+
+
+def bpe_vocab(spec) -> int | None:
+    """The vocabulary size of a "bpe" / "bpe:N" spec; None for any other spec."""
+    if not isinstance(spec, str) or not (spec == "bpe" or spec.startswith("bpe:")):
+        return None
+    if spec == "bpe":
+        return BPE_VOCAB
+    try:
+        n = int(spec[4:])
+    except ValueError:
+        raise ValueError(f"tokenizer {spec!r}: the BPE vocabulary must be an integer, e.g. 'bpe:2048'") from None
+    if n <= 256 + N_SPECIAL:
+        raise ValueError(f"tokenizer {spec!r}: the BPE vocabulary must exceed {256 + N_SPECIAL} (bytes and specials)")
+    return n
+
+
 def make_tokenizer(spec: str, text: str | None = None):
-    """"byte" (`ByteTokenizer`), "char" (`CharTokenizer.from_text(text)`) or a path to a
-    tokenizer.json (`FileTokenizer`)."""
+    """"byte" (`ByteTokenizer`), "char" (`CharTokenizer.from_text(text)`), "bpe" /
+    "bpe:N" (`train_bpe(text, N)`) or a path to a tokenizer.json (`FileTokenizer`)."""
     if not isinstance(spec, (str, Path)):
-        raise TypeError(f"tokenizer must be 'byte', 'char' or a path to a tokenizer.json, got {type(spec).__name__}")
+        raise TypeError(f"tokenizer must be {_TOKENIZER_HELP}, got {type(spec).__name__}")
     if spec == "byte":
         return ByteTokenizer()
-    if spec == "char":
+    if spec == "char" or bpe_vocab(spec) is not None:
         if text is None:
-            raise ValueError("the 'char' tokenizer is built from the corpus: pass its text")
-        return CharTokenizer.from_text(text)
+            raise ValueError(f"the {spec!r} tokenizer is built from the corpus: pass its text")
+        return CharTokenizer.from_text(text) if spec == "char" else train_bpe(text, bpe_vocab(spec))
     if not str(spec).endswith(".json"):
-        raise ValueError(f"tokenizer must be 'byte', 'char' or a path to a tokenizer.json, got {spec!r}")
+        raise ValueError(f"tokenizer must be {_TOKENIZER_HELP}, got {spec!r}")
     return FileTokenizer(spec)
 
 
@@ -412,7 +651,20 @@ def _encode(tokenizer, text: str) -> Tensor:
             raise ValueError(f"characters not in the alphabet: {bad[:10]!r}; build the tokenizer from text "
                              f"that contains them (CharTokenizer.from_text)")
         return torch.from_numpy(order[idx].astype(np.int64) + N_SPECIAL)
+    if isinstance(tokenizer, FileTokenizer) and len(text) > _PIECE:
+        # pieces ending at line ends, encoded in parallel: the concatenated ids decode to the same text
+        pieces, i = [], 0
+        while i < len(text):
+            j = text.find("\n", i + _PIECE)
+            j = len(text) if j < 0 else j + 1
+            pieces.append(text[i:j])
+            i = j
+        out = tokenizer.tokenizer.encode_batch(pieces, add_special_tokens=False)
+        return torch.tensor([t for e in out for t in e.ids], dtype=torch.long)
     return torch.tensor(tokenizer.encode(text), dtype=torch.long)
+
+
+_PIECE = 1 << 16          # characters per piece when a long text is encoded by a tokenizer.json
 
 
 @dataclass
@@ -439,8 +691,10 @@ class TextData:
         if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) \
                 or not 0 < val_fraction < 0.5:
             raise ValueError(f"val_fraction must be in (0, 0.5), got {val_fraction!r}")
-        tok = make_tokenizer(tokenizer, text) if isinstance(tokenizer, (str, Path)) else tokenizer
         cut = len(text) - max(1, int(len(text) * val_fraction))
+        # a BPE learns its merges from the training split only (the validation text stays unseen)
+        source = text[:cut] if bpe_vocab(tokenizer) is not None else text
+        tok = make_tokenizer(tokenizer, source) if isinstance(tokenizer, (str, Path)) else tokenizer
         train, val = _encode(tok, text[:cut]), _encode(tok, text[cut:])
         return cls(tok, train, val, len(text) - cut, hashlib.sha256(text.encode("utf-8")).hexdigest())
 

@@ -626,12 +626,13 @@ def _training(quick: bool) -> tuple[dict, str]:
         setup = {"config": {"d_model": 128, "n_layers": 4, "n_heads": 4}, "steps": 300, "batch_size": 16,
                  "context": 128, "max_corpus_bytes": 4_000_000, "eval_windows": 64}
     c = setup["config"]
-    print(f"a GPT-2-style decoder ({c['n_layers']} layers, {c['d_model']} wide, {c['n_heads']} heads, byte-level) "
+    print(f"a GPT-2-style decoder ({c['n_layers']} layers, {c['d_model']} wide, {c['n_heads']} heads, a 2,048-token "
+          f"byte-level BPE learnt from the training text) "
           f"trained with teacher forcing and the causal mask on the Python standard library's source "
           f"({setup['max_corpus_bytes'] / 1e6:.1f} MB): {setup['steps']} steps of {setup['batch_size']} x "
           f"{setup['context']} tokens", flush=True)
     with tempfile.TemporaryDirectory(prefix="qkv-demo-train-") as tmp:
-        result = train_lm(None, out=tmp, tokenizer="byte", lr=3e-3, eval_every=max(setup["steps"] // 3, 1),
+        result = train_lm(None, out=tmp, tokenizer="bpe", lr=3e-3, eval_every=max(setup["steps"] // 3, 1),
                           progress=True, plot=True, seed=0, **setup)
         curve = _OUT / "loss.png"
         if (Path(tmp) / "loss.png").exists():
@@ -836,7 +837,7 @@ STEPS: list[Step] = [
          "the O(L^2) matrix is the seeds' central limitation; tiling computes the same numbers in O(L) memory "
          "and skips the tiles the mask rules out", _memory_wall),
     Step("training", "training a small decoder with causal attention",
-         "a GPT-2-style model learning the Python standard library's source byte by byte: progress, loss curve, "
+         "a GPT-2-style model learning the Python standard library's source (byte-level BPE tokens): progress, loss curve, "
          "held-out bits per character and a sample",
          "teacher forcing runs every position of a sequence in one pass; the causal mask keeps each position "
          "from seeing its future, so one forward pass trains them all", _training),
