@@ -125,15 +125,18 @@ def _path(path, suffixes: tuple[str, ...]) -> Path:
 
 
 def _write_atomic(path: Path, write: Callable[[str], None]) -> Path:
-    """Call `write(tmp)` on a temporary file next to `path`, then move it into place."""
+    """Call `write(tmp)` on a temporary file next to `path`, fsync it, then move it into
+    place (one `os.replace`): readers see the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         try:
-            os.fchmod(fd, 0o644)  # mkstemp creates 0600; pictures are meant to be read by others
+            os.fchmod(fd, 0o644)  # mkstemp creates 0600; results are meant to be read by others
         finally:
             os.close(fd)
         write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
