@@ -9,11 +9,12 @@ generate text, embed sentences, draw attention maps.
     qkv bench generate [--quick] [--out runs/bench]
     qkv bench embed [--quick] [--out runs/bench]
     qkv bench train [--quick] [--out runs/bench]
+    qkv bench approx [--quick] [--out runs/bench]
     qkv generate --checkpoint DIR --prompt "text or token ids" [--max-new-tokens N] [--temperature T]
                  [--top-k K] [--top-p P] [--seed S] [--stop ID ...] [--cache contiguous|paged]
     qkv embed "a sentence" "another" [--model DIR] [--batch-size N] [--no-pack]
     qkv viz "a sentence" (--checkpoint DIR | --pretrained minilm) [--layer N] [--head N] [--focus WORD] [--out DIR]
-    qkv train [DATA] [--tokenizer byte|char|PATH] [--preset tiny|small|base] [--config FILE] [--steps N]
+    qkv train [DATA] [--tokenizer byte|char|bpe[:N]|PATH] [--preset tiny|mini|small|base] [--config FILE] [--steps N]
               [--batch-size B] [--context T] [--lr LR] [--warmup W] [--accum K] [--bf16] [--eval-every N]
               [--ckpt-every N] [--keep N] [--out runs/train] [--resume] [--seed S]
     qkv --version
@@ -94,7 +95,7 @@ def _cmd_bench(args) -> int:
         return 0
     if args.lengths or args.no_flex or args.no_memory:
         raise UsageError("--lengths, --no-flex and --no-memory belong to `qkv bench attention`")
-    if args.what in ("generate", "embed", "train"):                # qkv.bench_generate, bench_embed, bench_train
+    if args.what in ("generate", "embed", "train", "approx"):      # qkv.bench_generate, _embed, _train, _approx
         importlib.import_module(f"qkv.bench_{args.what}").run(args.out, quick=args.quick)
         return 0
     demo.bench(args.out, quick=args.quick)
@@ -305,8 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "`qkv bench generate`: decoding vs transformers (generate.json, generate.md). "
                                    "`qkv bench embed`: MiniLM embeddings vs sentence-transformers and encoder-decoder "
                                    "training throughput (embed.json, embed.md). `qkv bench train`: decoder training vs "
-                                   "transformers' GPT-2 and 2 processes vs 1 (train.json, train.md).")
-    p.add_argument("what", nargs="?", choices=("backends", "attention", "generate", "embed", "train"), default="backends",
+                                   "transformers' GPT-2 and 2 processes vs 1 (train.json, train.md). `qkv bench "
+                                   "approx`: sparse masks, linear and Performer attention against exact attention: "
+                                   "error, accuracy, time, memory (approx.json, approx.md).")
+    p.add_argument("what", nargs="?", choices=("backends", "attention", "generate", "embed", "train", "approx"),
+                   default="backends",
                    help="which benchmark (default backends)")
     p.add_argument("--out", default=os.path.join("runs", "bench"), help="where the results go (default runs/bench)")
     p.add_argument("--quick", action="store_true", help="backends: L in {256, 512}; attention: L in {1024, 4096}")
@@ -366,15 +370,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and OUT/loss.png. --resume continues the run exactly.")
     p.add_argument("data", nargs="?", default=None, metavar="DATA",
                    help="a UTF-8 text file or a folder of them (default: the Python standard library sources)")
-    p.add_argument("--tokenizer", default="byte", metavar="byte|char|PATH",
-                   help="byte (default), char (the corpus's characters) or a tokenizer.json")
-    p.add_argument("--preset", default="tiny", help="model size: tiny, small (6 x 384, 6 heads) or base")
+    p.add_argument("--tokenizer", default="bpe", metavar="byte|char|bpe[:N]|PATH",
+                   help="bpe or bpe:N (default: a byte-level BPE of N = 2048 tokens trained on the training "
+                        "text), byte, char (the corpus's characters) or a tokenizer.json")
+    p.add_argument("--preset", default="mini", help="model size: tiny (2 x 64), mini (default: 4 layers x 128, "
+                   "4 heads), small (6 x 384, 6 heads) or base (12 x 768)")
     p.add_argument("--config", default=None, metavar="FILE", help="a JSON file of DecoderConfig fields "
                    "(instead of --preset)")
-    p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
+    p.add_argument("--steps", type=int, default=1200, help="optimizer steps (default 1200)")
     p.add_argument("--batch-size", type=int, default=16, help="windows per micro-batch (default 16)")
     p.add_argument("--context", type=int, default=128, help="tokens per window (default 128)")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
     p.add_argument("--warmup", type=int, default=None, help="warmup steps (default min(100, steps / 10))")
     p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (default float32)")

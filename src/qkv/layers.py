@@ -412,6 +412,11 @@ class Block(nn.Module):
     ALiBi apply to self-attention only; cross-attention has kv_dim = d_model
     and the same n_kv_heads. LayerNorm always has its bias; `bias` controls
     the linear layers.
+
+    `attention` ("exact", "linear", "performer" or a `qkv.backends.linear.Performer`)
+    picks the self-attention's kind (see MultiHeadAttention); cross-attention stays
+    exact. Approximate attention forms no weights, so there `dropout` acts on the
+    residual branches only, and a cached step needs a `qkv.cache.LinearStateCache`.
     """
 
     def __init__(self, d_model: int, n_heads: int, *, n_kv_heads: int | None = None,
@@ -419,7 +424,7 @@ class Block(nn.Module):
                  norm_position: str = "pre", eps: float = 1e-5, bias: bool = True, dropout: float = 0.0,
                  cross_attention: bool = False, rope: RotaryEmbedding | None = None,
                  alibi: bool | Tensor = False, backend: str = "auto", head_dim: int | None = None,
-                 device=None, dtype=None):
+                 attention="exact", device=None, dtype=None):
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {', '.join(map(repr, NORMS))}; got {norm!r}")
@@ -434,7 +439,9 @@ class Block(nn.Module):
                 "backend": backend, **factory}
 
         self.norm1 = _make_norm(norm, d_model, eps, **factory)
-        self.self_attn = MultiHeadAttention(d_model, n_heads, rope=rope, alibi=alibi, **attn)
+        approximate = not (isinstance(attention, str) and attention == "exact")
+        self.self_attn = MultiHeadAttention(d_model, n_heads, rope=rope, alibi=alibi, attention=attention,
+                                            **{**attn, "dropout": 0.0 if approximate else dropout})
         if self.cross_attention:
             self.norm_cross = _make_norm(norm, d_model, eps, **factory)
             self.cross_attn = MultiHeadAttention(d_model, n_heads, kv_dim=d_model, **attn)

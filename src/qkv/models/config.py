@@ -17,9 +17,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from qkv.backends.linear import ATTENTION_KINDS
 from qkv.layers import ACTIVATIONS, NORMS
 
-__all__ = ["DecoderConfig", "ROPE_SCALINGS"]
+__all__ = ["DecoderConfig", "ROPE_SCALINGS", "ATTENTION_KINDS"]
 
 ROPE_SCALINGS = ("linear", "ntk", "llama3")
 
@@ -46,6 +47,11 @@ class DecoderConfig:
         layer_windows: per-layer windows (None entries attend to everything);
             default: every layer uses `sliding_window`.
         arch: the family name, informational ("gpt2", "llama", "mistral", "custom").
+        attention: the self-attention of every layer: "exact" (softmax), or O(L)
+            kernelised attention, "linear" (elu+1 features) or "performer" (FAVOR+,
+            256 random features, layer i drawn with seed i). Approximate attention
+            takes no sliding window, decodes from a constant-size
+            `qkv.cache.LinearStateCache`, and has no Hugging Face equivalent.
     """
 
     vocab_size: int
@@ -67,6 +73,7 @@ class DecoderConfig:
     sliding_window: int | None = None
     layer_windows: list | None = None
     arch: str = "custom"
+    attention: str = "exact"
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_positions"):
@@ -108,6 +115,13 @@ class DecoderConfig:
             for w in self.layer_windows:
                 if w is not None:
                     _positive_int("layer_windows entry", w)
+        if not isinstance(self.attention, str) or self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {', '.join(map(repr, ATTENTION_KINDS))}, "
+                             f"got {self.attention!r}")
+        if self.attention != "exact" and any(w is not None for w in self.windows()):
+            raise ValueError(f"attention={self.attention!r} sums over the whole causal prefix and cannot apply a "
+                             f"sliding window; set sliding_window=None and layer_windows=None, or use "
+                             f"attention='exact'")
 
     def windows(self) -> list[int | None]:
         """The attention window of each layer (None = the whole causal prefix)."""

@@ -11,6 +11,12 @@ forward). With a cache (`new_cache()`), a call appends its tokens to the cache
 and attends to everything before them: prefill with the prompt, then one token
 per decode step. `last_only=True` computes logits for the last position only
 (all that generation needs; the LM head is the largest matrix of a small model).
+
+`config.attention` = "linear" / "performer" makes every self-attention kernelised,
+O(L) (`qkv.backends.linear`); `new_cache()` then holds one `LinearStateCache` per
+layer, whose size does not grow with the context. Sparse patterns (Longformer,
+BigBird, ...) are masks: `forward(tokens, mask=qkv.masks.longformer(64))` ANDs
+the mask with each layer's causal (or window) mask, exact attention only.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from torch import Tensor, nn
 
 import qkv
 from qkv import _numba
-from qkv.cache import Cache, _Spec
+from qkv.backends.linear import Performer
+from qkv.cache import Cache, LinearStateCache, _Spec
 from qkv.layers import Block, RMSNorm
 from qkv.models.config import DecoderConfig
 from qkv.positional import RotaryEmbedding
@@ -59,8 +66,9 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(
             Block(c.d_model, c.n_heads, n_kv_heads=c.n_kv_heads, ffn_hidden=c.ffn_hidden, activation=c.activation,
                   norm=c.norm, norm_position="pre", eps=c.norm_eps, bias=c.bias, rope=self.rope, backend=backend,
-                  head_dim=c.head_dim, **factory)
-            for _ in range(c.n_layers))
+                  head_dim=c.head_dim, attention=Performer(256, seed=i) if c.attention == "performer"
+                  else c.attention, **factory)
+            for i in range(c.n_layers))
         self.windows = c.windows()
         self.norm = (nn.LayerNorm(c.d_model, eps=c.norm_eps, **factory) if c.norm == "layer"
                      else RMSNorm(c.d_model, eps=c.norm_eps, **factory))
@@ -100,8 +108,20 @@ class Decoder(nn.Module):
         sliding-window layers get a ring of `window` slots (ring=True).
         kind="paged": a pool of `num_blocks` blocks of `block_size` tokens per layer
         (default: enough for `batch` sequences of max_len) and `batch` empty sequences.
+
+        A model with approximate attention ("linear", "performer") keeps no keys: each
+        layer gets a `qkv.cache.LinearStateCache` of running sums, constant in size
+        (kind must be "contiguous"; max_len, ring and the block arguments do not apply).
         """
         p = self.embed.weight
+        if self.config.attention != "exact":
+            if kind != "contiguous":
+                raise ValueError(f"a model with attention={self.config.attention!r} decodes from a constant-size "
+                                 f"state per sequence, which has no pages: use kind='contiguous' (got {kind!r})")
+            return Cache([LinearStateCache(batch, self.config.n_kv_heads, self.config.head_dim,
+                                           feature_map=block.self_attn.feature_map or "linear",
+                                           scale=block.self_attn.scale, dtype=p.dtype, device=p.device)
+                          for block in self.layers])
         max_len = min(self.config.max_positions, 4096) if max_len is None else max_len
         if kind == "contiguous":
             return Cache.contiguous(self.cache_specs(), batch, max_len, ring=ring, dtype=p.dtype, device=p.device)
@@ -115,21 +135,34 @@ class Decoder(nn.Module):
     # -- forward ---------------------------------------------------------------
 
     def forward(self, tokens: Tensor, *, cache: Cache | None = None, positions: Tensor | None = None,
-                last_only: bool = False) -> Tensor:
+                last_only: bool = False, mask=None) -> Tensor:
         """tokens (B, L) int -> logits (B, L, V), or (B, 1, V) with last_only.
 
         Without a cache: a full causal forward; `positions` (B, L) or (L,) default
         to 0..L-1. With a cache: the tokens continue each cached sequence; their
         positions are the cache lengths onwards.
+
+        `mask` (no cache, exact attention): a `qkv.masks` mask, e.g. a sparse pattern
+        such as `qkv.masks.longformer(64)` or `qkv.masks.bigbird(64)`, ANDed with
+        every layer's causal (or window) mask, so no token ever sees a later one.
         """
-        h = self.hidden(tokens, cache=cache, positions=positions)          # (B, L, d_model)
+        h = self.hidden(tokens, cache=cache, positions=positions, mask=mask)  # (B, L, d_model)
         if last_only:
             h = h[:, -1:]                                                   # (B, 1, d_model)
         return _numba.linear(h, self.head_weight)                          # (B, L, V)
 
-    def hidden(self, tokens: Tensor, *, cache: Cache | None = None, positions: Tensor | None = None) -> Tensor:
-        """The final-norm hidden states (B, L, d_model)."""
+    def hidden(self, tokens: Tensor, *, cache: Cache | None = None, positions: Tensor | None = None,
+               mask=None) -> Tensor:
+        """The final-norm hidden states (B, L, d_model); arguments as in `forward`."""
         c = self.config
+        if mask is not None:
+            if cache is not None:
+                raise ValueError("mask= applies to a full forward; a cached step attends to the cached tokens "
+                                 "(run without cache= to use a mask)")
+            if c.attention != "exact":
+                raise ValueError(f"attention={c.attention!r} sums over the whole causal prefix and cannot apply "
+                                 f"mask={mask!r}; use a model with attention='exact' for sparse masks")
+            mask = qkv.masks.as_mask(mask)
         if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             desc = f"{tokens.dtype} {tuple(tokens.shape)}" if isinstance(tokens, Tensor) else type(tokens).__name__
             raise ValueError(f"tokens must be an integer tensor (B, L), got {desc}")
@@ -163,8 +196,10 @@ class Decoder(nn.Module):
                 x = block(x, positions=rope_positions, cache=cache.layers[i])
             else:
                 window = self.windows[i]
-                mask = qkv.masks.causal() if window is None else qkv.masks.sliding_window(window)
-                x = block(x, mask=mask, positions=rope_positions)
+                layer_mask = qkv.masks.causal() if window is None else qkv.masks.sliding_window(window)
+                if mask is not None:
+                    layer_mask = layer_mask & mask
+                x = block(x, mask=layer_mask, positions=rope_positions)
         return self.norm(x)
 
     def extra_repr(self) -> str:

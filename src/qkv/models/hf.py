@@ -413,7 +413,7 @@ def config_to_hf(config: DecoderConfig | EncoderConfig) -> dict:
     An EncoderConfig becomes a BertModel. For a DecoderConfig the family is read from
     the structure: learned positions -> GPT-2; RoPE without windows -> Llama; RoPE with
     one window on every layer -> Mistral. Configs outside those shapes (e.g. ntk RoPE
-    scaling, per-layer windows, GQA in GPT-2) are refused.
+    scaling, per-layer windows, GQA in GPT-2, approximate attention) are refused.
     """
     c = config
     if isinstance(c, EncoderConfig):
@@ -424,6 +424,10 @@ def config_to_hf(config: DecoderConfig | EncoderConfig) -> dict:
     def refuse(why):
         raise ValueError(f"this DecoderConfig has no Hugging Face equivalent: {why}")
 
+    if c.attention != "exact":
+        refuse(f"attention={c.attention!r} is approximate, and transformers would load the weights into softmax "
+               f"attention and silently compute something else; keep such a model as qkv state "
+               f"(torch.save(model.state_dict()) with config.to_dict()), or train it with attention='exact'")
     if c.positions == "learned":
         acts = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
         if c.norm != "layer" or not c.bias or c.activation not in acts:
