@@ -841,7 +841,8 @@ def cache_bytes(n_layers: int, n_kv_heads: int, head_dim: int, tokens: int, dtyp
 # -----------------------------------------------------------------------------
 # Recurrent state for kernelised attention (the `linear` and `performer` backends)
 
-from qkv.backends.linear import Performer, current_feature_map, elu_features, kernel_attention  # noqa: E402
+from qkv.backends.linear import (Performer, _apply_state, current_feature_map, elu_features,  # noqa: E402
+                                 kernel_attention)
 
 
 class LinearStateCache(LayerCache):
@@ -976,7 +977,13 @@ class LinearStateCache(LayerCache):
             else:
                 fq = self.feature_map.query_features(q.to(cdt), self.scale)
             fq = fq.view(B, self.n_kv_heads, Hq // self.n_kv_heads, n, fq.shape[-1])
-            out, (S, z) = kernel_attention(fq, fk, v, causal=True, q_offset=0, state=(S0, z0), return_state=True)
+            if n == 1:                    # a decode step: add the token to the sums, read them once
+                S = S0 + fk.transpose(-1, -2) @ v                                  # (B, Hkv, M, Dv)
+                z = z0 + fk[:, :, 0]                                               # (B, Hkv, M)
+                out = _apply_state(fq, S, z)
+            else:
+                out, (S, z) = kernel_attention(fq, fk, v, causal=True, q_offset=0, state=(S0, z0),
+                                               return_state=True)
             out = out.reshape(B, Hq, n, v.shape[-1]).to(q.dtype)
         self.S[...] = S
         self.z[...] = z
