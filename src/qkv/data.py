@@ -1,6 +1,7 @@
 """Synthetic sequence-to-sequence tasks that need attention, and tiny tokenizers.
 
-Legend: B batch, Ls source length (longest in the batch), Lt target length + 1 (BOS or EOS).
+Legend: B batch, Ls source length (longest in the batch), Lt target length + 1 (BOS or EOS);
+recall: L sequence length (longest in the batch), P max_pairs.
 
 Token ids (every task, every tokenizer here)::
 
@@ -77,8 +78,8 @@ from qkv._checks import check_int
 
 __all__ = ["PAD", "BOS", "EOS", "N_SPECIAL", "TASKS", "EVAL_SEED", "Task", "Batch", "make_task", "batch",
            "ByteTokenizer", "CharTokenizer", "FileTokenizer", "DEFAULT_CORPUS_BYTES", "load_corpus",
-           "default_corpus", "make_tokenizer", "train_bpe", "bpe_vocab", "BPE_VOCAB", "TextData", "unigram_entropy_bits", "QUERY", "RecallBatch",
-           "RecallTask"]
+           "default_corpus", "make_tokenizer", "train_bpe", "bpe_vocab", "BPE_VOCAB", "TextData", "unigram_entropy_bits",
+           "QUERY", "RecallBatch", "RecallTask"]
 
 PAD, BOS, EOS = 0, 1, 2
 N_SPECIAL = 3                 # content tokens start here

@@ -8,12 +8,13 @@ encoder, the original encoder-decoder Transformer, and checkpoint import.
     model = qkv.models.hf.load("path/to/hf-checkpoint")      # config.json + *.safetensors
 """
 
+from qkv.models.attention_only import AttentionOnly
 from qkv.models.config import DecoderConfig
 from qkv.models.decoder import Decoder
 from qkv.models.encoder import Encoder, EncoderConfig, EncoderOutput
 from qkv.models.seq2seq import Seq2Seq, Seq2SeqConfig
 
-__all__ = ["Decoder", "DecoderConfig", "Encoder", "EncoderConfig", "EncoderOutput", "Seq2Seq", "Seq2SeqConfig", "hf"]
+__all__ = ["AttentionOnly", "Decoder", "DecoderConfig", "Encoder", "EncoderConfig", "EncoderOutput", "Seq2Seq", "Seq2SeqConfig", "hf"]
 
 
 def __getattr__(name):
