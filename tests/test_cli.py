@@ -201,6 +201,9 @@ def test_demo_quick_writes_summaries(capsys, tmp_path):
     minilm = summary["steps"]["attention_maps"]["minilm"]
     assert len(minilm["focus"]["per_layer"]) == 6 and minilm["focus"]["token"] == "it"
     assert (out_dir / "minilm" / "attention.html").stat().st_size > 0
+    recall = summary["steps"]["attention_maps"]["recall"]
+    assert 0.0 <= recall["accuracy"] <= 1.0 and 0.0 <= recall["pair_mass"] <= 1.0 and recall["steps"] == 150
+    assert (out_dir / "recall.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # atomic writes leave no temporary files behind
     written = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file())
     assert {"loss.png", "summary.json", "summary.md", "worked_example.png", "minilm/heads.png"} <= set(written)

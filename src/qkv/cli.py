@@ -384,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None, help="warmup steps (default min(100, steps / 10))")
     p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (default float32)")
-    p.add_argument("--eval-every", type=int, default=0, help="validate every N steps (default: at the end)")
+    p.add_argument("--eval-every", type=int, default=None, help="validate every N steps (default: steps / 10; "
+                   "0: at the end only)")
     p.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N steps (default: at the end)")
     p.add_argument("--keep", type=int, default=3, help="checkpoints to keep (default 3)")
     p.add_argument("--out", default=os.path.join("runs", "train"), help="run directory (default runs/train)")

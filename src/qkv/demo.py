@@ -803,8 +803,39 @@ def _attention_maps(quick: bool) -> tuple[dict, str]:
                   f"pictures: {report['grid']}, {report['head']}; viewer: {report['html']} (offline; hover a token)"]
         out["minilm"] = report
         md += ["![MiniLM heads](minilm/heads.png)"]
-    print("\n".join(lines))
+        print("\n".join(lines) + "\n", flush=True)
+    recall = _recall(quick, out, md)
+    print("\n".join(recall))
+    lines += [""] + recall
     return out, "```\n" + "\n".join(lines) + "\n```\n\n" + "\n".join(md)
+
+
+def _recall(quick: bool, out: dict, md: list[str]) -> list[str]:
+    """Train the attention-only model on associative recall; draw its lookup head."""
+    from qkv import train, viz
+
+    kw = {"steps": 150, "eval_size": 200} if quick else {}
+    task_kw = {"min_pairs": 4, "max_pairs": 6} if quick else {}
+    print("the soft dictionary lookup, learned: an attention-only model (2 layers, no feed-forward) trained on "
+          "'BOS k v k v .. ? k' -> the value of k", flush=True)
+    r = train.train_recall(seed=0, progress=False, **task_kw, **kw)
+    w, labels = r.example(0)
+    picture = viz.heatmap(w, _OUT / "recall.png", x_labels=labels, y_labels=labels,
+                          title=f"associative recall: layer {r.best_layer}, head {r.best_head} (the lookup)")
+    q = len(labels) - 1
+    top = int(np.argmax(w[q]))
+    lines = [f"recall: held-out accuracy {r.accuracy:.3f} after {r.history.steps} steps ({r.train_seconds:.0f} s); "
+             f"layer {r.best_layer} head {r.best_head} puts {r.best_mass:.3f} of the query's attention on the matching "
+             f"pair (mean over {r.held_out.ids.shape[0]} held-out sequences)",
+             f"  example: the query {labels[q]!r} attends most to {labels[top]!r} ({w[q, top]:.2f}); "
+             f"picture: {picture}",
+             "  per head (mean attention of the query on the matching key, its value, both):",
+             *("    " + ln for ln in r.table().splitlines())]
+    out["recall"] = {"accuracy": r.accuracy, "best_layer": r.best_layer, "best_head": r.best_head,
+                     "pair_mass": r.best_mass, "train_seconds": r.train_seconds, "steps": r.history.steps,
+                     "picture": str(picture), "held_out": int(r.held_out.ids.shape[0])}
+    md.append("![the recall head](recall.png)")
+    return lines
 
 
 STEPS: list[Step] = [
@@ -838,7 +869,8 @@ STEPS: list[Step] = [
          "bidirectional self-attention lets every token see the whole sentence; mean-pooled, the states "
          "place sentences of similar meaning near each other", _embeddings),
     Step("attention_maps", "seeing attention: weights from any backend, pictures and a viewer",
-         "where 'it' attends in each layer of the pretrained MiniLM, as PNG maps and an offline HTML viewer",
+         "where 'it' attends in each layer of the pretrained MiniLM, as PNG maps and an offline HTML viewer; then "
+         "a small attention-only model learning associative recall, and the head that does the lookup",
          "fast kernels never materialise the weights; qkv.inspect recomputes them from q, k and each row's "
          "log-sum-exp, so any model on any backend can be looked at", _attention_maps),
     Step("seq2seq", "encoder-decoder: learning to reverse",

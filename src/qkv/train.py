@@ -582,7 +582,7 @@ def _set_rng_state(tensors: dict[str, Tensor], state: dict) -> None:
 def train_lm(data=None, *, out="runs/train", tokenizer: str = "bpe", preset: str = "mini", config=None,
              steps: int = 1200, batch_size: int = 16, context: int = 128, lr: float = 3e-3,
              warmup: int | None = None, min_lr: float | None = None, weight_decay: float = 0.1,
-             clip: float | None = 1.0, accum_steps: int = 1, bf16: bool = False, eval_every: int = 0,
+             clip: float | None = 1.0, accum_steps: int = 1, bf16: bool = False, eval_every: int | None = None,
              eval_windows: int = 64, ckpt_every: int = 0, keep: int = 3, resume: bool = False, seed: int = 0,
              val_fraction: float = 0.02, max_corpus_bytes: int = _data.DEFAULT_CORPUS_BYTES,
              progress: bool = False, plot: bool = True, stop_after: int | None = None,
@@ -602,7 +602,8 @@ def train_lm(data=None, *, out="runs/train", tokenizer: str = "bpe", preset: str
         lr, warmup, min_lr: linear warmup (default min(100, steps // 10)) then cosine to
             min_lr (default lr / 10). weight_decay, clip: AdamW decay, gradient-norm clip.
         bf16: bfloat16 autocast on the CPU (weights and optimizer stay float32).
-        eval_every, eval_windows: validation every N steps (0: at the end only) on up to
+        eval_every, eval_windows: validation every N steps (None: steps // 10, so the loss
+            curve shows ten points; 0: at the end only) on up to
             eval_windows windows of the held-out last `val_fraction` of the text.
         ckpt_every, keep: a checkpoint every N steps (0: at the end only) in out/step-N,
             keeping the newest `keep` (`qkv.checkpoint`). resume: continue from the newest
@@ -633,6 +634,8 @@ def train_lm(data=None, *, out="runs/train", tokenizer: str = "bpe", preset: str
     for name, v in (("steps", steps), ("batch_size", batch_size), ("context", context),
                     ("accum_steps", accum_steps), ("eval_windows", eval_windows), ("keep", keep)):
         _check_int(name, v, 1)
+    if eval_every is None:
+        eval_every = max(1, steps // 10)
     for name, v in (("eval_every", eval_every), ("ckpt_every", ckpt_every), ("seed", seed)):
         _check_int(name, v, 0)
     warmup = min(100, steps // 10) if warmup is None else _check_int("warmup", warmup, 0)
