@@ -96,6 +96,7 @@ FEATURES = 256
 GOAL_LENGTH = 65536
 GOAL_SPEEDUP = 20.0
 GOAL_FLAT = 1.10
+DECODE_ROUNDS = 3          # decode: every point measured in this many interleaved rounds; the fastest median counts
 MMAP_THRESHOLD = 65536
 
 
@@ -647,10 +648,20 @@ def _decode_child(spec: dict) -> None:
     torch.set_num_threads(spec["threads"])
     for variant in ("exact", *KERNELISED):            # thread pool and kernels (numba's too) warm up first
         decode_point(variant, 64, steps=2, seed=spec["seed"])
+    # rounds over every (L, variant) in turn, keeping each one's fastest median: a burst of load on a
+    # shared machine then lands on one round of one point, not on every step of one length
+    best: dict = {}
+    for _ in range(spec.get("rounds", DECODE_ROUNDS)):
+        for L in spec["lengths"]:
+            for variant in ("exact", *KERNELISED):
+                gc.collect()
+                row = decode_point(variant, L, steps=spec["steps"], seed=spec["seed"])
+                key = (variant, L)
+                best[key] = row if key not in best or row["ms"] < best[key]["ms"] else best[key]
+                best[key]["rounds"] = best[key].get("rounds", 0) + 1
     for L in spec["lengths"]:
         for variant in ("exact", *KERNELISED):
-            gc.collect()
-            print(json.dumps(decode_point(variant, L, steps=spec["steps"], seed=spec["seed"])), flush=True)
+            print(json.dumps(best[(variant, L)]), flush=True)
 
 
 def decode_sweep(lengths: Sequence[int], *, steps: int, threads: int, seed: int = 0, log=print,
@@ -855,7 +866,8 @@ def _notes(result: dict) -> list[str]:
         f"trained model W = T/8 = {tr['window']}; recall W = {rec['window']}; char LM W = {lm['window']}",
         f"peak memory: {fwd['memory_method']}",
         f"decode: exact = ContiguousCache (qkv's decode path over all L keys), linear/performer = LinearStateCache; "
-        f"median of {dec['steps']} steps; K/V and state bytes are tensor sizes",
+        f"median of {dec['steps']} steps, the fastest of {DECODE_ROUNDS} interleaved rounds; K/V and state bytes are "
+        f"tensor sizes",
         f"errors: ||out - exact||_F / ||exact||_F in float64 vs causal softmax by the math backend; random: mean of "
         f"{result['errors']['random']['seeds']} seeds; trained: byte-level 'tiny' decoder ({tr['model']['n_layers']} "
         f"layers, {tr['model']['n_heads']} heads of {tr['model']['head_dim']}) after {tr['steps']} steps of "
