@@ -69,7 +69,12 @@ def check_forward(q, k, v, mask, *, backends=("math", "sdpa"), what="", **kw):
     for be in backends:
         out = run(q, k, v, be, mask=mask, **kw)
         assert out.dtype == q.dtype and out.shape == ref.shape
-        assert_error_ratio(out, base, ref, what=f"{what} {be}")
+        # tiled merges its runs of key tiles through exp/log of their LSEs, one more rounding per
+        # merge; in float64, where math's own error is 2-3 ulps, that is worth a few ulps more on
+        # some CPUs (8 vs 3 ulps measured with torch's AVX-512 kernels), so 3x there (DESIGN allows
+        # up to 10x for tiled)
+        ratio = 3.0 if be == "tiled" and q.dtype == torch.float64 else 2.0
+        assert_error_ratio(out, base, ref, ratio=ratio, what=f"{what} {be}")
     return ref
 
 

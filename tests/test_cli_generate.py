@@ -86,3 +86,21 @@ def test_bin_checkpoint_is_refused_without_unpickling(tmp_path, capsys):
     (tmp_path / "pytorch_model.bin").write_bytes(b"not a pickle you would want to load")
     assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "1"]) == 2
     assert "safetensors" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["generate", "viz"])
+def test_corrupt_tokenizer_json_is_a_one_line_error_naming_it(checkpoint, tmp_path, capsys, command):
+    """A checkpoint whose tokenizer.json is cut short: exit status 2 and a message naming the file
+    and the way out (--ids), never the tokenizers library's traceback."""
+    _, ids_only, _, _ = checkpoint
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in ids_only.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "tokenizer.json").write_text('{"model": ', encoding="utf-8")
+    argv = (["generate", "--checkpoint", str(broken), "--prompt", "the dog"] if command == "generate"
+            else ["viz", "the dog", "--checkpoint", str(broken), "--out", str(tmp_path / "viz")])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "tokenizer.json is not a tokenizers tokenizer.json" in err and "--ids" in err
+    assert "Traceback" not in err

@@ -14,6 +14,7 @@ import torch
 from qkv import backends as _backends
 from qkv.backends import Call, zeros_output
 from qkv import masks as _masks
+from qkv import scores as _scores
 from qkv.masks import Mask, as_mask, causal as _causal_mask, from_dense
 
 __all__ = ["attention", "attention_weights"]
@@ -59,18 +60,108 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask=None, c
         tuple (out, lse, weights) holding only the requested extras, in that order.
 
     A query row with no allowed key outputs zeros (and gets zero gradients), never NaN.
+
+    Edge cases (the same on every backend, with gradients of the inputs' shapes):
+
+    - A row with no allowed key (mask, causal, or Lk = 0): zeros, zero gradients,
+      lse -inf, weights all 0.
+    - B = 0, Hq = Hkv = 0, Lq = 0 or Dv = 0: an empty output (B, Hq, Lq, Dv) (lse
+      (B, Hq, Lq), weights (B, Hq, Lq, Lk)). Lk = 0: zeros, lse -inf, as above.
+      A named backend still refuses what it cannot do (e.g. sdpa with return_lse).
+    - D = 0: every score is the empty dot product 0, so each row averages the
+      values of its allowed keys (uniform weights); approximate backends refuse it.
+    - fp16 / bf16 inputs: the scores q k^T * scale are formed in float32, so logits
+      past fp16's 65504 neither overflow nor lose whole units in bf16: the output is
+      finite and accurate for any logits float32 holds (|q.k * scale| < 3.4e38;
+      past that, outside every guarantee, backends differ).
+    - Calls too large for the device's memory are refused with the bytes they need
+      before anything is allocated (`qkv.backends.BackendError`; `MemoryNeedError`,
+      a ValueError and a MemoryError, for `attention_weights` and `Mask.to_dense`).
+
+    NaN and Inf in q, k, v (exact backends, dropout_p = 0) are never hidden:
+
+    - a row whose query is not finite is NaN (zeros if it has no allowed key);
+    - otherwise IEEE arithmetic over the keys the row may attend: a NaN or +inf
+      score (from k, or returned by score_mod) makes the row NaN, a -inf score
+      gives that key weight 0 (as a mask does); a NaN in v at an allowed key makes
+      that column NaN, an Inf makes it +-Inf (NaN with weight 0 or both signs);
+    - a key the mask rules out for a row never reaches that row, whatever k and v
+      hold there (padding may hold garbage): with a mask, gradients are those of the
+      call with the non-finite entries replaced by 0, exact for the rows that cannot
+      see them. Approximate backends propagate NaN too, to any row they touch.
     """
     call = _make_call(q, k, v, mask=mask, causal=causal, score_mod=score_mod, scale=scale,
                       dropout_p=dropout_p, return_lse=return_lse, return_weights=return_weights,
                       q_offset=q_offset)
-    if call.Lk == 0 or q.numel() == 0 or v.shape[-1] == 0:
+    if 0 in (call.B, call.Hq, call.Lq, call.Lk, call.Dv):
+        if backend != "auto":
+            _backends.select(call, backend)  # a named backend refuses what it cannot do, even for empty inputs
         out, lse, weights = _degenerate(call)
-    elif backend == "auto" and (segments := _document_segments(call)) is not None:
-        return _by_segments(call, *segments)
     else:
-        out, lse, weights = _backends.select(call, backend).forward(call)
+        out, lse, weights, exact = _run(call, backend)
+        if exact:
+            out, lse, weights = _non_finite(call, backend, out, lse, weights)
     extras = ((lse,) if return_lse else ()) + ((weights,) if return_weights else ())
     return (out, *extras) if extras else out
+
+
+def _run(call: Call, backend: str):
+    """(out, lse, weights, exact) from the backend that serves `call` (packed documents as a batch)."""
+    if backend == "auto" and (segments := _document_segments(call)) is not None:
+        return _by_segments(call, *segments), None, None, True
+    be = _backends.select(call, backend)
+    return (*be.forward(call), be.capabilities.exact)
+
+
+# -----------------------------------------------------------------------------
+# Inputs holding NaN or Inf
+
+
+def _non_finite(call: Call, backend: str, out, lse, weights):
+    """Make every exact backend agree on inputs that hold NaN or Inf (see `attention`'s docstring).
+
+    Without a mask every row may attend every key, so IEEE arithmetic already gives
+    the defined result, except that torch's fused CPU kernels return a finite row for
+    a query holding NaN: such rows are set to NaN here, without a host sync. With a
+    mask, a non-finite value at a key a row may not attend can reach that row through
+    the kernels' arithmetic (NaN - inf, 0 * NaN); whenever the output or q is not
+    finite and an input holds NaN or Inf, the call is recomputed by
+    `tiled.careful_forward`, which never lets a masked key reach a row. Gradients
+    then come from the same call with every non-finite input entry replaced by 0.
+    """
+    if call.device.type == "meta":
+        return out, lse, weights  # shapes only
+    if call.mask is None:
+        bad_q = ~torch.isfinite(call.q).all(dim=-1, keepdim=True)                    # (B, Hq, Lq, 1)
+        out = out.masked_fill(bad_q, float("nan"))
+        if lse is not None:
+            lse = lse.masked_fill(bad_q.squeeze(-1), float("nan"))
+        if weights is not None:
+            weights = weights.masked_fill(bad_q, float("nan"))
+        return out, lse, weights
+    if call.dropout_p > 0 or bool(torch.isfinite(out).all() & torch.isfinite(call.q).all()):
+        return out, lse, weights
+    if all(bool(torch.isfinite(t).all()) for t in (call.q, call.k, call.v)):
+        return out, lse, weights  # finite inputs: a NaN comes from the score_mod, the same on every backend
+    from dataclasses import replace
+
+    from qkv.backends.tiled import careful_forward
+
+    out_c, lse_c, weights_c = careful_forward(call)
+    if not call.needs_grad:
+        return out_c, (lse_c if call.return_lse else None), weights_c
+    zero = torch.zeros((), dtype=call.dtype, device=call.device)
+    clean = replace(call, **{n: torch.where(torch.isfinite(t), t, zero)
+                             for n, t in (("q", call.q), ("k", call.k), ("v", call.v))})
+    out_s, lse_s, weights_s, _ = _run(clean, backend)
+
+    def graft(s, c):  # the careful value, with the gradient of the cleaned call where that is finite
+        if s is None or c is None:
+            return c
+        c = c.to(s.dtype)
+        return torch.where(torch.isfinite(s), s + (c - s).detach(), c)
+
+    return graft(out_s, out_c), graft(lse_s, lse_c) if call.return_lse else None, graft(weights_s, weights_c)
 
 
 # -----------------------------------------------------------------------------
@@ -89,7 +180,7 @@ def _document_segments(call: Call):
     """
     mask = call.mask
     causal = False
-    if isinstance(mask, _masks._And):
+    if type(mask) is _masks._And:           # not isinstance: `|` (_Or) subclasses _And
         parts = {type(mask.a), type(mask.b)}
         if parts != {_masks._Document, _masks._Causal}:
             return None
@@ -125,8 +216,13 @@ def _by_segments(call: Call, starts: torch.Tensor, lengths: torch.Tensor, causal
     keys_ok = None
     if not causal:                                                                # causal never reaches the padding
         keys_ok = (offs[None] < lengths[:, None]).repeat(B, 1)[:, None, None, :]  # (B*n, 1, 1, Lmax)
+    q_docs, scale = pack(q), call.scale
+    if causal and scale < 0:
+        # torch's CPU kernel returns NaN rows for is_causal=True with a negative scale (torch 2.13):
+        # q k^T * scale = (-q) k^T * |scale| exactly
+        q_docs, scale = -q_docs, -scale
     out = torch.nn.functional.scaled_dot_product_attention(
-        pack(q), pack(k), pack(v), attn_mask=keys_ok, is_causal=causal, scale=call.scale,
+        q_docs, pack(k), pack(v), attn_mask=keys_ok, is_causal=causal, scale=scale,
         dropout_p=call.dropout_p, enable_gqa=call.Hq != call.Hkv)                 # (B*n, Hq, Lmax, Dv)
     doc = torch.repeat_interleave(torch.arange(n, device=q.device), lengths)     # (L,) document of each position
     back = doc * Lmax + torch.arange(L, device=q.device) - starts[doc]           # (L,) its row in the padded batch
@@ -144,20 +240,39 @@ def attention_weights(q: torch.Tensor, k: torch.Tensor, *, rows=None, heads=None
     `rows` (default all) and `heads` (default all) are index lists or tensors.
 
     Returns (B, len(heads), len(rows), Lk) in float32 (float64 for float64 inputs).
+    Rows whose weights would not fit in memory are refused up front with
+    `qkv.backends.MemoryNeedError` (a ValueError and a MemoryError) stating the bytes.
     """
     from qkv.backends.tiled import weights_for_rows
 
     call = _make_call(q, k, k, mask=mask, causal=causal, score_mod=score_mod, scale=scale, dropout_p=0.0,
                       return_lse=False, return_weights=True, q_offset=q_offset)
-    rows_t = torch.arange(call.Lq) if rows is None else torch.as_tensor(rows).long().flatten().cpu()
+    rows_t = torch.arange(call.Lq) if rows is None else _index_tensor("rows", rows).cpu()
     if rows_t.numel() and (int(rows_t.min()) < 0 or int(rows_t.max()) >= call.Lq):
-        raise ValueError(f"rows must lie in [0, Lq={call.Lq}), got {rows_t.min().item()}..{rows_t.max().item()}")
-    heads_t = None if heads is None else torch.as_tensor(heads).long().flatten()
+        raise ValueError(f"rows must lie in [0, Lq={call.Lq}), got {rows_t.min().item()}..{rows_t.max().item()}; "
+                         f"pass query row indices 0..{call.Lq - 1}")
+    heads_t = None if heads is None else _index_tensor("heads", heads)
     if heads_t is not None and heads_t.numel() and (int(heads_t.min()) < 0 or int(heads_t.max()) >= call.Hq):
-        raise ValueError(f"heads must lie in [0, Hq={call.Hq})")
+        raise ValueError(f"heads must lie in [0, Hq={call.Hq}), got {heads_t.min().item()}..{heads_t.max().item()}; "
+                         f"pass query head indices 0..{call.Hq - 1}")
+    stat_bytes = 8 if call.stat_dtype == torch.float64 else 4
+    _backends.require_memory(call.device, call.B * call.Hq * rows_t.numel() * call.Lk * stat_bytes,
+                             f"the weights of {rows_t.numel()} rows", "; ask for fewer rows= (a few rows cost little)")
     with torch.no_grad():
         w = weights_for_rows(call, None, rows_t)
     return w if heads_t is None else w.index_select(1, heads_t.to(w.device))
+
+
+def _index_tensor(name: str, idx) -> torch.Tensor:
+    """`idx` (an int, a list of ints or an integer tensor) as a flat int64 tensor; floats and bools are refused."""
+    try:
+        t = torch.as_tensor(idx)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be an int, a list of ints or an integer tensor, "
+                        f"got {type(idx).__name__}") from None
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise TypeError(f"{name} must hold integer indices, got dtype {t.dtype}; pass e.g. {name}=[0, 1]")
+    return t.long().flatten()
 
 
 def _degenerate(call: Call):
@@ -230,6 +345,8 @@ def _make_call(q, k, v, *, mask, causal, score_mod, scale, dropout_p, return_lse
         mask = _causal_mask() if mask is None else _causal_mask() & mask
     if mask is not None:
         mask.validate(B, Hq, Lq, Lk, q_offset)
+    if isinstance(score_mod, _scores.ScoreMod):
+        score_mod.validate(B, Hq, Lq, Lk, q_offset)
     return Call(q, k, v, mask, score_mod, scale, float(dropout_p), q_offset, return_lse, return_weights)
 
 

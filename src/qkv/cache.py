@@ -38,6 +38,7 @@ the right kind per layer (a ring for sliding-window layers of a contiguous cache
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass
 
 import torch
@@ -48,11 +49,24 @@ from qkv import _numba
 from qkv._checks import check_int
 
 __all__ = ["LayerCache", "ContiguousCache", "RingCache", "PagedCache", "BlockPool", "Cache", "CacheFull",
-           "cache_bytes", "split_kv_attention", "split_kv_rule", "LinearStateCache"]
+           "UnknownSequence", "RowOutOfRange", "cache_bytes", "split_kv_attention", "split_kv_rule", "LinearStateCache"]
 
 
 class CacheFull(ValueError):
     """An append needs more room than the cache was built with."""
+
+
+class UnknownSequence(KeyError, ValueError):
+    """A sequence id that a paged cache's pool does not hold (freed, or never added).
+
+    A KeyError (the pool is a mapping of sequence ids) and a ValueError (a bad argument)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class RowOutOfRange(IndexError, ValueError):
+    """A batch row index outside 0..B-1 (an IndexError and a ValueError)."""
 
 
 _check_int = check_int
@@ -112,7 +126,32 @@ class LayerCache:
                                  f"for this cache, got {shape}")
         if k.shape != v.shape:
             raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        for name, t in (("k", k), ("v", v)):        # stored as given: a silent cast would change the values
+            if t.dtype != self.k.dtype:
+                raise TypeError(f"{name} has dtype {t.dtype} but this cache stores {self.k.dtype}; cast it with "
+                                f"{name}.to({self.k.dtype}) or build the cache with dtype={t.dtype}")
+            if t.device != self.k.device:
+                raise ValueError(f"{name} is on {t.device} but this cache is on {self.k.device}; move it with "
+                                 f"{name}.to({str(self.k.device)!r})")
         return k.shape[2]
+
+    def _check_query(self, q: Tensor, n: int, scale, backend) -> None:
+        """The rest of an attention call, checked before the append changes the cache."""
+        if (not isinstance(q, Tensor) or q.dim() != 4 or q.shape[0] != self.batch or q.shape[1] == 0
+                or q.shape[1] % self.n_kv_heads or q.shape[2] != n or q.shape[3] != self.head_dim):
+            shape = tuple(q.shape) if isinstance(q, Tensor) else type(q).__name__
+            raise ValueError(f"q must be (B={self.batch}, Hq (a multiple of Hkv={self.n_kv_heads}), n={n}, "
+                             f"D={self.head_dim}), one query per new key, got {shape}")
+        if q.dtype != self.k.dtype:
+            raise TypeError(f"q has dtype {q.dtype} but this cache stores {self.k.dtype}; cast it with "
+                            f"q.to({self.k.dtype})")
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                                  or not math.isfinite(scale)):
+            raise ValueError(f"scale must be a finite number or None (1/sqrt(D)), got {scale!r}")
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a string name, got {type(backend).__name__}")
+        if backend != "auto":
+            qkv.backends.get(backend)                  # an unknown name: ValueError listing the registered ones
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, score_mod=None,
                   backend: str = "auto") -> Tensor:
@@ -123,6 +162,7 @@ class LayerCache:
         window W only the last W of them. Returns (B, Hq, n, D).
         """
         n = self._check_new(k, v)
+        self._check_query(q, n, scale, backend)
         before = self._lengths.clone()
         if score_mod is not None and not bool((before == before[0]).all()):
             raise ValueError("a score_mod needs key positions, which this cache only has for a batch of equal "
@@ -366,6 +406,7 @@ class RingCache(LayerCache):
 
     def attention(self, q, k, v, *, scale=None, score_mod=None, backend="auto"):
         n = self._check_new(k, v)
+        self._check_query(q, n, scale, backend)
         if score_mod is not None:
             raise ValueError("a score_mod needs key positions, which a RingCache does not keep in order; "
                              "use a ContiguousCache")
@@ -439,7 +480,8 @@ class BlockPool:
 
     def _check_seq(self, sid: int) -> None:
         if sid not in self.tables:
-            raise KeyError(f"no sequence {sid} in this pool (freed, or never added); live: {sorted(self.tables)}")
+            raise UnknownSequence(f"no sequence {sid} in this pool (freed, or never added); live: "
+                                  f"{sorted(self.tables)}; pass the id of a live sequence")
 
     def blocks_needed(self, totals: dict[int, int]) -> int:
         """New blocks that `reserve_all(totals)` would allocate."""
@@ -462,6 +504,7 @@ class BlockPool:
     def reserve(self, sid: int, total_tokens: int) -> None:
         """Make sure sequence `sid` has blocks for `total_tokens` tokens (allocates if needed)."""
         self._check_seq(sid)
+        _check_int("total_tokens", total_tokens, 0)
         table = self.tables[sid]
         need = -(-total_tokens // self.block_size) - len(table)
         if need > len(self._free):
@@ -487,6 +530,8 @@ class BlockPool:
         (the two sequences will write different tokens after it).
         """
         self._check_seq(sid)
+        if n_tokens is not None and (isinstance(n_tokens, bool) or not isinstance(n_tokens, int)):
+            raise TypeError(f"n_tokens must be an int or None (all tokens), got {type(n_tokens).__name__} {n_tokens!r}")
         length = self.tokens[sid] if n_tokens is None else n_tokens
         if not 0 <= length <= self.tokens[sid]:
             raise ValueError(f"can fork at most the {self.tokens[sid]} tokens sequence {sid} holds, got {length}")
@@ -536,6 +581,7 @@ class BlockPool:
 
     def stats(self, bytes_per_token: int = 1) -> dict:
         """Memory accounting: allocated, used (tokens held) and unused-but-allocated, in bytes."""
+        _check_int("bytes_per_token", bytes_per_token, 1)
         allocated = self.blocks_in_use * self.block_size
         counted = set()
         used = 0
@@ -561,6 +607,9 @@ class PagedCache(LayerCache):
 
     def __init__(self, pool: BlockPool, n_kv_heads: int, head_dim: int, *, seqs=(), window: int | None = None,
                  dtype=torch.float32, device=None, _storage=None):
+        if not isinstance(pool, BlockPool):
+            raise TypeError(f"pool must be a qkv.cache.BlockPool, got {type(pool).__name__}; "
+                            f"e.g. BlockPool(num_blocks, block_size)")
         self.pool = pool
         self.n_kv_heads, self.head_dim = _check_int("n_kv_heads", n_kv_heads, 1), _check_int("head_dim", head_dim, 1)
         self.window = None if window is None else _check_int("window", window, 1)
@@ -656,6 +705,7 @@ class PagedCache(LayerCache):
 
     def attention(self, q, k, v, *, scale=None, score_mod=None, backend="auto"):
         n = self._check_new(k, v)
+        self._check_query(q, n, scale, backend)
         if score_mod is not None:
             raise ValueError("a score_mod needs key positions in order, which a PagedCache does not give; "
                              "use a ContiguousCache")
@@ -727,6 +777,10 @@ class Cache:
     def __init__(self, layers: list[LayerCache], pool: BlockPool | None = None):
         if not layers:
             raise ValueError("a Cache needs at least one layer")
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, LayerCache):
+                raise TypeError(f"layers[{i}] must be a qkv.cache.LayerCache (ContiguousCache, RingCache, "
+                                f"PagedCache, LinearStateCache), got {type(layer).__name__}")
         self.layers = layers
         self.pool = pool
 
@@ -779,26 +833,34 @@ class Cache:
 
     def row(self, b: int) -> "Cache":
         """Sequence b alone (B = 1), sharing storage: a prefill writes straight into its place."""
-        if not 0 <= b < self.batch:
-            raise IndexError(f"row {b} out of range for a batch of {self.batch}")
+        self._check_row(b)
         return Cache([layer.row(b) for layer in self.layers], self.pool)
 
     def view(self, seqs) -> "Cache":
         """Paged only: the batch of sequences `seqs` (ids from the pool)."""
         if self.pool is None:
             raise ValueError("view(seqs) is for paged caches; a contiguous cache's rows are fixed")
+        for sid in seqs:
+            self.pool._check_seq(sid)
         return Cache([layer.view(seqs) for layer in self.layers], self.pool)
 
     def fork(self, b: int, n_tokens: int | None = None) -> int:
         """Paged only: a new sequence sharing the first n_tokens of row b's blocks; returns its id."""
         if self.pool is None:
             raise ValueError("fork() shares blocks between sequences: build the cache with kind='paged'")
+        self._check_row(b)
         sid = self.layers[0].seqs[b]
         child = self.pool.fork(sid, n_tokens)
         for layer in self.layers:
             n = self.pool.tokens[child]
             layer.lengths_by_seq[child] = min(layer.lengths_by_seq.get(sid, 0), n)
         return child
+
+    def _check_row(self, b) -> None:
+        if isinstance(b, bool) or not isinstance(b, int):
+            raise TypeError(f"row must be an int index into the batch, got {type(b).__name__} {b!r}")
+        if not 0 <= b < self.batch:
+            raise RowOutOfRange(f"row {b} out of range for a batch of {self.batch}; pass 0..{self.batch - 1}")
 
     def free(self, sid: int) -> None:
         if self.pool is None:
@@ -835,6 +897,9 @@ class Cache:
 
 def cache_bytes(n_layers: int, n_kv_heads: int, head_dim: int, tokens: int, dtype=torch.float32) -> int:
     """K and V bytes for `tokens` tokens: 2 * layers * Hkv * D * tokens * element size."""
+    for name, value in (("n_layers", n_layers), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim),
+                        ("tokens", tokens)):
+        _check_int(name, value, 0)
     return 2 * n_layers * n_kv_heads * head_dim * tokens * _element_size(dtype)
 
 

@@ -18,6 +18,12 @@ temporary folder is never mistaken for a checkpoint and is removed by the next s
 
 `latest(run_dir)` is the newest checkpoint whose hashes verify; `load(path)`
 refuses a corrupt or truncated one, naming the newest valid checkpoint before it.
+Verification reads only inside the folder: the names in training_state.json must
+be plain file names (no "..", no "/", no absolute path), symbolic links are
+refused, and every file `load` reads must carry a recorded sha256, so a flipped
+byte anywhere (header or tensor data) is caught. Nothing is unpickled: the
+weights go through `qkv.models.hf.load`, the training state is JSON and
+safetensors. Every problem is a CheckpointError (a ValueError) naming the file.
 
 Test hook: with QKV_CHECKPOINT_STALL="STEP:FILE" in the environment, the writer of
 step STEP creates FILE halfway (weights written, training state not yet) and
@@ -36,6 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from torch import Tensor, nn
+
+from qkv._files import read_json
 
 __all__ = ["CheckpointError", "Checkpoint", "save", "load", "verify", "latest", "list_checkpoints",
            "step_dir_name"]
@@ -84,6 +92,17 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _plain_name(name) -> bool:
+    """A file name that stays inside its folder: no separators, no "..", no NUL, not absolute."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name
+            and not any(c in name for c in "/\\\0"))
+
+
+# The files `load` reads: each must be listed (with its sha256) in training_state.json.
+_READ_BY_LOAD = ("config.json", "model.safetensors")
+_READ_IF_PRESENT = (STATE_TENSORS, "tokenizer.json")
+
+
 def _canonical(state: dict) -> bytes:
     return json.dumps({k: v for k, v in state.items() if k != "self_sha256"}, sort_keys=True).encode()
 
@@ -121,35 +140,51 @@ def save(run_dir, step: int, model: nn.Module, tensors: dict[str, Tensor], state
 
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         raise ValueError(f"keep must be an int >= 1, got {keep!r}")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be an int >= 0 (the optimizer steps done), got {step!r}")
+    own = (STATE_JSON, STATE_TENSORS, *_READ_BY_LOAD)
+    bad = [n for n in (extra_files or {}) if not _plain_name(n) or n in own]
+    if bad:
+        raise ValueError(f"extra_files names must be plain file names other than the checkpoint's own, got {bad}")
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
-    for stale in run.glob(".tmp-step-*"):          # left by a writer that died mid-way
+    for stale in [*run.glob(".tmp-step-*"), *run.glob(".tmp-old-step-*")]:   # left by a writer that died mid-way
         shutil.rmtree(stale, ignore_errors=True)
     name = step_dir_name(step)
     tmp = run / f".tmp-{name}-{os.getpid()}"
     tmp.mkdir()
-    hf.save(model, tmp)
-    for src_name, src in (extra_files or {}).items():
-        if isinstance(src, (str, bytes)):
-            (tmp / src_name).write_bytes(src.encode("utf-8") if isinstance(src, str) else src)
-        else:
-            shutil.copyfile(src, tmp / src_name)
-    _stall(step)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / STATE_TENSORS),
-              metadata={"format": "pt"})
-    files = sorted(p.name for p in tmp.iterdir())
-    full = {**state, "format": FORMAT, "step": step, "files": {f: _sha256(tmp / f) for f in files}}
-    full["self_sha256"] = hashlib.sha256(_canonical(full)).hexdigest()
-    (tmp / STATE_JSON).write_text(json.dumps(full, indent=1, sort_keys=True) + "\n")
-    for f in tmp.iterdir():
-        _fsync(f)
-    _fsync(tmp)
+    try:   # everything is written inside the temporary folder, which is renamed into place as a whole
+        hf.save(model, tmp)
+        for src_name, src in (extra_files or {}).items():
+            if isinstance(src, (str, bytes)):
+                (tmp / src_name).write_bytes(src.encode("utf-8") if isinstance(src, str) else src)
+            else:
+                shutil.copyfile(src, tmp / src_name)
+        _stall(step)
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / STATE_TENSORS),
+                  metadata={"format": "pt"})
+        files = sorted(p.name for p in tmp.iterdir())
+        full = {**state, "format": FORMAT, "step": step, "files": {f: _sha256(tmp / f) for f in files}}
+        full["self_sha256"] = hashlib.sha256(_canonical(full)).hexdigest()
+        (tmp / STATE_JSON).write_text(json.dumps(full, indent=1, sort_keys=True) + "\n")
+        for f in tmp.iterdir():
+            _fsync(f)
+        _fsync(tmp)
+    except BaseException:                           # a failed write leaves no trace; earlier checkpoints stand
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     final = run / name
     old = None
     if final.exists():                              # a corrupt or stale folder of the same step
         old = run / f".tmp-old-{name}-{os.getpid()}"
         os.rename(final, old)
-    os.rename(tmp, final)
+    try:
+        os.rename(tmp, final)
+    except BaseException:
+        if old is not None:
+            os.rename(old, final)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _fsync(run)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
@@ -166,20 +201,29 @@ def verify(path) -> dict:
     if not p.is_dir():
         raise CheckpointError(f"{p} is not a checkpoint folder")
     file = p / STATE_JSON
-    if not file.is_file():
+    if not file.exists():
         raise CheckpointError(f"{p} has no {STATE_JSON} (an incomplete write)")
-    try:
-        state = json.loads(file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{file} is truncated or not JSON ({exc})") from None
+    # JSON only (NaN allowed: a diverged run's losses); CheckpointError naming the file otherwise
+    state = read_json(file, "a training state (JSON)", error=CheckpointError, finite=False)
     if not isinstance(state, dict) or not isinstance(state.get("files"), dict):
         raise CheckpointError(f"{file} is not a training state (no file hashes)")
     if state.get("self_sha256") != hashlib.sha256(_canonical(state)).hexdigest():
         raise CheckpointError(f"{file} was modified after it was written (its own hash does not match)")
-    for name, digest in state["files"].items():
+    listed = state["files"]
+    outside = [n for n in listed if not _plain_name(n) or n == STATE_JSON]
+    if outside:   # never hash (read) a file outside the folder
+        raise CheckpointError(f"{file} lists {outside[:3]}: a checkpoint's files are plain names inside {p}")
+    unlisted = [n for n in _READ_BY_LOAD if n not in listed]
+    unlisted += [n for n in _READ_IF_PRESENT if n not in listed and os.path.lexists(p / n)]
+    if unlisted:
+        raise CheckpointError(f"{file} records no sha256 for {unlisted}, which loading reads; not a checkpoint "
+                              f"qkv wrote")
+    for name, digest in listed.items():
         f = p / name
+        if f.is_symlink():
+            raise CheckpointError(f"{f} is a symbolic link; qkv writes only regular files into a checkpoint")
         if not f.is_file():
-            raise CheckpointError(f"{f} is missing")
+            raise CheckpointError(f"{f} is missing" if not f.exists() else f"{f} is not a regular file")
         if _sha256(f) != digest:
             raise CheckpointError(f"{f} is corrupt or truncated (sha256 differs from the one recorded)")
     return state
@@ -224,6 +268,15 @@ def load(path) -> Checkpoint:
         hint = (f"the previous valid checkpoint is {prev}; resume from it (delete {p} or pass it instead)"
                 if prev is not None else "no earlier valid checkpoint exists in that run directory")
         raise CheckpointError(f"cannot load checkpoint {p}: {exc}; {hint}") from None
-    model = hf.load(p).train()
-    tensors = load_file(str(p / STATE_TENSORS)) if (p / STATE_TENSORS).is_file() else {}
+    try:   # verified bytes, still read through the validating loaders (no pickle; clean errors)
+        model = hf.load(p).train()
+        tensors = {}
+        if (p / STATE_TENSORS).is_file():
+            hf._read_header(p / STATE_TENSORS)
+            try:
+                tensors = load_file(str(p / STATE_TENSORS))
+            except Exception as exc:   # the library's own SafetensorError
+                raise ValueError(f"{p / STATE_TENSORS}: cannot read the safetensors file ({exc})") from None
+    except ValueError as exc:
+        raise CheckpointError(f"cannot load checkpoint {p}: {exc}") from None
     return Checkpoint(p, model, tensors, state)

@@ -17,6 +17,7 @@ generate text, embed sentences, draw attention maps.
     qkv train [DATA] [--tokenizer byte|char|bpe[:N]|PATH] [--preset tiny|mini|small|base] [--config FILE] [--steps N]
               [--batch-size B] [--context T] [--lr LR] [--warmup W] [--accum K] [--bf16] [--eval-every N]
               [--ckpt-every N] [--keep N] [--out runs/train] [--resume] [--seed S]
+    qkv selftest [--minutes N] [--seed S] [--case I] [--max-cases N] [--json PATH]
     qkv --version
 
 `main(argv)` returns the exit status instead of exiting, so tests can call it
@@ -140,9 +141,12 @@ def _cmd_generate(args) -> int:
     tokenizer = None
     tok_path = os.path.join(args.checkpoint, "tokenizer.json")
     if os.path.exists(tok_path) and not args.ids:
-        from tokenizers import Tokenizer
+        from qkv.data import FileTokenizer
 
-        tokenizer = Tokenizer.from_file(tok_path)
+        try:  # a corrupt tokenizer.json (or a folder of that name) is refused, naming the file
+            tokenizer = FileTokenizer(tok_path).tokenizer
+        except (ValueError, FileNotFoundError) as exc:
+            raise UsageError(f"{exc}; or pass --ids to give and get token ids") from None
     ids = _read_prompt(args, tokenizer)
     stats: dict = {}
     try:
@@ -206,10 +210,14 @@ def _viz_source(args):
             raise UsageError(f"{why}: the input must be token ids separated by spaces, got {args.sentence!r}") from None
         labels = [str(i) for i in ids]
     else:
-        from tokenizers import Tokenizer
+        from qkv.data import FileTokenizer
 
         try:
-            e = Tokenizer.from_file(tok_path).encode(args.sentence)
+            tokenizer = FileTokenizer(tok_path).tokenizer
+        except (ValueError, FileNotFoundError) as exc:
+            raise UsageError(f"{exc}; or pass --ids to give token ids") from None
+        try:
+            e = tokenizer.encode(args.sentence)
         except Exception as exc:  # the tokenizers library's own error type
             raise UsageError(f"the sentence cannot be encoded by {tok_path} ({exc})") from None
         ids, labels = e.ids, [viz.token_label(t) for t in e.tokens]
@@ -274,6 +282,28 @@ def _cmd_train(args) -> int:
         print(f"validation: loss {result.val_loss:.4f} nats/token, {result.val_bpc:.4f} bits per character")
         print(f"checkpoint: {result.checkpoint}  (qkv generate --checkpoint {result.checkpoint} --prompt 'def ')")
     return 0
+
+
+def _cmd_selftest(args) -> int:
+    from qkv import selftest
+
+    if args.case is not None:                       # replay one case: its description and every comparison
+        if args.seed is None:
+            raise UsageError("--case needs the --seed it was drawn from (the reproducer line gives both)")
+        if args.case < 0:
+            raise UsageError(f"--case must be >= 0, got {args.case}")
+        return 0 if selftest.replay(args.seed, args.case).ok else 1
+    if args.minutes is not None and not args.minutes > 0:
+        raise UsageError(f"--minutes must be > 0, got {args.minutes}")
+    if args.max_cases is not None and args.max_cases < 1:
+        raise UsageError(f"--max-cases must be >= 1, got {args.max_cases}")
+    minutes = 1.0 if args.minutes is None and args.max_cases is None else args.minutes
+    summary = selftest.run(minutes=minutes, seed=args.seed, max_cases=args.max_cases, progress=True,
+                           json_path=args.json)
+    print(selftest.summary_text(summary))
+    if args.json:
+        print(f"summary: {args.json}")
+    return 1 if summary["mismatches"] else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -392,6 +422,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the batches (default 0)")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("selftest", help="differential self-test: random calls on every backend against the oracle",
+                       description="Draw random attention calls (shapes, dtypes, masks, score mods, alignments, "
+                                   "gradients), KV-cache decodes and approximate-attention calls, run every backend "
+                                   "that accepts each against the float64 oracle under DESIGN.md's error-ratio "
+                                   "rule, and print one line per mismatch that replays it. Exit status 1 on any "
+                                   "mismatch.")
+    p.add_argument("--minutes", type=float, default=None, help="how long to run (default 1, or until --max-cases)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the cases (default: a fresh one, printed)")
+    p.add_argument("--case", type=int, default=None, metavar="I", help="replay case I of --seed and print all of it")
+    p.add_argument("--max-cases", type=int, default=None, metavar="N", help="stop after N cases")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the summary as JSON (atomically)")
+    p.set_defaults(func=_cmd_selftest)
     return parser
 
 
@@ -404,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     if args.command is None:
         parser.print_usage(sys.stderr)
-        print("qkv: error: choose a command: explain, backends, demo, bench, generate, embed, viz or train "
+        print("qkv: error: choose a command: explain, backends, demo, bench, generate, embed, viz, train or selftest "
               "(qkv --help says more)",
               file=sys.stderr)
         return 2

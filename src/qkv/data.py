@@ -472,8 +472,11 @@ class FileTokenizer:
         from tokenizers import Tokenizer
 
         file = Path(path)
-        if not file.is_file():
+        if not file.exists():
             raise FileNotFoundError(f"tokenizer file {file} does not exist; pass 'byte', 'char' or a tokenizer.json")
+        if not file.is_file():
+            raise ValueError(f"tokenizer file {file} is {'a directory' if file.is_dir() else 'not a regular file'}; "
+                             f"pass a tokenizer.json")
         try:
             self.tokenizer = Tokenizer.from_file(str(file))
         except Exception as exc:  # the library raises its own exception type for a bad file
@@ -713,6 +716,8 @@ class TextData:
     def batch(self, step: int, batch_size: int, context: int, *, seed: int, micro: int = 0) -> Tensor:
         """(B, T + 1) windows of the training split at uniformly drawn offsets; a pure
         function of (seed, step, micro), so training resumes on the same batches."""
+        _check_int("batch_size", batch_size, 1)
+        _check_int("context", context, 1)
         self.check_context(context)
         rng = np.random.default_rng([seed, step, micro])
         starts = torch.from_numpy(rng.integers(0, len(self.train) - context, size=batch_size))   # (B,)
@@ -721,6 +726,9 @@ class TextData:
     def val_batches(self, batch_size: int, context: int, *, max_windows: int = 64) -> list[Tensor]:
         """The validation split as consecutive non-overlapping (b, T + 1) windows (at
         most `max_windows`, spread evenly), in batches of at most `batch_size`."""
+        _check_int("batch_size", batch_size, 1)
+        _check_int("context", context, 1)
+        _check_int("max_windows", max_windows, 1)
         self.check_context(context)
         n = (len(self.val) - 1) // context
         picks = np.unique(np.linspace(0, n - 1, min(n, max_windows)).round().astype(np.int64))
@@ -730,6 +738,10 @@ class TextData:
 
 def unigram_entropy_bits(ids: Tensor) -> float:
     """Entropy of the token frequencies of `ids`, in bits per token (a baseline for LM losses)."""
+    if (not isinstance(ids, Tensor) or ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex()
+            or ids.numel() == 0 or int(ids.min()) < 0):
+        desc = f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, Tensor) else type(ids).__name__
+        raise ValueError(f"ids must be a non-empty integer tensor of token ids >= 0, got {desc}; e.g. data.train")
     counts = torch.bincount(ids.flatten()).double()
     p = counts[counts > 0] / counts.sum()
     return float(-(p * p.log2()).sum())

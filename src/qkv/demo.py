@@ -59,7 +59,7 @@ def write_atomic(path, text: str) -> Path:
     The text goes to a temporary file in the same directory (same filesystem),
     which then replaces the target in one `os.replace`.
     """
-    from qkv.viz import _write_atomic
+    from qkv._files import write_atomic as _write_atomic
 
     return _write_atomic(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
@@ -625,8 +625,9 @@ def _training(quick: bool) -> tuple[dict, str]:
                           progress=True, plot=True, seed=0, **setup)
         curve = _OUT / "loss.png"
         if (Path(tmp) / "loss.png").exists():
-            _OUT.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(Path(tmp) / "loss.png", curve)
+            from qkv._files import write_atomic as _write_atomic
+
+            _write_atomic(curve, lambda dst: shutil.copyfile(Path(tmp) / "loss.png", dst))
     h = result.history
     tok = result.data.tokenizer
     prompt = tok.encode("def ")

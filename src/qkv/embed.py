@@ -26,7 +26,6 @@ all-MiniLM-L6-v2) is cut to that length, as sentence-transformers does, and
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import warnings
@@ -37,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from qkv._files import read_json
 from qkv.models import hf as _hf
 from qkv.models.encoder import Encoder, EncoderConfig
 
@@ -67,10 +67,7 @@ def default_model_path() -> Path:
 
 
 def _read_json(file: Path, what: str):
-    try:
-        return json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{file}: cannot read {what} ({exc})") from exc
+    return read_json(file, what)   # JSON only; a ValueError naming the file for every way it can be wrong
 
 
 def _module_kind(entry, modules_file: Path) -> tuple[str, str]:
@@ -87,6 +84,8 @@ def _pooling_modes(cfg, file: Path) -> tuple[str, ...]:
         raise ValueError(f"{file}: expected a JSON object")
     if "pooling_mode" in cfg:
         modes = cfg["pooling_mode"]
+        if not isinstance(modes, (str, list)):
+            raise ValueError(f"{file}: pooling_mode must be a string or a list of strings, got {modes!r}")
         modes = (modes,) if isinstance(modes, str) else tuple(modes)
     else:
         modes = tuple(mode for key, mode in _LEGACY_POOLING_KEYS.items() if cfg.get(key, False)) or ("mean",)
@@ -118,6 +117,10 @@ class SentenceEncoder:
         if max_seq_length > model.config.max_positions:
             raise ValueError(f"max_seq_length={max_seq_length} exceeds the model's {model.config.max_positions} "
                              f"positions")
+        if not all(callable(getattr(tokenizer, name, None)) for name in ("encode_batch", "no_padding",
+                                                                           "enable_truncation")):
+            raise TypeError(f"tokenizer must be a tokenizers.Tokenizer (e.g. Tokenizer.from_file('tokenizer.json')), "
+                            f"got {type(tokenizer).__name__}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.pooling = pooling
@@ -154,7 +157,7 @@ class SentenceEncoder:
             raise ValueError(f"{root} is not a directory; pass a sentence-transformers checkpoint directory "
                              f"(modules.json, config.json, model.safetensors, tokenizer.json)")
         modules_file = root / "modules.json"
-        if not modules_file.is_file():
+        if not modules_file.exists():
             raise ValueError(f"{root} has no modules.json: it is not a sentence-transformers directory (the "
                              f"modules.json names the Transformer -> Pooling [-> Normalize] pipeline)")
         modules = _read_json(modules_file, "the module list")
@@ -169,22 +172,28 @@ class SentenceEncoder:
         pooling_file = root / kinds[1][1] / "config.json"
 
         raw = _hf.read_config(model_dir)
-        config = _hf.config_from_hf(raw)
+        try:
+            config = _hf.config_from_hf(raw)
+        except ValueError as exc:
+            raise ValueError(f"{model_dir}: {exc}") from exc
         if not isinstance(config, EncoderConfig):
             raise ValueError(f"{model_dir / 'config.json'} describes a {raw.get('model_type')!r} model; "
                              f"SentenceEncoder runs BERT-style encoders (model_type 'bert')")
         model = _hf.load(model_dir, device=device, backend=backend)
 
         tok_file = model_dir / "tokenizer.json"
-        if not tok_file.is_file():
+        if not tok_file.exists():
             raise ValueError(f"{model_dir} has no tokenizer.json; qkv reads the fast-tokenizer file only (save it "
                              f"once with transformers: AutoTokenizer.from_pretrained(dir).save_pretrained(dir))")
+        if not tok_file.is_file():
+            raise ValueError(f"{tok_file} is {'a directory' if tok_file.is_dir() else 'not a regular file'}; "
+                             f"expected a tokenizers tokenizer.json")
         try:
             tokenizer = Tokenizer.from_file(str(tok_file))
         except Exception as exc:  # the library raises its own exception type
             raise ValueError(f"{tok_file}: not a valid tokenizers file ({exc})") from exc
 
-        if not pooling_file.is_file():
+        if not pooling_file.exists():
             raise ValueError(f"{pooling_file} is missing; the Pooling module needs its config.json")
         pooling_cfg = _read_json(pooling_file, "the pooling config")
         pooling = _pooling_modes(pooling_cfg, pooling_file)
@@ -198,11 +207,14 @@ class SentenceEncoder:
         if not isinstance(st_cfg, dict):
             raise ValueError(f"{st_file}: expected a JSON object")
         max_len = st_cfg.get("max_seq_length")
+        if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 2):
+            raise ValueError(f"{st_file}: max_seq_length must be an int >= 2, got {max_len!r}")
         if max_len is None:   # sentence-transformers' fallback: the tokenizer's limit, within the model's
             tok_cfg_file = model_dir / "tokenizer_config.json"
             tok_cfg = _read_json(tok_cfg_file, "the tokenizer config") if tok_cfg_file.is_file() else {}
             limit = tok_cfg.get("model_max_length") if isinstance(tok_cfg, dict) else None
-            max_len = config.max_positions if not isinstance(limit, int) else min(limit, config.max_positions)
+            usable = isinstance(limit, int) and not isinstance(limit, bool) and limit >= 2
+            max_len = min(limit, config.max_positions) if usable else config.max_positions
         return cls(model, tokenizer, pooling=pooling, normalize=names[-1] == "Normalize", max_seq_length=max_len,
                    do_lower_case=bool(st_cfg.get("do_lower_case", False)), path=root)
 
@@ -300,6 +312,8 @@ def cosine_table(sentences: Sequence[str], embeddings: Tensor, *, width: int = 6
     """
     if isinstance(sentences, str) or not isinstance(sentences, Sequence):
         raise TypeError(f"sentences must be a list of str, got {type(sentences).__name__}")
+    if isinstance(width, bool) or not isinstance(width, int) or width < 4:
+        raise ValueError(f"width must be an int >= 4 (characters of each sentence shown), got {width!r}")
     if not isinstance(embeddings, Tensor) or embeddings.dim() != 2 or embeddings.shape[0] != len(sentences):
         desc = tuple(embeddings.shape) if isinstance(embeddings, Tensor) else type(embeddings).__name__
         raise ValueError(f"embeddings must be a tensor ({len(sentences)}, E), one row per sentence, got {desc}")

@@ -19,11 +19,14 @@ their blocks, and finished sequences leave the batch and free their blocks.
 
 from __future__ import annotations
 
+import operator
 import time
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
+
+from qkv.models.config import DecoderConfig
 
 __all__ = ["generate", "stream", "sample", "SamplingError"]
 
@@ -41,6 +44,10 @@ def sample(logits: Tensor, *, temperature: float = 0.0, top_k: int | None = None
     whose probability reaches top_p (the most likely token always survives), and
     a token is drawn from what is left with `generator`.
     """
+    if not isinstance(logits, Tensor) or logits.dim() != 2 or not logits.is_floating_point():
+        desc = f"{logits.dtype} {tuple(logits.shape)}" if isinstance(logits, Tensor) else type(logits).__name__
+        raise SamplingError(f"logits must be a float tensor (B, V), got {desc}; for one row pass logits[None]")
+    _check_sample_args(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature                                       # (B, V)
@@ -58,22 +65,41 @@ def sample(logits: Tensor, *, temperature: float = 0.0, top_k: int | None = None
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
-def _check_sampling(temperature, top_k, top_p, max_new_tokens, stop_tokens):
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise SamplingError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
-        raise SamplingError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+def _check_sample_args(temperature, top_k, top_p) -> None:
+    if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+            or not 0 <= temperature < float("inf")):
+        raise SamplingError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise SamplingError(f"top_k must be None or an int >= 1, got {top_k!r}")
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
         raise SamplingError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+
+
+def _check_sampling(temperature, top_k, top_p, max_new_tokens, stop_tokens, seed=None, vocab_size=None):
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise SamplingError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    _check_sample_args(temperature, top_k, top_p)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise SamplingError(f"seed must be an int or None, got {type(seed).__name__} {seed!r}")
     if temperature == 0 and (top_k is not None or top_p is not None):
         raise SamplingError("top_k/top_p only apply when sampling: pass temperature > 0 (0 means greedy)")
     try:
-        stops = {int(t) for t in stop_tokens}
-    except (TypeError, ValueError):
+        stops = list(stop_tokens)
+    except TypeError:
         raise SamplingError(f"stop_tokens must be an iterable of token ids, got {stop_tokens!r}") from None
-    return stops
+    ids = set()
+    for t in stops:
+        try:
+            if isinstance(t, bool) or isinstance(stop_tokens, (str, bytes)):
+                raise TypeError
+            t = operator.index(t)                    # ints, numpy ints, integer 0-d tensors; never a float
+        except TypeError:
+            raise SamplingError(f"stop_tokens must be an iterable of int token ids, got {stop_tokens!r}") from None
+        if vocab_size is not None and not 0 <= t < vocab_size:
+            raise SamplingError(f"stop token {t} is outside [0, vocab_size={vocab_size}), so it could never be "
+                                f"generated; pass ids of the model's vocabulary")
+        ids.add(t)
+    return ids
 
 
 def _as_prompts(prompts, vocab_size: int) -> tuple[list[list[int]], bool]:
@@ -87,7 +113,7 @@ def _as_prompts(prompts, vocab_size: int) -> tuple[list[list[int]], bool]:
             raise ValueError(f"a prompt tensor must be (L,) or (B, L), got shape {tuple(prompts.shape)}")
     elif isinstance(prompts, Sequence) and not isinstance(prompts, (str, bytes)):
         if len(prompts) == 0:
-            raise ValueError("no prompts given")
+            raise ValueError("no prompts given; pass a list of token ids (or a list of such lists)")
         if all(isinstance(p, int) and not isinstance(p, bool) for p in prompts):
             prompts, single = [list(prompts)], True
         else:
@@ -121,8 +147,13 @@ def stream(model, prompts, *, max_new_tokens: int = 32, temperature: float = 0.0
     Arguments as in `generate`. Stopping: a sequence stops after emitting a stop
     token (which is yielded) or max_new_tokens tokens.
     """
+    if not (isinstance(getattr(model, "config", None), DecoderConfig) and callable(getattr(model, "new_cache", None))):
+        raise TypeError(f"model must be a qkv.models.Decoder (a causal language model with a KV cache), got "
+                        f"{type(model).__name__}")
+    if stats is not None and not isinstance(stats, dict):
+        raise TypeError(f"stats must be a dict to fill (or None), got {type(stats).__name__}")
     c = model.config
-    stops = _check_sampling(temperature, top_k, top_p, max_new_tokens, stop_tokens)
+    stops = _check_sampling(temperature, top_k, top_p, max_new_tokens, stop_tokens, seed, c.vocab_size)
     batch, single = _as_prompts(prompts, c.vocab_size)
     longest = max(len(p) for p in batch)
     if longest + max_new_tokens > c.max_positions:

@@ -40,6 +40,13 @@ __all__ = ["MultiHeadAttention", "Linear", "FeedForward", "RMSNorm", "Block", "A
 _check_positive_int = check_int
 
 
+def _check_dtype(name: str, x: Tensor, weight: Tensor) -> None:
+    """x must match the layer's parameters (or run under autocast, which casts for the layer)."""
+    if x.dtype != weight.dtype and not (x.is_floating_point() and torch.is_autocast_enabled(x.device.type)):
+        raise TypeError(f"{name} must be a floating-point tensor of the layer's dtype {weight.dtype}, got {x.dtype}; "
+                        f"cast it with {name}.to({weight.dtype})")
+
+
 def _check_dropout(name: str, p) -> float:
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
         raise ValueError(f"{name} must be a probability in [0, 1), got {p!r}")
@@ -127,6 +134,10 @@ class MultiHeadAttention(nn.Module):
         self.head_dim, self.kv_dim = head_dim, kv_dim
         self.dropout = _check_dropout("dropout", dropout)
         self.scale = None if scale is None else float(scale)
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a string name, got {type(backend).__name__}")
+        if backend != "auto":
+            qkv.backends.get(backend)                   # an unknown name: ValueError listing the registered ones
         self.attention, self.feature_map, self.backend = _kernel.layer_choice(
             attention, backend, dropout=self.dropout, alibi=alibi is not False and alibi is not None)
 
@@ -267,6 +278,7 @@ class MultiHeadAttention(nn.Module):
         if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"x must be (B, L, d_model={self.d_model}), got {shape}")
+        _check_dtype("x", x, self.q_proj.weight)
         if context is not None:
             if not isinstance(context, Tensor) or context.dim() != 3 or context.shape[-1] != self.kv_dim:
                 shape = tuple(context.shape) if isinstance(context, Tensor) else type(context).__name__
@@ -334,6 +346,11 @@ class FeedForward(nn.Module):
         self.drop = nn.Dropout(_check_dropout("dropout", dropout))
 
     def forward(self, x: Tensor) -> Tensor:
+        w = (self.gate_proj if self.gated else self.fc1).weight
+        if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != w.shape[1]:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x must be (..., d_model={w.shape[1]}), got {shape}")
+        _check_dtype("x", x, w)
         if self.gated:
             return self.down_proj(self.drop(self._act(self.gate_proj(x)) * self.up_proj(x)))
         return self.fc2(self.drop(self._act(self.fc1(x))))
@@ -368,6 +385,11 @@ class RMSNorm(nn.Module):
             self.register_parameter("weight", None)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != self.dim:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x must be (..., dim={self.dim}), got {shape}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got {x.dtype}; cast it with x.float()")
         h = x.float() if x.dtype != torch.float64 else x
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         h = h.to(x.dtype)
@@ -431,7 +453,10 @@ class Block(nn.Module):
         if norm_position not in ("pre", "post"):
             raise ValueError(f"norm_position must be 'pre' or 'post'; got {norm_position!r}")
         _check_positive_int("d_model", d_model)
-        ffn_hidden = 4 * d_model if ffn_hidden is None else ffn_hidden
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+            raise ValueError(f"eps (the norms' epsilon) must be a finite number >= 0, got {eps!r}; e.g. eps=1e-5")
+        ffn_hidden = 4 * d_model if ffn_hidden is None else _check_positive_int("ffn_hidden", ffn_hidden)
+        self.d_model = d_model
         self.norm_position = norm_position
         self.cross_attention = bool(cross_attention)
         factory = {"device": device, "dtype": dtype}
@@ -461,6 +486,9 @@ class Block(nn.Module):
         `cache` (a `qkv.cache.LayerCache`): x is the new tokens of a causal decoder,
         self-attention reads and extends the cache (see MultiHeadAttention).
         """
+        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x must be (B, L, d_model={self.d_model}), got {shape}")
         if context is not None and context_kv is not None:
             raise ValueError("pass context= or its projected context_kv=, not both")
         if self.cross_attention and context is None and context_kv is None:

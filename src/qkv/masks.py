@@ -53,6 +53,7 @@ __all__ = [
 EMPTY, PARTIAL, FULL = 0, 1, 2
 _BLOCK_CACHE_SIZE = 16
 _CHUNK_ELEMENTS = 1 << 24  # bound on elements evaluated at once when classifying callables
+BLOCK_MASK_BYTES_PER_TILE = 24  # measured peak of block_mask for causal / sliding windows: 18-20 bytes a tile
 
 
 # ----------------------------------------------------------------------------
@@ -138,6 +139,10 @@ def evaluate(mask, B: int, H: int, Lq: int, Lk: int, *, q_offset: int | None = N
         while m.dim() < 4:
             m = m.unsqueeze(0)
         if out is None:
+            from qkv.backends import require_memory  # (qkv.backends imports this module)
+
+            require_memory(dev, m.shape[0] * m.shape[1] * Lq * Lk, f"the dense mask ({Lq} x {Lk} booleans)",
+                           "; qkv.attention never needs it (its tiled backend skips masked tiles)")
             out = torch.empty(m.shape[0], m.shape[1], Lq, Lk, dtype=torch.bool, device=dev)
         out[:, :, r0:r0 + len(part)] = m
     return out
@@ -215,7 +220,10 @@ class Mask:
         """The mask as a bool tensor of shape (B, H, Lq, Lk) (a broadcast view).
 
         B and H default to what the mask holds (e.g. `padding`'s batch size), else 1.
+        An array that would not fit in memory is refused before it is allocated
+        (`qkv.backends.MemoryNeedError`, stating the bytes it needs).
         """
+        Lq, Lk = _check_int("Lq", Lq, 0), _check_int("Lk", Lk, 0)
         B = B if B is not None else (self.batch_hint or 1)
         H = H if H is not None else (self.head_hint or 1)
         q_offset = Lk - Lq if q_offset is None else q_offset
@@ -226,7 +234,16 @@ class Mask:
     def block_mask(self, Lq: int, Lk: int, *, block: int | tuple[int, int] = 128, B: int | None = None,
                    H: int | None = None, q_offset: int | None = None, device=None) -> "BlockMask":
         """Classify every (block_q x block_k) tile as EMPTY / PARTIAL / FULL. Cached per shape."""
-        bq, bk = (block, block) if isinstance(block, int) else tuple(block)
+        Lq, Lk = _check_int("Lq", Lq, 0), _check_int("Lk", Lk, 0)
+        if isinstance(block, (int, np.integer)) and not isinstance(block, bool):
+            bq, bk = block, block
+        elif isinstance(block, (tuple, list)) and len(block) == 2:
+            bq, bk = block
+        else:
+            raise TypeError(f"block must be an int or a pair (block_q, block_k) of ints, got {block!r}")
+        for name, b in (("block_q", bq), ("block_k", bk)):
+            if isinstance(b, bool) or not isinstance(b, (int, np.integer)):
+                raise TypeError(f"block sizes must be ints, got {name}={b!r}")
         if bq < 1 or bk < 1:
             raise ValueError(f"block sizes must be positive, got {(bq, bk)}")
         B = B if B is not None else (self.batch_hint or 1)
@@ -239,6 +256,11 @@ class Mask:
             cache.move_to_end(key)
             return cache[key]
         self.validate(B, H, Lq, Lk, q_offset)
+        from qkv.backends import require_memory  # (qkv.backends imports this module)
+
+        tiles = -(-Lq // bq) * -(-Lk // bk) * (self.batch_hint or 1) * (self.head_hint or 1)
+        require_memory(dev, tiles * BLOCK_MASK_BYTES_PER_TILE, f"classifying {tiles} tiles",
+                       "; larger blocks need fewer tiles")
         grid = TileGrid(B, H, Lq, Lk, q_offset, bq, bk, dev)
         can, must = bounds(self, grid)
         kind = torch.where(must, FULL, torch.where(can, PARTIAL, EMPTY)).to(torch.int8)
@@ -298,7 +320,10 @@ def _pick(i, n):
     """Index array `i` reduced modulo a data dimension of size `n` (size 1 stays broadcastable)."""
     if n > 1:
         return i % n
-    return i.reshape(-1)[:1].reshape((1,) * i.ndim) * 0
+    flat = i.reshape(-1)
+    if flat.shape[0] == 0:       # an empty batch or head axis (B = 0, H = 0): keep it empty
+        return i * 0
+    return flat[:1].reshape((1,) * i.ndim) * 0
 
 
 def _merge_hint(a, b):
@@ -867,6 +892,12 @@ class _FromDense(Mask):
         if nb not in (1, B) or nh not in (1, H) or rows not in (1, Lq) or cols not in (1, Lk):
             raise ValueError(f"dense mask of shape {tuple(self.t.shape)} does not broadcast to "
                              f"(B, H, Lq, Lk) = ({B}, {H}, {Lq}, {Lk})")
+        if self.q_offset is None and rows > 1 and cols != Lk:
+            # the default row offset (bottom-right) is cols - rows, which is Lk - Lq only when
+            # the tensor spans the keys: a tensor broadcast over keys would misplace its rows
+            raise ValueError(f"dense mask of shape {tuple(self.t.shape)} is broadcast over the keys, so it "
+                             f"cannot tell where its {rows} rows sit among the positions; pass "
+                             f"from_dense(t, q_offset=...) (Lk - Lq = {Lk - Lq} for the last Lq positions)")
 
     def aligned(self, Lq, Lk, q_offset) -> bool:
         """Row r of the tensor is query row r of a call (Lq, Lk, q_offset): no index arithmetic needed."""

@@ -79,13 +79,20 @@ class MultiheadAttention(nn.Module):
 
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False,
                  add_zero_attn=False, kdim=None, vdim=None, batch_first=False, device=None, dtype=None):
+        for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads), ("kdim", kdim), ("vdim", vdim)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
         if embed_dim <= 0 or num_heads <= 0:
             raise ValueError(f"embed_dim and num_heads must be greater than 0, got embed_dim={embed_dim} "
                              f"and num_heads={num_heads}")
+        for name, value in (("kdim", kdim), ("vdim", vdim)):
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be greater than 0 (the key/value input width), or None for "
+                                 f"embed_dim, got {value}")
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads} "
                              f"(each head gets embed_dim // num_heads features)")
-        if not 0.0 <= float(dropout) < 1.0:
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
         factory = {"device": device, "dtype": dtype}
         super().__init__()
@@ -278,6 +285,10 @@ class MultiheadAttention(nn.Module):
         if not (query.dtype == key.dtype == value.dtype):
             raise TypeError(f"query, key, value must share one dtype, got {query.dtype}, {key.dtype}, "
                             f"{value.dtype}; cast them, e.g. key.to(query.dtype)")
+        w = self.in_proj_weight if self._qkv_same_embed_dim else self.q_proj_weight
+        if query.dtype != w.dtype and not torch.is_autocast_enabled(query.device.type):
+            raise TypeError(f"query, key and value are {query.dtype} but this module's parameters are {w.dtype}; "
+                            f"cast the inputs with .to({w.dtype}) or the module with .to({query.dtype})")
         for name, t, want, arg in (("query", query, self.embed_dim, "embed_dim"),
                                    ("key", key, self.kdim, "kdim"), ("value", value, self.vdim, "vdim")):
             if t.shape[-1] != want:

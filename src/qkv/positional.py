@@ -457,6 +457,9 @@ class RotaryEmbedding(nn.Module):
         """
         device = torch.device(device) if device is not None else self.inv_freq.device
         if positions is not None:
+            if not isinstance(positions, Tensor):
+                raise TypeError(f"positions must be a torch.Tensor (L,) or (B, L) of token positions, got "
+                                f"{type(positions).__name__}; e.g. torch.arange(L)")
             if positions.shape[-1] != length:
                 raise ValueError(f"positions last dim must be L={length}, got shape {tuple(positions.shape)}")
             # arbitrary positions (packed sequences, left padding): compute directly, no cache

@@ -34,6 +34,9 @@ class ScoreMod:
     def __call__(self, score, b, h, q_idx, kv_idx):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def validate(self, B: int, H: int, Lq: int, Lk: int, q_offset: int) -> None:
+        """Raise ValueError if this score mod cannot serve a call of this shape (H = query heads)."""
+
 
 class _Alibi(ScoreMod):
     def __init__(self, slopes: torch.Tensor, symmetric: bool):
@@ -45,6 +48,11 @@ class _Alibi(ScoreMod):
         if self.symmetric:
             dist = -xp(dist).abs(dist)
         return score + slopes * dist
+
+    def validate(self, B, H, Lq, Lk, q_offset):
+        if len(self.slopes) != H:
+            raise ValueError(f"alibi has {len(self.slopes)} slopes but the call has Hq={H} query heads; "
+                             f"build it with alibi({H}) or one slope per query head")
 
     def __repr__(self):
         return f"alibi({len(self.slopes)} heads, symmetric={self.symmetric})"
@@ -61,7 +69,11 @@ def alibi(slopes, symmetric: bool = False) -> ScoreMod:
         from qkv.positional import alibi_slopes
 
         slopes = alibi_slopes(slopes)
-    t = torch.as_tensor(slopes)
+    try:
+        t = torch.as_tensor(slopes)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"alibi slopes must be an int number of heads or a 1-D float tensor (one slope per query "
+                        f"head), got {type(slopes).__name__}; e.g. alibi(8)") from None
     if t.dim() != 1 or not t.is_floating_point():
         raise ValueError(f"alibi slopes must be a 1-D float tensor (one per query head), got {tuple(t.shape)} {t.dtype}")
     return _Alibi(t, bool(symmetric))
@@ -80,6 +92,8 @@ class _Softcap(ScoreMod):
 
 def softcap(cap: float) -> ScoreMod:
     """Logit soft-capping (Gemma 2, Grok): `cap * tanh(score / cap)` keeps scores in (-cap, cap)."""
+    if isinstance(cap, bool) or not isinstance(cap, (int, float)):
+        raise TypeError(f"softcap needs a finite cap > 0 (a number), got {type(cap).__name__}; e.g. softcap(30.0)")
     cap = float(cap)
     if not math.isfinite(cap) or cap <= 0:
         raise ValueError(f"softcap needs a finite cap > 0, got {cap}")
@@ -124,6 +138,11 @@ class _RelativeBias(ScoreMod):
                            max_distance=self.max_distance)
         return score + table[bucket, h]
 
+    def validate(self, B, H, Lq, Lk, q_offset):
+        if self.table.shape[1] != H:
+            raise ValueError(f"relative_bias table {tuple(self.table.shape)} has {self.table.shape[1]} head columns "
+                             f"but the call has Hq={H} query heads; build it with a (num_buckets, {H}) table")
+
     def __repr__(self):
         return f"relative_bias({tuple(self.table.shape)}, bidirectional={self.bidirectional})"
 
@@ -138,7 +157,16 @@ def relative_bias(table, *, bidirectional: bool = True, max_distance: int = 128)
         raise ValueError("relative_bias needs a (num_buckets, H) tensor, e.g. nn.Parameter(torch.zeros(32, H))")
     if table.shape[0] < 2:
         raise ValueError(f"relative_bias needs at least 2 buckets, got {table.shape[0]}")
-    return _RelativeBias(table, bool(bidirectional), int(max_distance))
+    # half the buckets of a direction (all of them when one-directional) hold exact distances 0..exact-1;
+    # the log-spaced ones need exact >= 1 and max_distance > exact (log(max_distance / exact) divides)
+    exact = (table.shape[0] // 2 if bidirectional else table.shape[0]) // 2
+    if exact < 1:
+        raise ValueError(f"relative_bias with bidirectional=True needs at least 4 buckets (2 per direction), "
+                         f"got {table.shape[0]}; use a larger table or bidirectional=False")
+    if isinstance(max_distance, bool) or not isinstance(max_distance, int) or max_distance <= exact:
+        raise ValueError(f"relative_bias max_distance must be an int > {exact} (the exact-distance buckets of a "
+                         f"{table.shape[0]}-bucket table), got {max_distance!r}; e.g. max_distance=128")
+    return _RelativeBias(table, bool(bidirectional), max_distance)
 
 
 class _Bias(ScoreMod):
@@ -156,6 +184,14 @@ class _Bias(ScoreMod):
         row = q - offset if rows > 1 else q * 0
         col = kv if cols > 1 else kv * 0
         return score + t[_pick(b, t.shape[0]), _pick(h, t.shape[1]), row, col]
+
+    def validate(self, B, H, Lq, Lk, q_offset):
+        nb, nh, rows, cols = self.t.shape
+        offset = cols - rows if self.q_offset is None else self.q_offset
+        fits = rows == 1 or (q_offset - offset >= 0 and q_offset + Lq - offset <= rows)
+        if nb not in (1, B) or nh not in (1, H) or cols not in (1, Lk) or not fits:
+            raise ValueError(f"bias of shape {tuple(self.t.shape)} does not broadcast to (B, H, Lq, Lk) = "
+                             f"({B}, {H}, {Lq}, {Lk}); build it with shape (..., Lq, Lk) = (..., {Lq}, {Lk})")
 
     def __repr__(self):
         return f"bias(shape {tuple(self.t.shape)})"
@@ -178,6 +214,11 @@ class _Chain(ScoreMod):
         for mod in self.mods:
             score = mod(score, b, h, q, kv)
         return score
+
+    def validate(self, *args):
+        for mod in self.mods:
+            if isinstance(mod, ScoreMod):
+                mod.validate(*args)
 
     def __repr__(self):
         return "chain(" + ", ".join(map(repr, self.mods)) + ")"

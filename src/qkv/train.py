@@ -149,6 +149,16 @@ def fit(model: nn.Module, next_batch: Callable[[int], object], *, steps: int, lr
         raise TypeError(f"next_batch must be a callable step -> batch, got {type(next_batch).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn must be a callable (model, batch) -> (loss, tokens) or None, got "
+                        f"{type(loss_fn).__name__}")
+    if not (isinstance(progress, bool) or callable(progress)):
+        raise TypeError(f"progress must be True, False or a callable (step, record), got {type(progress).__name__}")
+    if (not isinstance(betas, (tuple, list)) or len(betas) != 2
+            or any(isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b < 1 for b in betas)):
+        raise ValueError(f"betas must be a pair of numbers in [0, 1) (AdamW's moment decays), got {betas!r}; "
+                         f"e.g. (0.9, 0.98)")
+    _check_number("eps", eps)
     lr_at = lr_schedule(schedule, lr=lr, warmup=warmup, steps=steps, min_lr=min_lr)
     if loss_fn is None:
         def loss_fn(m, b):
@@ -279,6 +289,7 @@ def train_task(name: str = "reverse", *, vocab: int = 20, min_len: int = 8, max_
                          f"batches; pick another seed")
     if threads is not None:
         _check_int("threads", threads, 1)
+    _check_int("eval_size", eval_size, 1)          # before training, not after it
     hp = {**RECIPE, **overrides}
     task = _data.make_task(name, vocab=vocab, min_len=min_len, max_len=max_len, offset=offset)
     cfg = {k: v for k, v in hp.items() if k in model_keys}
@@ -322,9 +333,9 @@ def decoder_config(preset: str | None = "tiny", *, vocab_size: int, context: int
     max_positions to `context`). Checked before anything is allocated: heads divide
     d_model (or head_dim is set), kv heads divide heads, the vocabulary covers the
     tokenizer, the context fits, and the model can be saved as a Hugging Face checkpoint."""
-    import json
     from pathlib import Path
 
+    from qkv._files import read_json
     from qkv.models import DecoderConfig
     from qkv.models.hf import config_to_hf
 
@@ -334,12 +345,9 @@ def decoder_config(preset: str | None = "tiny", *, vocab_size: int, context: int
         source = "config"
         if isinstance(config, (str, Path)):
             source = str(config)
-            try:
-                config = json.loads(Path(config).read_text())
-            except FileNotFoundError:
-                raise FileNotFoundError(f"config file {source} does not exist") from None
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise ValueError(f"config file {source} is not valid JSON: {exc}") from None
+            if not Path(config).exists():
+                raise FileNotFoundError(f"config file {source} does not exist")
+            config = read_json(config, "a JSON object of DecoderConfig fields")   # ValueError naming the file
         if not isinstance(config, dict):
             raise ValueError(f"{source} must hold a JSON object of DecoderConfig fields, got {type(config).__name__}")
         fields = dict(config)
@@ -386,6 +394,9 @@ def estimate_memory(config, batch_size: int, context: int) -> dict[str, int]:
     meta device: nothing is allocated."""
     from qkv.models import Decoder
 
+    _check_int("batch_size", batch_size, 1)
+    _check_int("context", context, 1)
+
     params = sum(p.numel() for p in Decoder(config, device="meta").parameters())
     tokens = batch_size * context
     act = 4 * tokens * config.n_layers * (16 * config.d_model + 2 * config.ffn_hidden + 3 * config.n_heads * context)
@@ -421,6 +432,10 @@ def lm_loss(model: nn.Module, tokens: Tensor) -> tuple[Tensor, int]:
 def evaluate_lm(model: nn.Module, batches: list[Tensor], *, bf16: bool = False) -> float:
     """Mean next-token loss (nats per token) over windows (b, T + 1); restores the
     model's training mode."""
+    if isinstance(batches, Tensor) or len(batches) == 0:
+        raise ValueError(f"batches must be a non-empty list of (b, T + 1) token windows, got "
+                         f"{'a tensor' if isinstance(batches, Tensor) else 'an empty list'}; "
+                         f"e.g. TextData.val_batches(batch_size, context)")
     total, n = _lm_sums(model, batches, bf16=bf16)
     return total / n
 
@@ -514,8 +529,9 @@ class _Progress:
 
 def _plot(path, history: LMHistory) -> None:
     """The loss curve (training loss per step, validation loss) as a PNG, written atomically."""
-    import os
     import warnings
+
+    from qkv._files import write_atomic
 
     try:
         import matplotlib
@@ -533,9 +549,7 @@ def _plot(path, history: LMHistory) -> None:
     ax.set_ylabel("loss (nats / token)")
     ax.grid(alpha=0.3)
     ax.legend()
-    tmp = f"{path}.tmp-{os.getpid()}"
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
 def _optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], list[dict]]:

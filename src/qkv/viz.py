@@ -26,20 +26,19 @@ works from a file:// URL with no network. Every file is written atomically
 
 from __future__ import annotations
 
-import contextlib
 import html as _html
 import json
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 
 from qkv._checks import check_int
+from qkv._files import write_atomic
 
 __all__ = ["heatmap", "grid", "mask_picture", "html", "trace_picture", "attention_report", "format_focus",
            "token_label", "find_token", "heatmap_figsize", "grid_figsize",
@@ -124,25 +123,7 @@ def _path(path, suffixes: tuple[str, ...]) -> Path:
     return p
 
 
-def _write_atomic(path: Path, write: Callable[[str], None]) -> Path:
-    """Call `write(tmp)` on a temporary file next to `path`, fsync it, then move it into
-    place (one `os.replace`): readers see the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        try:
-            os.fchmod(fd, 0o644)  # mkstemp creates 0600; results are meant to be read by others
-        finally:
-            os.close(fd)
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+_write_atomic = write_atomic   # temporary file, fsync, os.replace (qkv._files)
 
 
 def _layers(maps, what: str = "maps") -> list[tuple[str, np.ndarray]]:

@@ -23,11 +23,17 @@ from typing import Iterator
 import torch
 
 __all__ = ["Capabilities", "Call", "Backend", "register", "get", "names", "list", "select",
-           "use_backend", "BackendError"]
+           "use_backend", "BackendError", "MemoryNeedError"]
 
 
 class BackendError(ValueError):
     """A backend cannot serve a call (a ValueError, so callers can catch either)."""
+
+
+class MemoryNeedError(ValueError, MemoryError):
+    """Refused before allocating: the result would need more memory than the device has available.
+
+    Both a ValueError (a request qkv refuses) and a MemoryError (what it is about)."""
 
 
 @dataclass(frozen=True)
@@ -80,7 +86,7 @@ class Call:
 
     @property
     def G(self):
-        return self.Hq // self.Hkv
+        return self.Hq // self.Hkv if self.Hkv else 1  # Hq = Hkv = 0 (no heads) is a valid, empty call
 
     @property
     def Lq(self):
@@ -257,7 +263,9 @@ def select(call: Call, backend: str = "auto") -> Backend:
         be = _REGISTRY.get(name)
         if be is not None and be.capabilities.auto and be.refusal(call) is None:
             return be
-    raise BackendError(f"no backend can serve this call; {_who_can(call)}")
+    reasons = [f"{name}: {_REGISTRY[name].refusal(call)}" for name in _AUTO_ORDER
+               if name in _REGISTRY and _REGISTRY[name].capabilities.auto]
+    raise BackendError(f"no backend can serve this call ({'; '.join(reasons)}); {_who_can(call)}")
 
 
 def _checked(be: Backend, call: Call) -> Backend:
@@ -313,13 +321,26 @@ _SMALL_ALLOCATION = 64 * 2**20
 
 def memory_refusal(call: Call, need: int, what: str, hint: str = "") -> str | None:
     """A refusal when `need` bytes (for `what`) exceed the memory available on the call's device."""
+    return memory_shortfall(call.device, need, what, hint)
+
+
+def memory_shortfall(device, need: int, what: str, hint: str = "") -> str | None:
+    """Why `need` bytes (for `what`) cannot be allocated on `device`, or None if they can (or it is unknown)."""
     if need <= _SMALL_ALLOCATION:  # asking the system costs more than such an allocation could risk
         return None
-    free = available_bytes(call.device)
+    device = torch.device(device)
+    free = available_bytes(device)
     if free is None or need <= free:
         return None
-    return (f"{what} would need {format_bytes(need)} and only {format_bytes(free)} is available on "
-            f"{call.device}{hint}")
+    return (f"{what} would need {format_bytes(need)} ({need} bytes) and only {format_bytes(free)} is available "
+            f"on {device}{hint}")
+
+
+def require_memory(device, need: int, what: str, hint: str = "") -> None:
+    """Raise MemoryNeedError, before anything is allocated, if `need` bytes will not fit on `device`."""
+    why = memory_shortfall(device, need, what, hint)
+    if why is not None:
+        raise MemoryNeedError(why)
 
 
 def available_bytes(device: torch.device) -> int | None:

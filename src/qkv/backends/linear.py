@@ -191,8 +191,15 @@ class Performer:
 # ----------------------------------------------------------------------------
 
 def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    """num (..., Dv) / den (...); rows with no key (den == 0) give zeros."""
-    return num / torch.where(den == 0, torch.ones_like(den), den).unsqueeze(-1)
+    """num (..., Dv) / den (...); rows with no key (den == 0) give zeros.
+
+    So do rows whose denominator underflowed to near 0 (FAVOR+ features of far-apart
+    queries and keys at logits of ~1e2 and more): below sqrt(tiny) of the dtype the
+    division's gradient, num / den^2, would overflow to inf and NaN; those rows get
+    zeros and zero gradients, like a row with no key."""
+    small = den < torch.finfo(den.dtype).tiny ** 0.5
+    out = num / torch.where(small, torch.ones_like(den), den).unsqueeze(-1)
+    return out.masked_fill(small.unsqueeze(-1), 0.0)
 
 
 def _apply_state(fq: torch.Tensor, S: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -315,6 +322,9 @@ class _KernelBackend(Backend):
     chunk = DEFAULT_CHUNK
 
     def refusal(self, call: Call) -> str | None:
+        if call.D == 0:
+            return ("a head dim of 0 leaves kernelised attention no features (its weights would be 0 / 0); "
+                    "softmax attention defines it (uniform weights): use an exact backend")
         if call.mask is not None and not _is_causal(call.mask):
             return (f"kernelised attention sums over every key or over a causal prefix, so it cannot express "
                     f"the mask {call.mask!r}; pass mask=None or causal=True, or use an exact backend "

@@ -60,14 +60,17 @@ class MathBackend(Backend):
         q, k, v = call.q, call.k, call.v
         B, Hq, Hkv, G, Lq, Lk, D, Dv = call.B, call.Hq, call.Hkv, call.G, call.Lq, call.Lk, call.D, call.Dv
 
-        # 1. raw scores Q K^T. GQA without repeating K/V: the G query heads sharing a
-        #    key/value head are stacked along the row axis.
-        q_rows = q.reshape(B, Hkv, G * Lq, D)                           # (B, Hkv, G*Lq, D)
-        raw = torch.matmul(q_rows, k.transpose(-1, -2))                 # (B, Hkv, G*Lq, Lk)
+        # 1. raw scores Q K^T, formed in the statistics dtype (float32, or float64 for
+        #    float64 inputs): a half-precision product would overflow fp16 (|q.k| > 65504)
+        #    or round a large bf16 logit by whole units. GQA without repeating K/V: the G
+        #    query heads sharing a key/value head are stacked along the row axis.
+        sdt = call.stat_dtype
+        q_rows = q.reshape(B, Hkv, G * Lq, D).to(sdt)                  # (B, Hkv, G*Lq, D)
+        raw = torch.matmul(q_rows, k.to(sdt).transpose(-1, -2))         # (B, Hkv, G*Lq, Lk)
         raw = raw.view(B, Hq, Lq, Lk)                                   # (B, Hq, Lq, Lk)
 
-        # 2. scale, in the statistics dtype (float32, or float64 for float64 inputs)
-        scores = raw.to(call.stat_dtype) * call.scale
+        # 2. scale
+        scores = raw * call.scale
 
         grids = index_grids(call) if (call.score_mod is not None or call.mask is not None) else None
         if call.score_mod is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from qkv import reference
-from qkv.backends import _FLOATS, Backend, Call, Capabilities
+from qkv.backends import _FLOATS, Backend, Call, Capabilities, memory_refusal
 
 
 class ReferenceBackend(Backend):
@@ -22,6 +22,13 @@ class ReferenceBackend(Backend):
         backward=False, return_lse=True, return_weights=True, exact=True, auto=False,
         notes="NumPy float64 oracle; masks/score_mods must accept NumPy arrays (built-ins do)",
     )
+
+    def extra_refusal(self, call: Call) -> str | None:
+        # float64 arrays: scores, softmax temporaries and weights (B, Hq, Lq, Lk), the mask, and
+        # q and the repeated k, v (B, Hq, L, D or Dv)
+        elems = call.B * call.Hq * call.Lq * call.Lk
+        inputs = call.B * call.Hq * (call.Lq * (call.D + call.Dv) + call.Lk * (call.D + call.Dv))
+        return memory_refusal(call, elems * (4 * 8 + 1) + inputs * 8, "its float64 score matrix")
 
     def forward(self, call: Call):
         out, lse, w = reference.attention(call.q, call.k, call.v, mask=call.mask, score_mod=call.score_mod,

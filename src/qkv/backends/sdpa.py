@@ -102,6 +102,10 @@ class SDPABackend(Backend):
                 return zeros_output(call), None, None  # nothing may be attended
             elif isinstance(mask, _Causal) and call.q_offset == 0:
                 mask, is_causal = None, True
+        if is_causal and call.scale < 0:
+            # torch's CPU kernel returns NaN rows for is_causal=True with a negative scale
+            # (torch 2.13); q k^T * scale = (-q) k^T * |scale| exactly, so hand it a positive one
+            q, kw["scale"] = -q, -call.scale
         dense = None
         if mask is not None:
             dense = evaluate(mask, B, Hq, Lq, Lk, q_offset=call.q_offset, device=call.device)
@@ -127,9 +131,9 @@ class SDPABackend(Backend):
                                                            is_causal=is_causal, **kw))  # (B, Hkv, Lq, Dv)
             out = torch.stack(outs, dim=2).view(B, Hq, Lq, Dv)
 
-        # torch's CPU kernel returns zeros for a query row holding NaN; qkv propagates NaN
-        # (the sum is NaN exactly when the row has a NaN, and adds 0 otherwise)
-        out = out + q.sum(dim=-1, keepdim=True) * 0
+        # torch's CPU kernel returns a finite row for a query holding NaN: qkv.attention sets
+        # such rows to NaN for every backend (a row sum here would overflow fp16 and give NaN
+        # for a finite query of large entries)
         if dense is not None:
             # torch's kernels differ across devices for rows with no allowed key; qkv defines them as 0
             empty_rows = ~dense.any(dim=-1, keepdim=True)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from qkv.backends import _FLOATS, _REGISTRY, Backend, Call, Capabilities, memory_refusal
-from qkv.masks import EMPTY, FULL, PARTIAL
+from qkv.masks import BLOCK_MASK_BYTES_PER_TILE, EMPTY, FULL, PARTIAL
 
 DEFAULT_BLOCK = (256, 256)  # measured: on 2 CPU cores 256-row tiles beat 128 by 1.3-1.5x at 16k
 
@@ -149,10 +149,12 @@ class _Tile:
         self.kv_idx = _key_positions(plan.keys, plan.n, q.device).view(1, 1, 1, -1)
 
     def raw_scores(self, call: Call) -> torch.Tensor:
-        """q k^T * scale for the tile, (Bs, Hq, bq, n) in the statistics dtype."""
-        s = torch.matmul(self.q_rows, self.k.transpose(-1, -2))              # (Bs, Hkv, G*bq, n)
+        """q k^T * scale for the tile, (Bs, Hq, bq, n), formed in the statistics dtype (a
+        half-precision product overflows fp16 past 65504 and rounds bf16 logits by whole units)."""
+        sdt = call.stat_dtype
+        s = torch.matmul(self.q_rows.to(sdt), self.k.to(sdt).transpose(-1, -2))  # (Bs, Hkv, G*bq, n)
         s = s.view(s.shape[0], call.Hq, self.bq, self.plan.n)                # (Bs, Hq, bq, n)
-        return s.to(call.stat_dtype) * call.scale
+        return s * call.scale
 
     def modded(self, call: Call, s: torch.Tensor) -> torch.Tensor:
         if call.score_mod is None:
@@ -174,6 +176,18 @@ class _Tile:
         sub = s.index_select(-1, cols).masked_fill(~allowed, float("-inf"))
         return s.index_copy(-1, cols, sub)
 
+    def allowed(self, call: Call, shape) -> torch.Tensor:
+        """(Bs, Hq, bq, n) bool: which of the tile's keys each query row may attend."""
+        allowed = torch.ones(shape, dtype=torch.bool, device=self.q_rows.device)
+        cols = self.plan.partial
+        if cols is not None:
+            cols = cols.to(allowed.device)
+            part = call.mask(self.b_idx, self.h_idx, self.q_idx, self.kv_idx[..., cols])
+            if not isinstance(part, torch.Tensor):
+                part = torch.as_tensor(part, device=allowed.device)
+            allowed[..., cols] = part.expand(*shape[:-1], cols.numel())
+        return allowed
+
     def fold(self, t: torch.Tensor) -> torch.Tensor:
         """(Bs, Hq, bq, X) -> (Bs, Hkv, G*bq, X): rows of the G query heads sharing a kv head."""
         return t.reshape(t.shape[0], -1, self.G * self.bq, t.shape[-1])
@@ -192,8 +206,12 @@ def _compute_dtype(call: Call):
     return call.stat_dtype if call.device.type == "cpu" else call.dtype
 
 
-def tiled_forward(call: Call, q, k, v, groups):
-    """out (B, Hq, Lq, Dv) in q's dtype and lse (B, Hq, Lq) in the statistics dtype."""
+def tiled_forward(call: Call, q, k, v, groups, careful: bool = False):
+    """out (B, Hq, Lq, Dv) in q's dtype and lse (B, Hq, Lq) in the statistics dtype.
+
+    `careful` (for inputs holding NaN or Inf, see `careful_forward`): a key a row may
+    not attend never reaches it, not even as 0 * NaN, and a row whose query is not
+    finite is NaN (zeros if it has no allowed key)."""
     out = q.new_zeros(call.B, call.Hq, call.Lq, call.Dv)
     lse = torch.full((call.B, call.Hq, call.Lq), float("-inf"), dtype=call.stat_dtype, device=q.device)
     cdt = _compute_dtype(call)
@@ -203,12 +221,20 @@ def tiled_forward(call: Call, q, k, v, groups):
             if plan.n == 0:
                 continue  # every key of this tile row is masked: zeros, lse -inf
             tile = _Tile(call, plan, batches, qb, kb, vb, cdt)
-            s = tile.masked(call, tile.modded(call, tile.raw_scores(call)))   # (Bs, Hq, bq, n)
+            s = tile.modded(call, tile.raw_scores(call))                      # (Bs, Hq, bq, n)
+            if careful:
+                q_bad = ~torch.isfinite(qb[:, :, plan.r0:plan.r1]).all(-1, keepdim=True)   # (Bs, Hq, bq, 1)
+                s = s.masked_fill(q_bad, float("nan"))
+            s = tile.masked(call, s)
             m = s.amax(dim=-1, keepdim=True)
             m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
             p = torch.exp(s - m)
             l = p.sum(dim=-1, keepdim=True)                                   # (Bs, Hq, bq, 1)
-            o = torch.matmul(tile.fold(p.to(cdt)), tile.v)                    # (Bs, Hkv, G*bq, Dv)
+            if careful:
+                allowed = tile.fold(tile.allowed(call, s.shape))              # (Bs, Hkv, G*bq, n)
+                o = allowed_product(tile.fold(p.to(cdt)), allowed, tile.v)    # (Bs, Hkv, G*bq, Dv)
+            else:
+                o = torch.matmul(tile.fold(p.to(cdt)), tile.v)                # (Bs, Hkv, G*bq, Dv)
             o = tile.unfold(o, call.Hq) / torch.where(l == 0, torch.ones_like(l), l).to(cdt)
             rows = slice(plan.r0, plan.r1)
             row_lse = (m + torch.log(l)).squeeze(-1)
@@ -219,6 +245,44 @@ def tiled_forward(call: Call, q, k, v, groups):
                 out[batches, :, rows] = o.to(out.dtype)
                 lse[batches, :, rows] = row_lse
     return out, lse
+
+
+def allowed_product(p: torch.Tensor, allowed: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """p @ v summed over the allowed keys only: p (..., R, n) >= 0 weights, allowed (..., R, n) bool, v (..., n, Dv).
+
+    A plain matmul turns a NaN or Inf in v at a key a row may not attend into
+    0 * NaN = NaN for that row. Here the finite part of v goes through the matmul
+    and the non-finite entries are accounted for by counting, over allowed keys only,
+    as IEEE arithmetic would: a NaN, or an Inf met with weight 0, gives NaN; +Inf and
+    -Inf with positive weight give +Inf / -Inf (NaN when both meet)."""
+    finite = torch.isfinite(v)
+    if bool(finite.all()):
+        return torch.matmul(p, v)
+    out = torch.matmul(p, torch.where(finite, v, torch.zeros((), dtype=v.dtype, device=v.device)))
+    a = allowed.to(p.dtype)
+    pos = (p > 0).to(p.dtype)                          # p = NaN counts as zero weight: its row is NaN anyway
+    n_nan = torch.matmul(a, torch.isnan(v).to(p.dtype)) + torch.matmul(a - pos, torch.isinf(v).to(p.dtype))
+    n_pinf = torch.matmul(pos, (v == float("inf")).to(p.dtype))
+    n_ninf = torch.matmul(pos, (v == float("-inf")).to(p.dtype))
+    out = torch.where(n_pinf > 0, torch.full_like(out, float("inf")), out)
+    out = torch.where(n_ninf > 0, torch.full_like(out, float("-inf")), out)
+    return torch.where((n_nan > 0) | ((n_pinf > 0) & (n_ninf > 0)), torch.full_like(out, float("nan")), out)
+
+
+def careful_forward(call: Call):
+    """(out, lse, weights or None) of a call whose inputs hold NaN or Inf, forward only.
+
+    The arithmetic is IEEE's over the keys each row may attend, and nothing else:
+    a key the mask rules out for a row never reaches that row, whatever k and v hold
+    there (a fused kernel adds the mask as -inf, and NaN - inf is NaN; any matmul
+    multiplies the masked weight 0 by v's NaN). A row whose query is not finite is
+    NaN, unless it has no allowed key (zeros). Runs the generic tiled engine."""
+    groups, _ = make_plan(call, DEFAULT_BLOCK)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (call.q, call.k, call.v))
+    with torch.no_grad():
+        out, lse = tiled_forward(call, q, k, v, groups, careful=True)
+        weights = weights_for_rows(call, lse, block=DEFAULT_BLOCK) if call.return_weights else None
+    return out, lse, weights
 
 
 def tiled_backward(call: Call, q, k, v, out, lse, dout, groups, params, dlse=None):
@@ -308,9 +372,26 @@ _FUSED_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 
 
 def fused_applies(call: Call) -> bool:
-    """The fused engine serves CPU calls without score_mod whose value dim equals the head dim."""
-    return (_FUSED_FWD is not None and call.device.type == "cpu" and call.score_mod is None
-            and call.D == call.Dv and call.D > 0)
+    """The fused engine serves CPU calls without score_mod whose value dim equals the head dim,
+    except calls that ask for the LSE or the weights below float64. Below float64 torch's CPU
+    flash kernel computes exp with an approximation (about 20 correct bits; found by qkv
+    selftest): the output, normalised by a sum of the same exps, stays within DESIGN.md's
+    error rule, but the LSE carries the error (float32 up to ~3x further from the float64
+    oracle than math's, bf16/fp16 inputs ~5e-5 off, 30x; the weights are recomputed from it).
+
+    Float32 gradients keep the kernel, and with it the same approximation: its backward
+    recomputes P = exp(S - lse), so in rare peaked rows they land up to ~18x further from
+    the oracle than math's (about 1e-6 relative; RELIABILITY.md, known limitations). The
+    generic engine (`qkv.backends.get("tiled").engine = "generic"`) meets the 3x rule there,
+    at 1.6-3.5x the training time.
+    """
+    if _FUSED_FWD is None or call.device.type != "cpu" or call.score_mod is not None:
+        return False
+    if call.D != call.Dv or call.D == 0:
+        return False
+    if call.dtype == torch.float64:
+        return True
+    return not (call.return_lse or call.return_weights)
 
 
 class _Rows:
@@ -418,7 +499,7 @@ def fused_backward(call: Call, q, k, v, out, lse, dout, groups):
 class _TiledAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, call, groups, engine, q, k, v, *params):
-        ctx.fused = engine == "auto" and fused_applies(call)
+        ctx.fused = engine == "fused"
         out, lse = (fused_forward if ctx.fused else tiled_forward)(call, q, k, v, groups)
         ctx.call, ctx.groups = call, groups
         ctx.save_for_backward(q, k, v, out, lse, *params)
@@ -503,14 +584,15 @@ def weights_for_rows(call: Call, lse: torch.Tensor | None, rows: torch.Tensor | 
 
     Only the query tiles holding the requested rows are computed, so asking for a
     few rows of a very long sequence costs a few tiles' work and rows x Lk memory.
-    With `lse` (from the forward) the weights are exp(S - lse); without it the
-    tile's own log-sum-exp is used (the same number: a tile row holds every live key).
+    A tile row holds every live key of its rows, so each row is normalised by its own
+    sum, as `math` does. `lse` (the forward's) is not needed: exp(S - lse) would carry
+    the LSE's rounding, eps * |lse|, into every weight (up to ~4x further from the
+    float64 oracle than math's weights, found by qkv selftest).
     """
     rows = torch.arange(call.Lq) if rows is None else torch.as_tensor(rows).cpu().long()
     out = torch.zeros(call.B, call.Hq, len(rows), call.Lk, dtype=call.stat_dtype, device=call.device)
     wanted = sorted(set((rows // block[0]).tolist()))
     groups, _ = make_plan(call, block, tiles=wanted)
-    safe_lse = None if lse is None else torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
     cdt = _compute_dtype(call)
     with torch.no_grad():
         for batches, plans in groups:
@@ -523,12 +605,10 @@ def weights_for_rows(call: Call, lse: torch.Tensor | None, rows: torch.Tensor | 
                     continue  # fully masked rows keep weight 0
                 tile = _Tile(call, plan, batches, qb, kb, vb, cdt)
                 s = tile.masked(call, tile.modded(call, tile.raw_scores(call)))    # (Bs, Hq, bq, n)
-                if safe_lse is not None:
-                    row_lse = (safe_lse if batches is None else safe_lse[b0:b0 + 1])[:, :, plan.r0:plan.r1]
-                else:
-                    row_lse = torch.logsumexp(s, dim=-1)
-                    row_lse = torch.where(torch.isneginf(row_lse), torch.zeros_like(row_lse), row_lse)
-                p = torch.exp(s - row_lse.unsqueeze(-1))
+                m = s.amax(dim=-1, keepdim=True)
+                p = torch.exp(s - torch.where(torch.isneginf(m), torch.zeros_like(m), m))
+                l = p.sum(dim=-1, keepdim=True)
+                p = p / torch.where(l == 0, torch.ones_like(l), l)                 # rows with no allowed key: 0
                 local = torch.nonzero((rows >= plan.r0) & (rows < plan.r1)).flatten().to(call.device)
                 picked = p.index_select(2, (rows.to(call.device)[local] - plan.r0))   # (Bs, Hq, r, n)
                 full = picked.new_zeros(*picked.shape[:3], call.Lk)
@@ -550,6 +630,17 @@ class TiledBackend(Backend):
     engine = "auto"
 
     def extra_refusal(self, call: Call) -> str | None:
+        # the tile plan: one entry per (query tile, key tile), per batch / head when the mask
+        # differs across them; classifying a mask's tiles peaks near 20 bytes a tile
+        bq, bk = self.block
+        tiles = -(-call.Lq // bq) * -(-call.Lk // bk)
+        need = tiles  # without a mask: one int8 per tile
+        if call.mask is not None:
+            need = tiles * (call.mask.batch_hint or 1) * (call.mask.head_hint or 1) * BLOCK_MASK_BYTES_PER_TILE
+        why = memory_refusal(call, need, "its tile plan",
+                             "; larger tiles need less (qkv.backends.get('tiled').block = (1024, 1024))")
+        if why is not None:
+            return why
         if call.return_weights:
             need = call.B * call.Hq * call.Lq * call.Lk * (8 if call.stat_dtype == torch.float64 else 4)
             return memory_refusal(call, need, "the weights you asked for",
@@ -567,6 +658,8 @@ class TiledBackend(Backend):
         if self.engine not in ("auto", "generic"):
             raise ValueError(f"tiled engine must be 'auto' or 'generic', got {self.engine!r}")
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (call.q, call.k, call.v))
-        out, lse = _TiledAttention.apply(call, groups, self.engine, q, k, v, *params)
+        # chosen here, not inside the autograd Function, where grad mode is off (fused_applies asks)
+        engine = "fused" if self.engine == "auto" and fused_applies(call) else "generic"
+        out, lse = _TiledAttention.apply(call, groups, engine, q, k, v, *params)
         weights = weights_for_rows(call, lse.detach(), block=self.block) if call.return_weights else None
         return out, lse, weights

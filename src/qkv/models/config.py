@@ -99,19 +99,30 @@ class DecoderConfig:
             raise ValueError(f"positions must be 'learned' or 'rope', got {self.positions!r}")
         if self.positions == "rope" and self.head_dim % 2:
             raise ValueError(f"RoPE rotates channel pairs: head_dim must be even, got {self.head_dim}")
+        for name in ("bias", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        eps = self.norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < float("inf"):
+            raise ValueError(f"norm_eps must be a finite number >= 0 (the norms' epsilon), got {eps!r}; e.g. 1e-5")
+        base = self.rope_base
+        if isinstance(base, bool) or not isinstance(base, (int, float)) or not 0 < base < float("inf"):
+            raise ValueError(f"rope_base must be a finite number > 0 (RoPE's theta), got {base!r}; e.g. 10000.0")
         if self.rope_scaling is not None:
             if not isinstance(self.rope_scaling, dict) or self.rope_scaling.get("type") not in ROPE_SCALINGS:
                 raise ValueError(f"rope_scaling must be None or a dict with 'type' in {ROPE_SCALINGS} and "
                                  f"'factor', got {self.rope_scaling!r}")
             if self.positions != "rope":
-                raise ValueError("rope_scaling given but positions is not 'rope'")
+                raise ValueError("rope_scaling given but positions is not 'rope'; set positions='rope' or "
+                                 "rope_scaling=None")
             _check_rope_scaling(self.rope_scaling)
         if self.sliding_window is not None:
             _positive_int("sliding_window", self.sliding_window)
         if self.layer_windows is not None:
             self.layer_windows = list(self.layer_windows)
             if len(self.layer_windows) != self.n_layers:
-                raise ValueError(f"layer_windows has {len(self.layer_windows)} entries for n_layers={self.n_layers}")
+                raise ValueError(f"layer_windows has {len(self.layer_windows)} entries for n_layers={self.n_layers}; "
+                                 f"give one window (or None) per layer")
             for w in self.layer_windows:
                 if w is not None:
                     _positive_int("layer_windows entry", w)
@@ -198,3 +209,7 @@ def _check_rope_scaling(d: dict) -> None:
             value = d.get(key, 1.0 if key == "low_freq_factor" else 4.0)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"rope_scaling[{key!r}] must be a number > 0, got {value!r}")
+        low, high = d.get("low_freq_factor", 1.0), d.get("high_freq_factor", 4.0)
+        if not high > low:
+            raise ValueError(f"rope_scaling['high_freq_factor'] must exceed 'low_freq_factor', got {high} <= {low}; "
+                             f"Llama 3.1 uses 4.0 and 1.0")

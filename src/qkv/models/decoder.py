@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 import qkv
 from qkv import _numba
+from qkv._checks import check_int as _check_int
 from qkv.backends.linear import Performer
 from qkv.cache import Cache, LinearStateCache, _Spec
 from qkv.layers import Block, RMSNorm
@@ -33,6 +34,18 @@ from qkv.models.config import DecoderConfig
 from qkv.positional import RotaryEmbedding
 
 __all__ = ["Decoder"]
+
+
+def _check_positions(positions, B: int, L: int) -> None:
+    """Explicit positions: an integer tensor (L,) or (B, L) of values >= 0."""
+    if not isinstance(positions, Tensor) or positions.dtype not in (torch.int64, torch.int32):
+        desc = f"{positions.dtype} tensor" if isinstance(positions, Tensor) else type(positions).__name__
+        raise TypeError(f"positions must be an integer tensor (L,) or (B, L), got {desc}; e.g. torch.arange(L)")
+    if tuple(positions.shape) not in ((L,), (B, L)):
+        raise ValueError(f"positions must be (L,) = ({L},) or (B, L) = ({B}, {L}) like tokens, "
+                         f"got {tuple(positions.shape)}")
+    if positions.numel() and int(positions.min()) < 0:
+        raise ValueError(f"positions must be >= 0, got {int(positions.min())}; positions count from 0")
 
 
 class Decoder(nn.Module):
@@ -126,6 +139,7 @@ class Decoder(nn.Module):
         if kind == "contiguous":
             return Cache.contiguous(self.cache_specs(), batch, max_len, ring=ring, dtype=p.dtype, device=p.device)
         if kind == "paged":
+            _check_int("block_size", block_size, 1)
             if num_blocks is None:
                 num_blocks = batch * -(-max_len // block_size)
             return Cache.paged(self.cache_specs(), num_blocks, block_size=block_size, batch=batch, dtype=p.dtype,
@@ -165,23 +179,29 @@ class Decoder(nn.Module):
             mask = qkv.masks.as_mask(mask)
         if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             desc = f"{tokens.dtype} {tuple(tokens.shape)}" if isinstance(tokens, Tensor) else type(tokens).__name__
-            raise ValueError(f"tokens must be an integer tensor (B, L), got {desc}")
+            raise ValueError(f"tokens must be an integer tensor (B, L), got {desc}; for one sequence pass "
+                             f"tokens[None], for float ids tokens.long()")
         B, L = tokens.shape
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= c.vocab_size):
             raise ValueError(f"token ids must lie in [0, vocab_size={c.vocab_size}), got "
                              f"{int(tokens.min())}..{int(tokens.max())}")
         if cache is not None:
+            if not isinstance(cache, Cache):
+                raise TypeError(f"cache must be a qkv.cache.Cache from model.new_cache(), got {type(cache).__name__}")
             if len(cache.layers) != c.n_layers:
                 raise ValueError(f"cache has {len(cache.layers)} layers, the model {c.n_layers}; "
                                  f"build it with model.new_cache()")
             if cache.batch != B:
-                raise ValueError(f"cache holds {cache.batch} sequences but tokens has batch {B}")
+                raise ValueError(f"cache holds {cache.batch} sequences but tokens has batch {B}; build it with "
+                                 f"model.new_cache({B})")
             if positions is not None:
                 raise ValueError("with a cache, positions follow from the cache lengths; do not pass positions")
             cache.check_room(L)                     # all layers or none: a full cache changes nothing
             positions = cache.lengths[:, None] + torch.arange(L)                # (B, L)
         elif positions is None:
             positions = torch.arange(L)                                         # (L,)
+        else:
+            _check_positions(positions, B, L)
         positions = positions.to(tokens.device)
         if L and int(positions.max()) >= c.max_positions:
             raise ValueError(f"position {int(positions.max())} is beyond the model's context of "

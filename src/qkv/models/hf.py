@@ -21,6 +21,21 @@ A checkpoint directory holds `config.json` and the weights as safetensors: one
 `pytorch_model.bin` and other pickle files can run code when unpickled, so they
 are refused with a note on how to convert them.
 
+Untrusted files. Nothing is ever unpickled. Each safetensors header is validated
+before any tensor is read (`_read_header`): the 8-byte length must fit the file
+(a corrupt length is refused before anything is allocated), the JSON must parse,
+and every tensor's dtype, shape and offsets must agree and tile the data exactly.
+Shard names in the index must be plain file names in the directory (no "..", no
+"/", no absolute path); a symlink in the directory is followed (the Hugging Face
+cache links snapshot files to its blobs) but only to a regular file. Weights must
+be float64/32/16 or bfloat16 (the model takes the checkpoint's dtype when all
+weights share one, else float32, or `dtype=`); integer, bool, complex and float8
+tensors are refused. The sizes config.json claims are compared with the headers
+before any model is built, so an oversized config costs nothing. safetensors has
+no checksum: a flipped bit inside tensor data cannot be detected here (training
+checkpoints, `qkv.checkpoint`, record a sha256 of every file and do catch it).
+Every problem is a ValueError naming the file.
+
 Loading is all-or-nothing. The config is translated first (`config_from_hf`;
 options qkv does not model are refused), then the checkpoint's names, shapes and
 dtypes are checked against the model that config describes, using the file
@@ -50,6 +65,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from qkv._files import read_json, write_atomic
 from qkv.models.config import DecoderConfig
 from qkv.models.decoder import Decoder
 from qkv.models.encoder import Encoder, EncoderConfig
@@ -174,6 +190,11 @@ _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16":
              "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "C64": 8}
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _MAX_HEADER = 100_000_000   # safetensors' own limit on the JSON header
+_PICKLE_RECIPE = ("qkv reads safetensors only, because unpickling a file can run arbitrary code (it never opens "
+                  "one). Convert it once, with code you trust: model = "
+                  "transformers.AutoModelForCausalLM.from_pretrained(dir) (a BERT encoder: "
+                  "transformers.BertModel.from_pretrained(dir)); model.save_pretrained(dir, "
+                  "safe_serialization=True) writes model.safetensors")
 
 
 # -----------------------------------------------------------------------------
@@ -268,8 +289,8 @@ def _int(hf: Mapping, name: str, value) -> int:
 
 
 def _num(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"config.json: {name} must be a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"config.json: {name} must be a finite number, got {value!r}")
     return float(value)
 
 
@@ -572,10 +593,16 @@ def _read_header(file: Path) -> dict[str, tuple[str, tuple]]:
 
     Layout: 8 bytes little-endian header length N, N bytes of JSON {name: {"dtype",
     "shape", "data_offsets": [begin, end]}}, then the data; offsets are relative to
-    the data's start and must fit inside the file.
+    the data's start. As the safetensors library requires, the tensors tile the data
+    exactly: no overlaps, no gaps, nothing after the last one. The length is checked
+    against the file size (and the library's 100 MB limit) before the header is read,
+    so a corrupt length never makes qkv allocate or read more than the file holds.
+    Every problem is a ValueError naming the file; nothing here unpickles.
     """
-    size = file.stat().st_size
     bad = f"{file}: not a valid safetensors file"
+    if not file.is_file():
+        raise ValueError(f"{bad}: it is {'a directory' if file.is_dir() else 'not a regular file'}")
+    size = file.stat().st_size
     with open(file, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
@@ -587,12 +614,17 @@ def _read_header(file: Path) -> dict[str, tuple[str, tuple]]:
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{bad}: its header is not valid JSON ({exc}); the file is corrupt") from exc
+    except (ValueError, RecursionError) as exc:   # JSONDecodeError, UnicodeDecodeError, nesting too deep
+        raise ValueError(f"{bad}: its header is not valid JSON ({type(exc).__name__}: {exc}); the file is "
+                         f"corrupt") from None
     if not isinstance(header, dict):
         raise ValueError(f"{bad}: its header is not a JSON object")
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ValueError(f"{bad}: its __metadata__ must map names to strings")
     data_len = size - 8 - n
     out = {}
+    spans = []
     for key, info in header.items():
         if key == "__metadata__":
             continue
@@ -612,6 +644,16 @@ def _read_header(file: Path) -> dict[str, tuple[str, tuple]]:
             raise ValueError(f"{bad}: tensor {key!r} ({dt} {shape}) needs {math.prod(shape) * _ITEMSIZE[dt]} "
                              f"bytes but its offsets span {end - begin}")
         out[key] = (dt, tuple(shape))
+        spans.append((begin, end, key))
+    at, prev = 0, None
+    for begin, end, key in sorted(spans):
+        if begin != at:
+            what = f"overlaps {prev!r}" if begin < at else f"leaves bytes {at}..{begin} unused"
+            raise ValueError(f"{bad}: tensor {key!r} at bytes {begin}..{end} {what} (corrupt header)")
+        at, prev = end, key
+    if at != data_len:
+        raise ValueError(f"{bad}: the tensors end at byte {at} of the data but the file holds {data_len} "
+                         f"(trailing bytes: corrupt or a partial overwrite)")
     return out
 
 
@@ -619,35 +661,32 @@ def _weight_files(directory: Path) -> tuple[list[Path], dict | None]:
     """The safetensors files of a checkpoint directory (and the index's weight_map, if sharded)."""
     single = directory / "model.safetensors"
     index = directory / "model.safetensors.index.json"
+    for f in (single, index):
+        if f.exists() and not f.is_file():
+            raise ValueError(f"{f} is {'a directory' if f.is_dir() else 'not a regular file'}; expected a file")
     if single.is_file():
         return [single], None
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ValueError(f"{index}: not a valid index (need JSON with a 'weight_map' of tensor name -> shard "
-                             f"file): {exc}") from exc
+        need = "JSON with a 'weight_map' of tensor name -> shard file"
+        raw = read_json(index, f"a sharded checkpoint's index ({need})")
+        weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise ValueError(f"{index}: 'weight_map' must map tensor names to shard file names")
+            raise ValueError(f"{index}: not a valid index: need {need}")
         shards = sorted(set(weight_map.values()))
-        for s in shards:
-            if Path(s).name != s or not s.endswith(".safetensors"):
+        for s in shards:   # a plain name: no "..", no "/", no absolute path can lead outside the directory
+            if Path(s).name != s or s in (".", "..") or "\\" in s or "\0" in s or not s.endswith(".safetensors"):
                 raise ValueError(f"{index}: shard {s!r} must be a .safetensors file name inside {directory}")
         absent = [s for s in shards if not (directory / s).is_file()]
         if absent:
-            raise ValueError(f"{index} lists shard(s) {absent} that are not in {directory}")
+            raise ValueError(f"{index} lists shard(s) {absent} that are not in {directory} as regular files")
         return [directory / s for s in shards], weight_map
     files = sorted(p for p in directory.glob("*.safetensors") if p.is_file())
     if files:
         return files, None
     pickles = sorted(p.name for p in directory.iterdir() if p.suffix in _PICKLE_SUFFIXES)
     if pickles:
-        raise ValueError(
-            f"{directory} holds only pickle-format weights ({', '.join(pickles[:3])}); qkv reads safetensors "
-            f"only, because unpickling a file can run arbitrary code. Convert it once, with code you trust: "
-            f"model = transformers.AutoModelForCausalLM.from_pretrained(dir) (a BERT encoder: "
-            f"transformers.BertModel.from_pretrained(dir)); "
-            f"model.save_pretrained(dir, safe_serialization=True) writes model.safetensors")
+        raise ValueError(f"{directory} holds only pickle-format weights ({', '.join(pickles[:3])}); "
+                         f"{_PICKLE_RECIPE}")
     raise ValueError(f"{directory} has no weights: expected model.safetensors or model.safetensors.index.json "
                      f"with its shards")
 
@@ -709,6 +748,27 @@ def _layer_hint(keys, n_layers: int) -> str:
     return ""
 
 
+_LAYER_SLACK = 8   # more missing layers than this are refused before the model's shapes are built
+
+
+def _check_sizes(source: _Source, names: dict[str, str], config, arch: str, embed_key: str) -> None:
+    """Compare the sizes config.json claims with the checkpoint's headers before any model
+    is built: even on the meta device, building allocates RoPE tables of head_dim entries
+    and a few milliseconds of Python objects per layer, so a corrupt or hostile config
+    (hidden_size 10**9, 10**6 layers) must be refused here, cheaply."""
+    want = {embed_key: (config.vocab_size, config.d_model)}
+    if arch in ("llama", "mistral"):
+        want["model.layers.0.self_attn.q_proj.weight"] = (config.n_heads * config.head_dim, config.d_model)
+    wrong = [f"{names[k]}: expected {shape}, got {tuple(source.shape(names[k]))}" for k, shape in want.items()
+             if k in names and tuple(source.shape(names[k])) != shape]
+    if wrong:
+        raise ValueError(f"tensor shapes do not match config.json: {'; '.join(wrong)}")
+    held = {int(m.group(1)) for k in names if (m := re.search(r"(?:^|\.)(?:h|layers|layer)\.(\d+)\.", k))}
+    if config.n_layers > len(held) + _LAYER_SLACK:
+        raise ValueError(f"config.json sets {config.n_layers} layers but the checkpoint holds tensors for "
+                         f"{len(held)}; the checkpoint lacks the rest: does config.json match the weights?")
+
+
 def state_dict_from_hf(tensors, config: DecoderConfig | EncoderConfig, *, dtype: torch.dtype | None = None,
                        device=None) -> dict[str, Tensor]:
     """Rename and convert Hugging Face tensors into a `Decoder(config)` (or `Encoder(config)`) state dict.
@@ -736,8 +796,6 @@ def state_dict_from_hf(tensors, config: DecoderConfig | EncoderConfig, *, dtype:
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype such as torch.float32, got {dtype!r}")
     table, ignored, embed_key = _TABLES[arch]
-    shapes = {k: v.shape for k, v in model_cls(config, device="meta").state_dict().items()}
-    expected = _expected(table, config.n_layers, shapes)
 
     # checkpoint name -> canonical (table) name; GPT-2's "transformer." and BERT's "bert." prefixes are optional
     prefix = _PREFIXES.get(arch)
@@ -747,6 +805,9 @@ def state_dict_from_hf(tensors, config: DecoderConfig | EncoderConfig, *, dtype:
         if canon in names:
             raise ValueError(f"the checkpoint holds both {names[canon]!r} and {k!r}")
         names[canon] = k
+    _check_sizes(source, names, config, arch, embed_key)
+    shapes = {k: v.shape for k, v in model_cls(config, device="meta").state_dict().items()}
+    expected = _expected(table, config.n_layers, shapes)
     ignore = [_pattern(p) for p in ignored]
     present = {c for c in names if not any(p.match(c) for p in ignore)}
 
@@ -811,6 +872,8 @@ def _directory(path) -> Path:
     if not directory.exists():
         raise ValueError(f"{directory} does not exist; pass a checkpoint directory (config.json + *.safetensors)")
     if not directory.is_dir():
+        if directory.suffix in _PICKLE_SUFFIXES:
+            raise ValueError(f"{directory} is a pickle file; {_PICKLE_RECIPE}, and pass that directory")
         raise ValueError(f"{directory} is a file; pass the checkpoint directory that holds config.json and the "
                          f"*.safetensors files")
     return directory
@@ -820,13 +883,10 @@ def read_config(path) -> dict:
     """The parsed config.json of a checkpoint directory."""
     directory = _directory(path)
     file = directory / "config.json"
-    if not file.is_file():
+    if not file.exists():
         raise ValueError(f"{directory} has no config.json; a Hugging Face checkpoint directory needs config.json "
                          f"(the architecture and sizes) next to its *.safetensors weights")
-    try:
-        hf = json.loads(file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{file} is not valid JSON: {exc}") from exc
+    hf = read_json(file, "a Hugging Face config (a JSON object)")   # ValueError naming the file and the problem
     if not isinstance(hf, dict):
         raise ValueError(f"{file} must hold a JSON object, got {type(hf).__name__}")
     return hf
@@ -859,8 +919,13 @@ def load(path, *, dtype=None, device=None, backend: str = "auto") -> Decoder | E
     directory = _directory(path)
     raw = read_config(directory)
     files, weight_map = _weight_files(directory)      # pickle-only weights are refused before the config is parsed
-    config = config_from_hf(raw)
-    state = state_dict_from_hf(_Safetensors(files, weight_map), config, dtype=_as_dtype(dtype), device=device)
+    try:
+        config = config_from_hf(raw)
+        state = state_dict_from_hf(_Safetensors(files, weight_map), config, dtype=_as_dtype(dtype), device=device)
+    except ValueError as exc:                         # say which checkpoint, once
+        if str(directory) in str(exc):
+            raise
+        raise ValueError(f"{directory}: {exc}") from exc
     model_cls = Encoder if isinstance(config, EncoderConfig) else Decoder
     model = model_cls(config, backend=backend, device=device, dtype=next(iter(state.values())).dtype)
     model.load_state_dict(state, strict=True)
@@ -909,5 +974,7 @@ def save(model: Decoder | Encoder, path) -> None:
     hf["dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    (directory / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+    text = json.dumps(hf, indent=2, sort_keys=True) + "\n"
+    # each file atomically (temporary file, fsync, rename); checkpoint.save makes the pair atomic
+    write_atomic(directory / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    write_atomic(directory / "config.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

@@ -1,0 +1,188 @@
+"""Regression tests for the defects `qkv selftest` found, one per defect, named after it.
+
+Legend: B batch, Hq query heads, Hkv key/value heads, Lq/Lk lengths, D head dim.
+
+Each test states the call that went wrong; the error-ratio checks use the same rule
+as the harness (qkv.selftest.ratio_check: float64 oracle, same-dtype `math` baseline).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import qkv
+from qkv import masks as M
+from qkv import selftest
+from qkv.selftest import ratio_check
+
+F64 = torch.float64
+
+
+def rand(shape, seed, scale=1.0, dtype=F64):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g, dtype=F64) * scale).to(dtype)
+
+
+def oracle(q, k, v, **kw):
+    return qkv.attention(q.double(), k.double(), v.double(), backend="reference", **kw)
+
+
+# -----------------------------------------------------------------------------
+# torch's causal kernel with a negative scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("backend", ["sdpa", "auto"])
+def test_sdpa_causal_with_negative_scale_gave_nan(dtype, backend):
+    """is_causal=True with scale < 0 made torch's CPU kernel return NaN rows (seed 2, case 1102)."""
+    q, k, v = (rand((1, 2, 257, 16), s, dtype=dtype) for s in (1, 2, 3))
+    out = qkv.attention(q, k, v, causal=True, scale=-0.2, backend=backend)
+    assert not torch.isnan(out).any()
+    base = qkv.attention(q, k, v, causal=True, scale=-0.2, backend="math")
+    v_ = ratio_check(out, base, oracle(q, k, v, causal=True, scale=-0.2))
+    assert v_.ok, v_
+
+
+def test_packed_documents_causal_with_negative_scale_gave_nan():
+    """The same through auto's packed-document path (document & causal, run as a batch)."""
+    q, k, v = (rand((2, 2, 300, 16), s, dtype=torch.float32) for s in (4, 5, 6))
+    mask = M.document(torch.arange(300) // 70) & M.causal()
+    out = qkv.attention(q, k, v, mask=mask, scale=-0.3)
+    assert not torch.isnan(out).any()
+    base = qkv.attention(q, k, v, mask=mask, scale=-0.3, backend="math")
+    v_ = ratio_check(out, base, oracle(q, k, v, mask=mask, scale=-0.3))
+    assert v_.ok, v_
+
+
+@pytest.mark.parametrize("order", ["causal | document", "document | causal"])
+def test_causal_or_document_ran_as_causal_and_document(order):
+    """auto's packed-document path took `causal() | document(ids)` for `causal() & document(ids)`
+    (`_Or` subclasses `_And`), an error of ~4 (seed 7, case 3955)."""
+    ids = torch.arange(128) // 30
+    mask = M.causal() | M.document(ids) if order == "causal | document" else M.document(ids) | M.causal()
+    q, k, v = (rand((2, 2, 128, 8), s, dtype=torch.float32) for s in (1, 2, 3))
+    out = qkv.attention(q, k, v, mask=mask)
+    base = qkv.attention(q, k, v, mask=mask, backend="math")
+    v_ = ratio_check(out, base, oracle(q, k, v, mask=mask))
+    assert v_.ok, v_
+
+
+# -----------------------------------------------------------------------------
+# tiled on torch's fused CPU kernel: what its approximate exp costs
+
+
+def _grads(q, k, v, dout, backend, dtype):
+    leaves = [t.to(dtype).clone().requires_grad_() for t in (q, k, v)]
+    out = qkv.attention(*leaves, backend=backend)
+    (out.double() * dout).sum().backward()
+    return [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_tiled_float32_gradients_carry_torchs_approximate_exp(seed):
+    """Peaked attention (scores of standard deviation 6), float32: the fused backward's dv was
+    up to ~18x further from the oracle than math's (seed 0, case 32); DESIGN.md allows 3x.
+    The fused engine keeps torch's kernel for speed (a KNOWN limitation, within KNOWN_RATIO);
+    the generic engine meets the 3x rule."""
+    D = 8
+    q, k = (rand((1, 2, 64, D), 10 * seed + i, scale=math.sqrt(6.0)) for i in (0, 1))
+    v, dout = (rand((1, 2, 64, D), 10 * seed + i) for i in (2, 3))
+    exact = _grads(q, k, v, dout, "math", F64)
+    base = _grads(q, k, v, dout, "math", torch.float32)
+    scale = max(float(g.abs().max()) for g in exact)
+    be = qkv.backends.get("tiled")
+    for engine, ratio, rel in (("generic", 3.0, 0.0), ("auto", selftest.KNOWN_RATIO, selftest.KNOWN_REL)):
+        saved = be.__dict__.get("engine")
+        be.engine = engine
+        try:
+            got = _grads(q, k, v, dout, "tiled", torch.float32)
+        finally:
+            if saved is None:
+                be.__dict__.pop("engine", None)
+            else:
+                be.engine = saved
+        for name, c, b, o in zip(("dq", "dk", "dv"), got, base, exact):
+            v_ = ratio_check(c, b, o, ratio=ratio, scale=scale, extra_floor=rel * scale)
+            assert v_.ok, f"{engine} {name}: {v_}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tiled_half_precision_lse_was_5e_5_off(dtype):
+    """bf16/fp16 inputs with return_lse: the fused kernel's LSE was ~5e-5 from the oracle where
+    math's float32 statistics are ~1e-7 (seed 0, case 130; seed 1, cases 168, 186, 212)."""
+    q, k, v = (rand((2, 2, 40, 16), s, dtype=dtype) for s in (7, 8, 9))
+    _, lse = qkv.attention(q, k, v, causal=True, backend="tiled", return_lse=True)
+    _, base = qkv.attention(q, k, v, causal=True, backend="math", return_lse=True)
+    _, exact = oracle(q, k, v, causal=True, return_lse=True)
+    v_ = ratio_check(lse, base, exact, eps=torch.finfo(torch.float32).eps)
+    assert v_.ok, v_
+
+
+def test_tiled_float32_lse_summed_torchs_approximate_exps():
+    """float32 return_lse on the fused kernel: its LSE sums approximate exps and came out up to
+    ~3x further from the oracle than math's for rows of a few keys (seed 100, case 652)."""
+    for seed in range(100):
+        g = torch.Generator().manual_seed(seed)
+        q, k = (torch.randn(1, 1, L, 40, generator=g, dtype=F64) * math.sqrt(6.0) for L in (1, 2))
+        v = torch.randn(1, 1, 2, 40, generator=g, dtype=F64)
+        q, k, v = (t.float() for t in (q, k, v))
+        _, lse = qkv.attention(q, k, v, backend="tiled", return_lse=True)
+        _, base = qkv.attention(q, k, v, backend="math", return_lse=True)
+        v_ = ratio_check(lse, base, oracle(q, k, v, return_lse=True)[1])
+        assert v_.ok, f"seed {seed}: {v_}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("seed", range(8))
+def test_tiled_weights_were_normalised_by_the_forwards_lse(dtype, seed):
+    """return_weights recomputed exp(S - lse): the LSE's own rounding, eps * |lse|, reached every
+    weight, up to ~4x further from the oracle than math's weights (seed 2, cases 730, 997: 12
+    queries, 4 keys, a per-head key mask, scores of standard deviation 6, Dv != D)."""
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(1, 2, L, 16, generator=g, dtype=F64) * math.sqrt(6.0) for L in (12, 4))
+    v = torch.randn(1, 2, 4, 3, generator=g, dtype=F64)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    mask = torch.rand(1, 2, 1, 4, generator=g) < 0.6
+    _, w = qkv.attention(q, k, v, mask=mask, backend="tiled", return_weights=True)
+    _, base = qkv.attention(q, k, v, mask=mask, backend="math", return_weights=True)
+    _, exact = oracle(q, k, v, mask=mask, return_weights=True)
+    v_ = ratio_check(w, base, exact, eps=torch.finfo(w.dtype).eps)
+    assert v_.ok, v_
+
+
+# -----------------------------------------------------------------------------
+# masks
+
+
+def test_from_dense_broadcast_over_keys_misplaced_its_rows():
+    """from_dense(t) with t of shape (..., Lq, 1) placed row r at position 1 - Lq + r (its own
+    cols - rows) instead of Lk - Lq + r: most rows came out masked (seed 0, case 339). Such a
+    tensor cannot know the key length, so it now has to say where its rows sit."""
+    Lq = Lk = 9
+    t = torch.rand(2, 1, Lq, 1, generator=torch.Generator().manual_seed(3)) < 0.5
+    q, k, v = (rand((2, 1, 9, 4), s) for s in (1, 2, 3))
+    with pytest.raises(ValueError, match="q_offset"):
+        qkv.attention(q, k, v, mask=M.from_dense(t))
+    with pytest.raises(ValueError, match="q_offset"):
+        M.from_dense(t).to_dense(Lq, Lk, B=2)
+    placed = M.from_dense(t, q_offset=Lk - Lq).to_dense(Lq, Lk, B=2)
+    assert torch.equal(placed, t.expand(2, 1, Lq, Lk))
+    # the full-width tensor keeps its default, bottom-right, alignment
+    wide = t.expand(2, 1, Lq, Lk).clone()
+    assert torch.equal(M.from_dense(wide).to_dense(Lq, Lk, B=2), wide)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: M.block_sparse(torch.ones(2, 2, dtype=torch.bool), 4),
+    lambda: M.from_dense(torch.ones(1, 1, 5, 5, dtype=torch.bool)),
+    lambda: M.document(torch.zeros(5, dtype=torch.long)),
+])
+def test_mask_evaluation_with_an_empty_batch_crashed(make):
+    """Masks that broadcast a size-1 batch dim raised 'shape [1, 1, 1, 1] is invalid for input
+    of size 0' when evaluated for B = 0 (seed 0, case 202)."""
+    got = M.evaluate(make(), 0, 2, 5, 5)
+    assert torch.broadcast_shapes(got.shape, (0, 2, 5, 5)) == (0, 2, 5, 5)
+    assert M.as_mask(make()).to_dense(5, 5, B=0, H=2).shape == (0, 2, 5, 5)
