@@ -709,6 +709,8 @@ class PagedCache(LayerCache):
         if score_mod is not None:
             raise ValueError("a score_mod needs key positions in order, which a PagedCache does not give; "
                              "use a ContiguousCache")
+        if n == 0:  # no new token: nothing to store, an empty output (as the other caches give)
+            return q.new_zeros(q.shape[0], q.shape[1], 0, self.v.shape[-1])
         if n > 1:
             # prefill: each sequence attends to its own tokens, gathered in time order
             self.pool.reserve_all({sid: self.lengths_by_seq.get(sid, 0) + n for sid in self.seqs})

@@ -186,3 +186,30 @@ def test_mask_evaluation_with_an_empty_batch_crashed(make):
     got = M.evaluate(make(), 0, 2, 5, 5)
     assert torch.broadcast_shapes(got.shape, (0, 2, 5, 5)) == (0, 2, 5, 5)
     assert M.as_mask(make()).to_dense(5, 5, B=0, H=2).shape == (0, 2, 5, 5)
+
+
+def test_performer_float32_dq_lost_precision_through_the_detached_row_max():
+    """Performer, causal, D = 1, 64 features, float32 (seed 2026, case 45109 of a 30-minute run):
+    with each query row's stabilising max detached, dq of a row was 3.6e-6 off an oracle value of
+    7.4e-3 (5e-4 relative; the textbook forms 4e-8). The max now stays in the graph."""
+    result = selftest.run_case(2026, 45109)
+    dq = [c for c in result.checks if c.backend == "performer" and c.what == "grad dq"]
+    assert dq and all(c.ok for c in dq), result.report()
+    assert dq[0].err < 1e-6, result.report()
+
+
+@pytest.mark.parametrize("backend", ["auto", "math"])
+def test_paged_cache_step_of_zero_tokens_crashed(backend):
+    """A PagedCache given a step of no tokens (empty prompts; seed 2026, case 61992) raised a raw
+    reshape RuntimeError (math) or paged_decode's refusal (auto) where the contiguous and ring
+    caches return an empty output; it now returns (B, Hq, 0, D) and stores nothing."""
+    from qkv import cache as C
+
+    q, k = torch.randn(2, 6, 0, 8), torch.randn(2, 1, 0, 8)
+    pool = C.BlockPool(8, 4)
+    paged = C.PagedCache(pool, 1, 8, seqs=[pool.new_sequence(), pool.new_sequence()])
+    out = paged.attention(q, k, k, backend=backend)
+    assert out.shape == (2, 6, 0, 8)
+    assert paged.length.tolist() == [0, 0] and pool.blocks_in_use == 0
+    assert C.ContiguousCache(2, 1, 8, 16).attention(q, k, k, backend=backend).shape == out.shape
+    assert selftest.run_case(2026, 61992).ok
