@@ -97,7 +97,11 @@ FEATURES = 256
 GOAL_LENGTH = 65536
 GOAL_SPEEDUP = 20.0
 GOAL_FLAT = 1.10
-DECODE_ROUNDS = 3          # decode: every point measured in this many interleaved rounds; the fastest median counts
+DECODE_ROUNDS = 5          # decode: every point measured in this many interleaved rounds; the fastest median counts
+# decode: one torch thread, one stream per core. A batch-1 step of kernelised attention is ~0.3 ms of
+# small ops: a second thread only adds synchronisation (measured 0.40-0.55 ms with 2 threads against
+# 0.30-0.32 with 1, and a spread over lengths set by thread wake-ups, not by the context)
+DECODE_THREADS = 1
 MMAP_THRESHOLD = 65536
 
 
@@ -136,7 +140,7 @@ FULL = Sizes(err_length=1024, err_heads=8, err_seeds=3, corpus_bytes=1 << 20, lm
              lm_batch=16, recall_steps=300, recall_batch=64, recall_pairs=(2, 6), recall_keys=8, recall_window=4,
              char_steps=250, char_context=128, char_batch=8, d_model=64, n_layers=2, n_heads=4,
              lengths=tuple(1024 * 2 ** i for i in range(7)), window=512, budget_s=1.0, cap_s=240.0,
-             decode_lengths=tuple(1024 * 2 ** i for i in range(7)), decode_steps=64, picture_length=2048)
+             decode_lengths=tuple(1024 * 2 ** i for i in range(7)), decode_steps=128, picture_length=2048)
 QUICK = Sizes(err_length=256, err_heads=4, err_seeds=2, corpus_bytes=1 << 18, lm_steps=20, lm_context=64,
               lm_batch=8, recall_steps=20, recall_batch=32, recall_pairs=(2, 6), recall_keys=8, recall_window=4,
               char_steps=20, char_context=64, char_batch=8, d_model=32, n_layers=2, n_heads=4,
@@ -867,7 +871,8 @@ def _notes(result: dict) -> list[str]:
         f"trained model W = T/8 = {tr['window']}; recall W = {rec['window']}; char LM W = {lm['window']}",
         f"peak memory: {fwd['memory_method']}",
         f"decode: exact = ContiguousCache (qkv's decode path over all L keys), linear/performer = LinearStateCache; "
-        f"median of {dec['steps']} steps, the fastest of {DECODE_ROUNDS} interleaved rounds; K/V and state bytes are "
+        f"median of {dec['steps']} steps, the fastest of {DECODE_ROUNDS} interleaved rounds, "
+        f"{dec.get('threads', DECODE_THREADS)} torch thread(s); K/V and state bytes are "
         f"tensor sizes",
         f"errors: ||out - exact||_F / ||exact||_F in float64 vs causal softmax by the math backend; random: mean of "
         f"{result['errors']['random']['seeds']} seeds; trained: byte-level 'tiny' decoder ({tr['model']['n_layers']} "
@@ -968,8 +973,8 @@ def run(out_dir="runs/bench", quick: bool = False, *, seed: int = 0, threads: in
     log(f"(c) forward time and peak memory, L in {list(s.lengths)}, {threads} thread(s) ...")
     rows = forward_sweep(s.lengths, window=s.window, budget_s=s.budget_s, cap_s=s.cap_s, threads=threads, seed=seed,
                          log=log)
-    log(f"(c) decode per token, context in {list(s.decode_lengths)} ...")
-    dec_rows = decode_sweep(s.decode_lengths, steps=s.decode_steps, threads=threads, seed=seed, log=log)
+    log(f"(c) decode per token, context in {list(s.decode_lengths)}, {DECODE_THREADS} thread(s) ...")
+    dec_rows = decode_sweep(s.decode_lengths, steps=s.decode_steps, threads=DECODE_THREADS, seed=seed, log=log)
     pictures = mask_pictures(out, s.picture_length, s.window, seed=seed)
 
     exact_fwd = _by_L(rows, "exact")
@@ -989,7 +994,8 @@ def run(out_dir="runs/bench", quick: bool = False, *, seed: int = 0, threads: in
                     "memory_method": "VmHWM (Linux) reset before each point minus VmRSS then, in a separate process "
                                      f"with MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}; includes q, k, v and the output",
                     "crossover": {name: crossover(exact_fwd, _by_L(rows, name)) for name in VARIANTS[1:]}},
-        "decode": {"lengths": list(s.decode_lengths), "steps": s.decode_steps, "rows": dec_rows,
+        "decode": {"lengths": list(s.decode_lengths), "steps": s.decode_steps, "threads": DECODE_THREADS,
+                   "rows": dec_rows,
                    "flatness": {name: flatness(_by_L(dec_rows, name)) for name in ("exact", *KERNELISED)},
                    "crossover": {name: crossover(exact_dec, _by_L(dec_rows, name)) for name in KERNELISED}},
         "pictures": pictures,

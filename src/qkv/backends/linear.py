@@ -201,10 +201,10 @@ def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     So do rows whose denominator underflowed to near 0 (FAVOR+ features of far-apart
     queries and keys at logits of ~1e2 and more): below sqrt(tiny) of the dtype the
     division's gradient, num / den^2, would overflow to inf and NaN; those rows get
-    zeros and zero gradients, like a row with no key."""
+    zeros and zero gradients, like a row with no key. Dividing those rows by +inf does
+    it in the division's own pass (a NaN in num still shows)."""
     small = den < torch.finfo(den.dtype).tiny ** 0.5
-    out = num / torch.where(small, torch.ones_like(den), den).unsqueeze(-1)
-    return out.masked_fill(small.unsqueeze(-1), 0.0)
+    return num / torch.where(small, torch.full_like(den, float("inf")), den).unsqueeze(-1)
 
 
 def _apply_state(fq: torch.Tensor, S: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
