@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["write_atomic", "read_json", "MAX_JSON_BYTES"]
+__all__ = ["write_atomic", "write_text_atomic", "read_json", "MAX_JSON_BYTES"]
 
 # Larger JSON files are refused before they are read (a config is a few KiB; a long
 # run's training_state.json a few MiB).
@@ -57,6 +57,11 @@ def write_atomic(path, write: Callable[[str], None]) -> Path:
         finally:
             os.close(fd)
     return path
+
+
+def write_text_atomic(path, text: str) -> Path:
+    """`write_atomic` for UTF-8 text."""
+    return write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def _no_constant(name: str):

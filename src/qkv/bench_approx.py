@@ -70,7 +70,7 @@ from torch import Tensor
 
 import qkv
 from qkv import masks
-from qkv._files import write_atomic
+from qkv._files import write_text_atomic
 from qkv.backends.linear import Performer
 from qkv.bench import _reset_peak, _status_bytes, format_table, write_results
 from qkv.cache import ContiguousCache, LinearStateCache
@@ -963,7 +963,7 @@ def run(out_dir="runs/bench", quick: bool = False, *, seed: int = 0, threads: in
         else:
             text = _data.load_corpus(corpus)[:s.corpus_bytes]
         corpus_file = work / "corpus.txt"
-        write_atomic(corpus_file, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        write_text_atomic(corpus_file, text)
         log("(a) errors on a trained model's q, k, v ...")
         trained = trained_errors(s, corpus_file, work, seed, log)
         log(f"(b) associative recall, {s.recall_steps} steps per variant ...")

@@ -59,9 +59,9 @@ def write_atomic(path, text: str) -> Path:
     The text goes to a temporary file in the same directory (same filesystem),
     which then replaces the target in one `os.replace`.
     """
-    from qkv._files import write_atomic as _write_atomic
+    from qkv._files import write_text_atomic
 
-    return _write_atomic(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return write_text_atomic(path, text)
 
 
 def machine_info() -> dict:

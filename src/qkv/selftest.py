@@ -1491,7 +1491,7 @@ def run(minutes: float | None = None, seed: int | None = None, max_cases: int | 
         if stream.isatty():
             print(file=stream)
     if json_path is not None:
-        from qkv.demo import write_atomic      # the project's one atomic writer (temp file, fsync, rename)
+        from qkv._files import write_text_atomic as write_atomic   # temp file, fsync, rename
 
         write_atomic(json_path, json.dumps(summary, indent=2) + "\n")
     return summary

@@ -123,9 +123,6 @@ def _path(path, suffixes: tuple[str, ...]) -> Path:
     return p
 
 
-_write_atomic = write_atomic   # temporary file, fsync, os.replace (qkv._files)
-
-
 def _layers(maps, what: str = "maps") -> list[tuple[str, np.ndarray]]:
     """maps -> [(name, (H, Lq, Lk) float32)], all with the same Lq and Lk.
 
@@ -178,7 +175,7 @@ def _figure(w_in: float, h_in: float, dpi: int):
 
 
 def _save_png(fig, path: Path, dpi: int) -> Path:
-    return _write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+    return write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
 
 
 # ----------------------------------------------------------------------------
@@ -550,7 +547,7 @@ def html(maps, tokens: Sequence[str], path, *, title: str | None = None,
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(page)
 
-    return _write_atomic(p, write)
+    return write_atomic(p, write)
 
 
 _PAGE = """<!DOCTYPE html>

@@ -65,7 +65,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from qkv._files import read_json, write_atomic
+from qkv._files import read_json, write_atomic, write_text_atomic
 from qkv.models.config import DecoderConfig
 from qkv.models.decoder import Decoder
 from qkv.models.encoder import Encoder, EncoderConfig
@@ -977,4 +977,4 @@ def save(model: Decoder | Encoder, path) -> None:
     text = json.dumps(hf, indent=2, sort_keys=True) + "\n"
     # each file atomically (temporary file, fsync, rename); checkpoint.save makes the pair atomic
     write_atomic(directory / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    write_atomic(directory / "config.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    write_text_atomic(directory / "config.json", text)
