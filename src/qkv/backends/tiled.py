@@ -13,9 +13,12 @@ of partial tiles, and the row softmax taken over those keys alone::
     query tile i:   keys  [ FULL FULL FULL PARTIAL . . . . ]   -> S_i (BQ x n), n << Lk
                     out_i = softmax(S_i) V_sel,  lse_i = logsumexp(S_i)
 
-The backward recomputes each tile's scores from q, k and the saved LSE
-(FlashAttention's trick), so autograd stores q, k, v, out and lse only:
-O(L) memory instead of O(L^2). Tensors held by a score_mod (a learned relative
+The backward recomputes each tile's scores and softmax from q and k
+(FlashAttention's trick), so autograd stores q and k and v only: O(L) memory
+instead of O(L^2). A tile holds every key its rows read, so the recomputed
+weights are normalised exactly as the forward's were, and the softmax's row
+term is summed over them (sum_j p_ij dp_ij) rather than taken as dout . out,
+which cancels where a row's weight sits on one or two keys. Tensors held by a score_mod (a learned relative
 bias, ALiBi slopes) receive gradients too.
 """
 
@@ -285,7 +288,7 @@ def careful_forward(call: Call):
     return out, lse, weights
 
 
-def tiled_backward(call: Call, q, k, v, out, lse, dout, groups, params, dlse=None):
+def tiled_backward(call: Call, q, k, v, dout, groups, params, dlse=None):
     """Gradients of q, k, v (and of the score_mod's tensors), recomputing each tile.
 
     `dlse` is the gradient reaching the returned LSE (d lse_i / d s_ij = p_ij), if any.
@@ -295,11 +298,6 @@ def tiled_backward(call: Call, q, k, v, out, lse, dout, groups, params, dlse=Non
     dk = torch.zeros(k.shape, dtype=cdt, device=q.device)
     dv = torch.zeros(v.shape, dtype=cdt, device=q.device)
     dparams = [torch.zeros_like(p) for p in params]
-    # delta_i = sum_d dout_id * out_id: the softmax Jacobian's row term
-    delta = (dout.to(call.stat_dtype) * out.to(call.stat_dtype)).sum(-1)    # (B, Hq, Lq)
-    if dlse is not None:
-        delta = delta - dlse.to(call.stat_dtype)  # ds = p * (dp - delta + dlse)
-    safe_lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
     for batches, plans in groups:
         qb, kb, vb = (_batch_view(t, batches) for t in (q, k, v))
         for plan in plans.values():
@@ -317,12 +315,26 @@ def tiled_backward(call: Call, q, k, v, out, lse, dout, groups, params, dlse=Non
                 with torch.enable_grad():
                     s = tile.modded(call, raw)
             s_masked = tile.masked(call, s.detach())
-            p = torch.exp(s_masked - safe_lse[sel].unsqueeze(-1))             # (Bs, Hq, bq, n)
+            # P as the forward formed it, exp(S - max) / sum, not exp(S - lse): the LSE is
+            # rounded to the statistics dtype, and its weights sum to 1 only within
+            # eps * |lse| per row. A tile holds every key its rows read, so the sum is at hand.
+            m = s_masked.amax(dim=-1, keepdim=True)
+            m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+            p = torch.exp(s_masked - m)                                       # (Bs, Hq, bq, n)
+            l = p.sum(dim=-1, keepdim=True)
+            p = p / torch.where(l == 0, torch.ones_like(l), l)
             do_rows = tile.fold(do)                                           # (Bs, Hkv, G*bq, Dv)
             p_rows = tile.fold(p.to(cdt))                                     # (Bs, Hkv, G*bq, n)
             dv_sel = torch.matmul(p_rows.transpose(-1, -2), do_rows)          # (Bs, Hkv, n, Dv)
             dp = tile.unfold(torch.matmul(do_rows, tile.v.transpose(-1, -2)), call.Hq)  # (Bs, Hq, bq, n)
-            ds = p * (dp.to(p.dtype) - delta[sel].unsqueeze(-1))              # dL/d(modded score)
+            dp = dp.to(p.dtype)
+            # The row term sum_j p_ij dp_ij over this tile's keys (every key the row reads),
+            # not dout . out: that form cancels catastrophically where a row's weight sits on
+            # one or two keys (ds ~ 0 comes out as eps * |dout . v|).
+            delta = (p * dp).sum(-1, keepdim=True)
+            if dlse is not None:
+                delta = delta - dlse[sel].to(p.dtype).unsqueeze(-1)
+            ds = p * (dp - delta)                                             # dL/d(modded score)
             if call.score_mod is not None:
                 wrt = [raw] + [prm for prm in params]
                 grads = torch.autograd.grad(s, wrt, ds, allow_unused=True)
@@ -501,21 +513,24 @@ class _TiledAttention(torch.autograd.Function):
     def forward(ctx, call, groups, engine, q, k, v, *params):
         ctx.fused = engine == "fused"
         out, lse = (fused_forward if ctx.fused else tiled_forward)(call, q, k, v, groups)
-        ctx.call, ctx.groups = call, groups
-        ctx.save_for_backward(q, k, v, out, lse, *params)
+        ctx.call, ctx.groups, ctx.n_params = call, groups, len(params)
+        # the fused kernel's backward takes out and lse; the generic engine recomputes its tiles
+        ctx.save_for_backward(q, k, v, *params, *((out, lse) if ctx.fused else ()))
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, *params = ctx.saved_tensors
+        q, k, v, *rest = ctx.saved_tensors
+        params = rest[:ctx.n_params]
         if dlse is not None and bool((dlse != 0).any()):
             # the fused kernel's backward has no LSE input: the generic engine handles this case
-            dq, dk, dv, dparams = tiled_backward(ctx.call, q, k, v, out, lse, dout, ctx.groups, params, dlse)
+            dq, dk, dv, dparams = tiled_backward(ctx.call, q, k, v, dout, ctx.groups, params, dlse)
             return (None, None, None, dq, dk, dv, *dparams)
         if ctx.fused:
+            out, lse = rest[ctx.n_params:]
             dq, dk, dv = fused_backward(ctx.call, q, k, v, out, lse, dout.contiguous(), ctx.groups)
             return (None, None, None, dq, dk, dv)
-        dq, dk, dv, dparams = tiled_backward(ctx.call, q, k, v, out, lse, dout, ctx.groups, params)
+        dq, dk, dv, dparams = tiled_backward(ctx.call, q, k, v, dout, ctx.groups, params)
         return (None, None, None, dq, dk, dv, *dparams)
 
 
