@@ -124,6 +124,20 @@ def test_decode_point_state_is_constant_and_cache_grows():
         ba.decode_point("bigbird", 10, steps=1)
 
 
+def test_interleaved_decode_steps_every_state_alike():
+    rows = ba.decode_states_interleaved("linear", (40, 90, 300), steps=3, rounds=2, warmup=1)
+    assert [r["L"] for r in rows] == [40, 90, 300]
+    assert all(r["steps"] == 6 and 0 < r["min_ms"] <= r["ms"] for r in rows)
+    assert len({r["bytes"] for r in rows}) == 1
+    # the states really hold their contexts: the same new token reads differently after 40 and 300 tokens
+    g = torch.Generator().manual_seed(0)
+    a, _ = ba._decode_cache("linear", 40, 0, 0, g)
+    b, _ = ba._decode_cache("linear", 300, 0, 0, g)
+    assert int(a.length[0]) == 40 and int(b.length[0]) == 300
+    with pytest.raises(ValueError, match="constant-size states"):
+        ba.decode_states_interleaved("exact", (40,), steps=1, rounds=1)
+
+
 def test_crossover_and_flatness():
     exact = {1024: 1.0, 2048: 4.0, 4096: 16.0, 8192: 64.0}
     assert ba.crossover(exact, {1024: 2.0, 2048: 3.0, 4096: 5.0, 8192: 9.0}) == {

@@ -97,7 +97,7 @@ FEATURES = 256
 GOAL_LENGTH = 65536
 GOAL_SPEEDUP = 20.0
 GOAL_FLAT = 1.10
-DECODE_ROUNDS = 5          # decode: every point measured in this many interleaved rounds; the fastest median counts
+DECODE_ROUNDS = 5          # decode: exact, the fastest median of this many rounds; linear/performer, the median over all
 # decode: one torch thread, one stream per core. A batch-1 step of kernelised attention is ~0.3 ms of
 # small ops: a second thread only adds synchronisation (measured 0.40-0.55 ms with 2 threads against
 # 0.30-0.32 with 1, and a spread over lengths set by thread wake-ups, not by the context)
@@ -617,15 +617,10 @@ def forward_sweep(lengths: Sequence[int], *, window: int, budget_s: float, cap_s
 # (c) Decode: one token against a growing context
 # ----------------------------------------------------------------------------
 
-def decode_point(variant: str, L: int, *, steps: int, seed: int = 0, warmup: int = 3) -> dict:
-    """Median time of one decode step (1 new token, B=1, H=8, D=64, fp32) after a context of L tokens.
-
-    exact: a `ContiguousCache` (qkv's decode path over all L keys); linear / performer: a
-    `LinearStateCache`. Also the bytes each holds for the context (tensor sizes).
-    """
-    g = torch.Generator().manual_seed(seed)
+def _decode_cache(variant: str, L: int, capacity: int, seed: int, g: torch.Generator):
+    """A cache of `variant` holding a random context of L tokens, and the backend that decodes it."""
     if variant == "exact":
-        cache, backend = ContiguousCache(B, H, D, L + warmup + steps), "auto"
+        cache, backend = ContiguousCache(B, H, D, capacity), "auto"
     elif variant == "linear":
         cache, backend = LinearStateCache(B, H, D), "linear"
     elif variant == "performer":
@@ -636,37 +631,84 @@ def decode_point(variant: str, L: int, *, steps: int, seed: int = 0, warmup: int
         for start in range(0, L, 8192):               # the context, in pieces (a performer state's features)
             n = min(8192, L - start)
             cache.append(torch.randn(B, H, n, D, generator=g), torch.randn(B, H, n, D, generator=g))
-        new = torch.randn(warmup + steps, 3, B, H, 1, D, generator=g)          # q, k, v of each step
-        times = []
-        for i in range(warmup + steps):
-            t0 = time.perf_counter()
-            cache.attention(new[i, 0], new[i, 1], new[i, 2], backend=backend)
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
+    return cache, backend
+
+
+def _timed_step(cache, backend: str, qkv_new: torch.Tensor) -> float:
+    t0 = time.perf_counter()
+    cache.attention(qkv_new[0], qkv_new[1], qkv_new[2], backend=backend)
+    return time.perf_counter() - t0
+
+
+def _decode_row(variant: str, L: int, times: list, cache) -> dict:
     held = cache.used_bytes if variant == "exact" else cache.nbytes
     return {"variant": variant, "L": L, "ms": _r(median(times) * 1e3, 4), "min_ms": _r(min(times) * 1e3, 4),
-            "steps": steps, "bytes": int(held)}
+            "steps": len(times), "bytes": int(held)}
+
+
+def decode_point(variant: str, L: int, *, steps: int, seed: int = 0, warmup: int = 3) -> dict:
+    """Median time of one decode step (1 new token, B=1, H=8, D=64, fp32) after a context of L tokens.
+
+    exact: a `ContiguousCache` (qkv's decode path over all L keys); linear / performer: a
+    `LinearStateCache`. Also the bytes each holds for the context (tensor sizes).
+    """
+    g = torch.Generator().manual_seed(seed)
+    cache, backend = _decode_cache(variant, L, L + warmup + steps, seed, g)
+    new = torch.randn(warmup + steps, 3, B, H, 1, D, generator=g)              # q, k, v of each step
+    with torch.no_grad():
+        times = [_timed_step(cache, backend, new[i]) for i in range(warmup + steps)][warmup:]
+    return _decode_row(variant, L, times, cache)
+
+
+def decode_states_interleaved(variant: str, lengths: Sequence[int], *, steps: int, rounds: int,
+                              seed: int = 0, warmup: int = 3) -> list[dict]:
+    """`decode_point` for a kernelised variant at every length at once: one state per length, stepped
+    in turn (the first length of the turn rotating), so a burst of load on a shared machine falls on
+    every length alike. The states are a few hundred KB each; their step does not read the context.
+    Median over rounds x steps steps per length."""
+    if variant not in KERNELISED:
+        raise ValueError(f"interleaved decode is for the constant-size states {KERNELISED}, got {variant!r}")
+    g = torch.Generator().manual_seed(seed)
+    caches = {L: _decode_cache(variant, L, 0, seed, g) for L in lengths}
+    n = warmup + rounds * steps
+    new = torch.randn(n, 3, B, H, 1, D, generator=g)
+    times: dict = {L: [] for L in lengths}
+    order = list(lengths)
+    with torch.no_grad():
+        for i in range(n):
+            turn = order[i % len(order):] + order[:i % len(order)]
+            for L in turn:
+                t = _timed_step(*caches[L], new[i])
+                if i >= warmup:
+                    times[L].append(t)
+    return [_decode_row(variant, L, times[L], caches[L][0]) for L in lengths]
 
 
 def _decode_child(spec: dict) -> None:
-    """The decode-measuring process: one JSON line per (L, variant)."""
+    """The decode-measuring process: one JSON line per (L, variant).
+
+    exact: every length in turn, `rounds` times, each keeping its fastest median (its cache is
+    up to 256 MiB, and a step reads all of it: stepping several at once would evict each other's
+    from the CPU caches). linear / performer: `decode_states_interleaved`."""
     torch.set_num_threads(spec["threads"])
     for variant in ("exact", *KERNELISED):            # thread pool and kernels (numba's too) warm up first
         decode_point(variant, 64, steps=2, seed=spec["seed"])
-    # rounds over every (L, variant) in turn, keeping each one's fastest median: a burst of load on a
-    # shared machine then lands on one round of one point, not on every step of one length
+    rounds = spec.get("rounds", DECODE_ROUNDS)
     best: dict = {}
-    for _ in range(spec.get("rounds", DECODE_ROUNDS)):
+    for _ in range(rounds):
         for L in spec["lengths"]:
-            for variant in ("exact", *KERNELISED):
-                gc.collect()
-                row = decode_point(variant, L, steps=spec["steps"], seed=spec["seed"])
-                key = (variant, L)
-                best[key] = row if key not in best or row["ms"] < best[key]["ms"] else best[key]
-                best[key]["rounds"] = best[key].get("rounds", 0) + 1
+            gc.collect()
+            row = decode_point("exact", L, steps=spec["steps"], seed=spec["seed"])
+            best[L] = row if L not in best or row["ms"] < best[L]["ms"] else best[L]
+    rows = {("exact", L): {**best[L], "rounds": rounds} for L in spec["lengths"]}
+    for variant in KERNELISED:
+        gc.collect()
+        for row in decode_states_interleaved(variant, spec["lengths"], steps=spec["steps"], rounds=rounds,
+                                             seed=spec["seed"]):
+            rows[(variant, row["L"])] = {**row, "rounds": rounds}
     for L in spec["lengths"]:
         for variant in ("exact", *KERNELISED):
-            print(json.dumps(best[(variant, L)]), flush=True)
+            print(json.dumps(rows[(variant, L)]), flush=True)
 
 
 def decode_sweep(lengths: Sequence[int], *, steps: int, threads: int, seed: int = 0, log=print,
@@ -871,9 +913,9 @@ def _notes(result: dict) -> list[str]:
         f"trained model W = T/8 = {tr['window']}; recall W = {rec['window']}; char LM W = {lm['window']}",
         f"peak memory: {fwd['memory_method']}",
         f"decode: exact = ContiguousCache (qkv's decode path over all L keys), linear/performer = LinearStateCache; "
-        f"median of {dec['steps']} steps, the fastest of {DECODE_ROUNDS} interleaved rounds, "
-        f"{dec.get('threads', DECODE_THREADS)} torch thread(s); K/V and state bytes are "
-        f"tensor sizes",
+        f"exact: median of {dec['steps']} steps, the fastest of {DECODE_ROUNDS} rounds over the lengths; "
+        f"linear/performer: one state per length stepped in turn, median of {DECODE_ROUNDS} x {dec['steps']} "
+        f"steps; {dec.get('threads', DECODE_THREADS)} torch thread(s); K/V and state bytes are tensor sizes",
         f"errors: ||out - exact||_F / ||exact||_F in float64 vs causal softmax by the math backend; random: mean of "
         f"{result['errors']['random']['seeds']} seeds; trained: byte-level 'tiny' decoder ({tr['model']['n_layers']} "
         f"layers, {tr['model']['n_heads']} heads of {tr['model']['head_dim']}) after {tr['steps']} steps of "
