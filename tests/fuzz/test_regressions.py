@@ -198,6 +198,40 @@ def test_performer_float32_dq_lost_precision_through_the_detached_row_max():
     assert dq[0].err < 1e-6, result.report()
 
 
+
+def test_performer_float32_dk_of_a_single_key_through_the_detached_key_max():
+    """Performer, one query and one key, D = 128, float32 (seed 31, case 39975 of a 30-minute run):
+    with the keys' stabilising max detached, dk was 3.7e-6 from the oracle where the textbook forms
+    are 8e-8 (45x; with one key the output is v whatever k is, so dk is ~0). The max now stays in
+    the graph, as the query row max does."""
+    result = selftest.run_case(31, 39975)
+    dk = [c for c in result.checks if c.backend == "performer" and c.what == "grad dk"]
+    assert dk and all(c.ok for c in dk), result.report()
+    from qkv.backends.linear import Performer
+    form = {"backend": "performer", "scale": None, "causal": False, "q_offset": None}
+    for seed in range(8):
+        g = torch.Generator().manual_seed(seed)
+        q, k, v = (torch.randn(1, 1, 1, 128, generator=g, dtype=F64) * 1.4 for _ in range(3))
+        dout = torch.randn(1, 1, 1, 128, generator=g, dtype=F64)
+        fm = Performer(256, seed=seed)
+        grads = {}
+        for name, dtype in (("performer", torch.float32), ("materialised", torch.float32),
+                            ("factorised", torch.float32), ("oracle", F64)):
+            leaves = [t.to(dtype).clone().requires_grad_() for t in (q, k, v)]
+            if name == "performer":
+                with fm.use():
+                    out = qkv.attention(*leaves, backend="performer")
+            else:
+                out = (selftest._approx_factorised if name == "factorised" else selftest._approx_definition)(
+                    form, *leaves, fm)
+            (out.double() * dout).sum().backward()
+            grads[name] = [t.grad for t in leaves]
+        oracle = grads["oracle"]
+        scale = max(float(t.abs().max()) for t in oracle)
+        base = selftest._worse(grads["materialised"][1], grads["factorised"][1], oracle[1])
+        v_ = ratio_check(grads["performer"][1], base, oracle[1], ratio=3.0, scale=scale)
+        assert v_.ok, f"seed {seed}: {v_}"
+
 @pytest.mark.parametrize("backend", ["auto", "math"])
 def test_paged_cache_step_of_zero_tokens_crashed(backend):
     """A PagedCache given a step of no tokens (empty prompts; seed 2026, case 61992) raised a raw
