@@ -43,7 +43,7 @@ class _Alibi(ScoreMod):
         self.slopes, self.symmetric = slopes, symmetric
 
     def __call__(self, score, b, h, q, kv):
-        slopes = like(self.slopes, score)[h]
+        slopes = _at_score(self.slopes, score)[h]
         dist = to_float(kv - q, score)
         if self.symmetric:
             dist = -xp(dist).abs(dist)
@@ -57,6 +57,17 @@ class _Alibi(ScoreMod):
     def __repr__(self):
         return f"alibi({len(self.slopes)} heads, symmetric={self.symmetric})"
 
+
+
+def _at_score(data, score):
+    """A tensor a score mod holds, as `score`'s kind of array and, for torch, in its dtype: a
+    float32 table read by float64 scores is widened before the gather, so the gradient its
+    entries collect from every score is summed in float64 (torch's CPU index backward adds
+    in a thread-dependent order: in float32 that sum varies run to run)."""
+    out = like(data, score)
+    if isinstance(out, torch.Tensor) and out.is_floating_point() and out.dtype != score.dtype:
+        out = out.to(score.dtype)
+    return out
 
 def alibi(slopes, symmetric: bool = False) -> ScoreMod:
     """ALiBi (Press et al., 2022): add `slope[h] * (kv - q)`, a penalty linear in distance.
@@ -133,7 +144,7 @@ class _RelativeBias(ScoreMod):
         self.table, self.bidirectional, self.max_distance = table, bidirectional, max_distance
 
     def __call__(self, score, b, h, q, kv):
-        table = like(self.table, score)
+        table = _at_score(self.table, score)
         bucket = t5_bucket(kv - q, bidirectional=self.bidirectional, num_buckets=table.shape[0],
                            max_distance=self.max_distance)
         return score + table[bucket, h]
@@ -178,7 +189,7 @@ class _Bias(ScoreMod):
     def __call__(self, score, b, h, q, kv):
         from qkv.masks import _pick
 
-        t = like(self.t, score)
+        t = _at_score(self.t, score)
         rows, cols = t.shape[-2:]
         offset = cols - rows if self.q_offset is None else self.q_offset
         row = q - offset if rows > 1 else q * 0

@@ -271,3 +271,35 @@ def test_tiled_backward_row_term_cancelled_in_rows_of_one_or_two_keys(seed):
     for i, label in enumerate(("dq", "dk", "dv")):
         v_ = ratio_check(grads["tiled"][i], grads["math"][i], grads["oracle"][i])
         assert v_.ok, f"{label}: {v_}"
+
+
+def test_tiled_score_mod_table_gradient_was_summed_in_float32_in_a_thread_dependent_order():
+    """A learned relative-bias table (4 buckets) under a dense mask, 334 queries x 826 keys,
+    float32 with return_lse (seed 47, case 30133 of a 30-minute run): each entry's gradient
+    sums ~10^5 terms, and torch's CPU index backward adds them in an order that varies from
+    run to run on 2 threads, so tiled's d(table) moved by up to 4e-4 between identical calls
+    and sometimes landed past 3x math's (equally unstable) error. tiled now sums it in float64:
+    identical calls agree bit for bit, well inside the rule."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, 334, 8, generator=g)
+    k = torch.randn(1, 1, 826, 8, generator=g)
+    v = torch.randn(1, 1, 826, 1, generator=g)
+    mask = torch.rand(1, 1, 334, 826, generator=g) < 0.43
+    table = torch.randn(4, 1, generator=g)
+
+    def grad(backend, dtype):
+        t = table.to(dtype).clone().requires_grad_()
+        out, lse = qkv.attention(q.to(dtype), k.to(dtype), v.to(dtype), mask=mask, return_lse=True,
+                                 score_mod=qkv.scores.relative_bias(t, max_distance=2), backend=backend)
+        (out.double().sum() + lse.double().sum()).backward()
+        return t.grad
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)                    # the order of the adds varies with 2+ threads
+    try:
+        runs = [grad("tiled", torch.float32) for _ in range(3)]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+    v_ = ratio_check(runs[0], grad("math", torch.float32), grad("math", F64), ratio=3.0)
+    assert v_.ok, v_

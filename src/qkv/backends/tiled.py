@@ -297,7 +297,13 @@ def tiled_backward(call: Call, q, k, v, dout, groups, params, dlse=None):
     dq = torch.zeros(q.shape, dtype=cdt, device=q.device)
     dk = torch.zeros(k.shape, dtype=cdt, device=q.device)
     dv = torch.zeros(v.shape, dtype=cdt, device=q.device)
-    dparams = [torch.zeros_like(p) for p in params]
+    # The score_mod's tensors (a learned bias table) gather gradient from every score of the
+    # call: hundreds of thousands of terms into a few entries. Below float64 they are summed in
+    # float64 (the tile's score_mod re-run on float64 scores; qkv's built-ins read their tensors
+    # at the scores' dtype), so the sum neither loses digits nor depends on the order torch's
+    # parallel index backward adds them in (it varies run to run on 2+ threads).
+    wide = bool(params) and call.stat_dtype != torch.float64
+    dparams = [torch.zeros_like(p, dtype=torch.float64 if wide else p.dtype) for p in params]
     for batches, plans in groups:
         qb, kb, vb = (_batch_view(t, batches) for t in (q, k, v))
         for plan in plans.values():
@@ -311,9 +317,13 @@ def tiled_backward(call: Call, q, k, v, dout, groups, params, dlse=None):
             s = raw
             if call.score_mod is not None:
                 # re-run the score_mod on a leaf to get d(score)/d(raw) and d(score)/d(its tensors)
+                if wide:
+                    s = tile.modded(call, raw)                                # the forward's scores, for P
+                    raw = raw.detach().to(torch.float64)
                 raw = raw.requires_grad_()
                 with torch.enable_grad():
-                    s = tile.modded(call, raw)
+                    s_grad = tile.modded(call, raw)
+                s = s if wide else s_grad
             s_masked = tile.masked(call, s.detach())
             # P as the forward formed it, exp(S - max) / sum, not exp(S - lse): the LSE is
             # rounded to the statistics dtype, and its weights sum to 1 only within
@@ -337,8 +347,8 @@ def tiled_backward(call: Call, q, k, v, dout, groups, params, dlse=None):
             ds = p * (dp - delta)                                             # dL/d(modded score)
             if call.score_mod is not None:
                 wrt = [raw] + [prm for prm in params]
-                grads = torch.autograd.grad(s, wrt, ds, allow_unused=True)
-                ds = grads[0]
+                grads = torch.autograd.grad(s_grad, wrt, ds.to(s_grad.dtype), allow_unused=True)
+                ds = grads[0].to(p.dtype)
                 for acc, g in zip(dparams, grads[1:]):
                     if g is not None:
                         acc += g
@@ -354,7 +364,7 @@ def tiled_backward(call: Call, q, k, v, dout, groups, params, dlse=None):
                 dq[batches, :, rows] += dq_t
                 _scatter_add(dk, plan.keys, dk_sel, batches)
                 _scatter_add(dv, plan.keys, dv_sel, batches)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dparams
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), [d.to(prm.dtype) for d, prm in zip(dparams, params)]
 
 
 def _scatter_add(acc: torch.Tensor, keys, val: torch.Tensor, batches=None) -> None:
