@@ -303,3 +303,34 @@ def test_tiled_score_mod_table_gradient_was_summed_in_float32_in_a_thread_depend
     assert all(torch.equal(runs[0], r) for r in runs[1:])
     v_ = ratio_check(runs[0], grad("math", torch.float32), grad("math", F64), ratio=3.0)
     assert v_.ok, v_
+
+
+def test_performer_rows_with_a_denominator_below_1e_19_were_zeroed():
+    """fp16 Performer with one feature, causal, D = 256 (seed 53, case 39302 of a 30-minute run):
+    the keys share one stabilising max, so a query that sees only early keys can have a
+    denominator of ~1e-20; rows below sqrt(tiny) ~ 1e-19 were set to zeros (to keep autograd's
+    num / den^2 finite) where the float64 definition has an O(1) answer: an error of 2.3.
+    The ratio's backward now goes through out (dout / den, -(dout . out) / den), and only rows
+    below tiny ** 0.8 ~ 1e-31 are zeros."""
+    result = selftest.run_case(53, 39302)
+    assert result.ok, result.report()
+    from qkv.backends.linear import _ratio
+    num = torch.tensor([[3e-20, -1e-20]], dtype=F64).float().requires_grad_()
+    den = torch.tensor([1e-20]).requires_grad_()
+    out = _ratio(num, den)
+    assert torch.allclose(out, torch.tensor([[3.0, -1.0]]), rtol=1e-6)
+    out.sum().backward()                                   # d/dnum = 1/den, d/dden = -(3 - 1)/den
+    assert torch.allclose(num.grad, torch.full((1, 2), 1e20), rtol=1e-6)
+    assert torch.allclose(den.grad, torch.tensor([-2e20]), rtol=1e-6)
+    zero = _ratio(torch.ones(1, 2), torch.tensor([1e-35]))
+    assert torch.equal(zero, torch.zeros(1, 2))
+
+
+def test_performer_float32_dq_of_a_query_that_sees_one_key_went_through_num_over_den_squared():
+    """Performer, causal, the one query at position 0 sees a single key (seed 53, case 5930):
+    autograd's division backward, -dout num / den^2, rounds differently from the textbook
+    forms and dq was 7x their error. The ratio's own backward, -(dout . out) / den, lands
+    within them."""
+    result = selftest.run_case(53, 5930)
+    dq = [c for c in result.checks if c.backend == "performer" and c.what == "grad dq"]
+    assert dq and all(c.ok for c in dq), result.report()

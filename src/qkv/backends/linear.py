@@ -199,16 +199,37 @@ class Performer:
 # The computation, shared by both backends and the recurrent cache
 # ----------------------------------------------------------------------------
 
-def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    """num (..., Dv) / den (...); rows with no key (den == 0) give zeros.
+class _Ratio(torch.autograd.Function):
+    """out = num / den per row, with the backward written through `out`:
+    d num = dout / den, d den = -(dout . out) / den. Autograd's own form, num / den^2,
+    overflows once den^2 underflows, which FAVOR+ denominators reach (~1e-20) long
+    before the ratio stops being meaningful."""
 
-    So do rows whose denominator underflowed to near 0 (FAVOR+ features of far-apart
-    queries and keys at logits of ~1e2 and more): below sqrt(tiny) of the dtype the
-    division's gradient, num / den^2, would overflow to inf and NaN; those rows get
-    zeros and zero gradients, like a row with no key. Dividing those rows by +inf does
-    it in the division's own pass (a NaN in num still shows)."""
-    small = den < torch.finfo(den.dtype).tiny ** 0.5
-    return num / torch.where(small, torch.full_like(den, float("inf")), den).unsqueeze(-1)
+    @staticmethod
+    def forward(ctx, num, den):
+        # Rows with no key (den == 0), or whose denominator fell below ~1e-31 in float32
+        # (tiny ** 0.8: 1 / den then stays within range for the backward's products),
+        # give zeros and zero gradients. Dividing them by +inf does it in the division's
+        # own pass (a NaN in num still shows).
+        small = den < torch.finfo(den.dtype).tiny ** 0.8
+        safe = torch.where(small, torch.full_like(den, float("inf")), den)
+        out = num / safe.unsqueeze(-1)
+        ctx.save_for_backward(out, safe)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        out, safe = ctx.saved_tensors
+        dnum = dout / safe.unsqueeze(-1)
+        dden = -(dout * out).sum(-1) / safe
+        return dnum, dden
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num (..., Dv) / den (...); rows with no key (den == 0 or below ~tiny ** 0.8) give zeros
+    (`_Ratio`). So do rows whose denominator underflowed: FAVOR+ features of far-apart
+    queries and keys at logits of ~1e2 and more."""
+    return _Ratio.apply(num, den)
 
 
 def _apply_state(fq: torch.Tensor, S: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
