@@ -325,26 +325,26 @@ def tiled_backward(call: Call, q, k, v, dout, groups, params, dlse=None):
                     s_grad = tile.modded(call, raw)
                 s = s if wide else s_grad
             s_masked = tile.masked(call, s.detach())
-            # P as the forward formed it, exp(S - max) / sum, not exp(S - lse): the LSE is
-            # rounded to the statistics dtype, and its weights sum to 1 only within
-            # eps * |lse| per row. A tile holds every key its rows read, so the sum is at hand.
-            m = s_masked.amax(dim=-1, keepdim=True)
-            m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
-            p = torch.exp(s_masked - m)                                       # (Bs, Hq, bq, n)
-            l = p.sum(dim=-1, keepdim=True)
-            p = p / torch.where(l == 0, torch.ones_like(l), l)
+            # P recomputed by torch's softmax over the tile's keys, not as exp(S - lse): the LSE
+            # is rounded to the statistics dtype, and its weights sum to 1 only within
+            # eps * |lse| per row. A tile holds every key its rows read, so the softmax is whole;
+            # with torch's softmax and its backward kernel below, ds carries the rounding of
+            # `math`'s autograd (in peaked float32 rows, other roundings of P and of the row
+            # term were measured at 3-10x math's gradient error).
+            p = torch.softmax(s_masked, dim=-1)                               # (Bs, Hq, bq, n)
+            empty = torch.isneginf(s_masked.amax(dim=-1, keepdim=True))       # rows with no allowed key
+            p = p.masked_fill(empty, 0.0)                                     # (softmax gives NaN there)
             do_rows = tile.fold(do)                                           # (Bs, Hkv, G*bq, Dv)
             p_rows = tile.fold(p.to(cdt))                                     # (Bs, Hkv, G*bq, n)
             dv_sel = torch.matmul(p_rows.transpose(-1, -2), do_rows)          # (Bs, Hkv, n, Dv)
             dp = tile.unfold(torch.matmul(do_rows, tile.v.transpose(-1, -2)), call.Hq)  # (Bs, Hq, bq, n)
+            # ds = p (dp - delta) with the row term delta_i = sum_j p_ij dp_ij over this tile's
+            # keys (every key the row reads), not dout . out: that form cancels catastrophically
+            # where a row's weight sits on one or two keys (ds ~ 0 came out as eps * |dout . v|).
             dp = dp.to(p.dtype)
-            # The row term sum_j p_ij dp_ij over this tile's keys (every key the row reads),
-            # not dout . out: that form cancels catastrophically where a row's weight sits on
-            # one or two keys (ds ~ 0 comes out as eps * |dout . v|).
-            delta = (p * dp).sum(-1, keepdim=True)
+            ds = torch._softmax_backward_data(dp, p, -1, p.dtype)           # dL/d(modded score)
             if dlse is not None:
-                delta = delta - dlse[sel].to(p.dtype).unsqueeze(-1)
-            ds = p * (dp - delta)                                             # dL/d(modded score)
+                ds = ds + p * dlse[sel].to(p.dtype).unsqueeze(-1)             # d lse_i / d s_ij = p_ij
             if call.score_mod is not None:
                 wrt = [raw] + [prm for prm in params]
                 grads = torch.autograd.grad(s_grad, wrt, ds.to(s_grad.dtype), allow_unused=True)
