@@ -345,3 +345,20 @@ def test_tiled_peaked_row_gradients_carried_other_roundings_than_maths_softmax()
         result = selftest.run_case(*case)
         grads = [c for c in result.checks if c.backend == "tiled" and c.what.startswith("grad")]
         assert grads and all(c.ok for c in grads), result.report()
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 64])
+@pytest.mark.parametrize("q_offset", [None, 0, -2, 20])
+def test_linear_chunked_prefix_sum_rounding_had_no_baseline(chunk, q_offset):
+    """Causal linear attention over 15 keys in chunks of 7, float32 (seed 61, case 17470): the
+    chunked prefix sum rounds differently from both textbook forms the harness compared with,
+    and landed at 3.3x their error with nothing wrong (an independent chunked evaluation gives
+    the same 4.0e-7). The harness now also compares with that form, `_approx_chunked`, which
+    must equal the definition in float64."""
+    g = torch.Generator().manual_seed(chunk)
+    q, k, v = (torch.randn(1, 2, L, 6, generator=g, dtype=F64) for L in (5, 15, 15))
+    p = {"backend": "linear", "causal": True, "q_offset": q_offset, "chunk": chunk, "scale": None}
+    want = selftest._approx_definition(p, q, k, v, None)
+    got = selftest._approx_chunked(p, q, k, v, None)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    assert selftest.run_case(61, 17470).ok
