@@ -43,7 +43,7 @@ class _Alibi(ScoreMod):
         self.slopes, self.symmetric = slopes, symmetric
 
     def __call__(self, score, b, h, q, kv):
-        slopes = _at_score(self.slopes, score)[h]
+        slopes = _as_score(_at_score(self.slopes, score)[h], score)
         dist = to_float(kv - q, score)
         if self.symmetric:
             dist = -xp(dist).abs(dist)
@@ -60,14 +60,22 @@ class _Alibi(ScoreMod):
 
 
 def _at_score(data, score):
-    """A tensor a score mod holds, as `score`'s kind of array and, for torch, in its dtype: a
-    float32 table read by float64 scores is widened before the gather, so the gradient its
-    entries collect from every score is summed in float64 (torch's CPU index backward adds
-    in a thread-dependent order: in float32 that sum varies run to run)."""
+    """A tensor a score mod holds (a table it gathers from), as `score`'s kind of array; for
+    torch, in the scores' dtype, or in float64 when it takes gradients below float64 scores.
+    Each of its entries then collects its gradient from every score it reached (up to
+    L^2 terms) in float64: torch's CPU index backward adds them in a thread-dependent order,
+    and in float32 that sum varied from run to run by ~1e-4. Pass what is gathered through
+    `_as_score` (exact: the values are the table's own)."""
     out = like(data, score)
-    if isinstance(out, torch.Tensor) and out.is_floating_point() and out.dtype != score.dtype:
-        out = out.to(score.dtype)
+    if isinstance(out, torch.Tensor) and out.is_floating_point():
+        wide = out.requires_grad and score.dtype != torch.float64
+        out = out.to(torch.float64 if wide else score.dtype)
     return out
+
+
+def _as_score(gathered, score):
+    return gathered.to(score.dtype) if isinstance(gathered, torch.Tensor) else gathered
+
 
 def alibi(slopes, symmetric: bool = False) -> ScoreMod:
     """ALiBi (Press et al., 2022): add `slope[h] * (kv - q)`, a penalty linear in distance.
@@ -147,7 +155,7 @@ class _RelativeBias(ScoreMod):
         table = _at_score(self.table, score)
         bucket = t5_bucket(kv - q, bidirectional=self.bidirectional, num_buckets=table.shape[0],
                            max_distance=self.max_distance)
-        return score + table[bucket, h]
+        return score + _as_score(table[bucket, h], score)
 
     def validate(self, B, H, Lq, Lk, q_offset):
         if self.table.shape[1] != H:
@@ -194,7 +202,7 @@ class _Bias(ScoreMod):
         offset = cols - rows if self.q_offset is None else self.q_offset
         row = q - offset if rows > 1 else q * 0
         col = kv if cols > 1 else kv * 0
-        return score + t[_pick(b, t.shape[0]), _pick(h, t.shape[1]), row, col]
+        return score + _as_score(t[_pick(b, t.shape[0]), _pick(h, t.shape[1]), row, col], score)
 
     def validate(self, B, H, Lq, Lk, q_offset):
         nb, nh, rows, cols = self.t.shape

@@ -362,3 +362,28 @@ def test_linear_chunked_prefix_sum_rounding_had_no_baseline(chunk, q_offset):
     got = selftest._approx_chunked(p, q, k, v, None)
     assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
     assert selftest.run_case(61, 17470).ok
+
+
+@pytest.mark.parametrize("backend", ["math", "tiled"])
+def test_score_mod_tensor_gradients_varied_between_identical_calls(backend):
+    """A relative-bias table and ALiBi slopes taking gradients, float32, 2 threads (seed 67,
+    case 36751: auto ran math, and its d(table) differed from math's own run by more than the
+    rule allows): torch's CPU index backward summed each entry's ~10^5 float32 terms in a
+    thread-dependent order. The built-in score mods now gather such tensors in float64 below
+    float64 scores; identical calls agree bit for bit."""
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(1, 1, 334, 8, generator=g), torch.randn(1, 1, 826, 8, generator=g)
+    v = torch.randn(1, 1, 826, 1, generator=g)
+    table0, slopes0 = torch.randn(4, 1, generator=g), torch.rand(1, generator=g)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runs = []
+        for _ in range(4):
+            table, slopes = table0.clone().requires_grad_(), slopes0.clone().requires_grad_()
+            mod = qkv.scores.chain(qkv.scores.relative_bias(table, max_distance=2), qkv.scores.alibi(slopes))
+            qkv.attention(q, k, v, score_mod=mod, backend=backend).sum().backward()
+            runs.append(torch.cat([table.grad.flatten(), slopes.grad]))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(runs[0], r) for r in runs[1:])

@@ -298,10 +298,8 @@ def tiled_backward(call: Call, q, k, v, dout, groups, params, dlse=None):
     dk = torch.zeros(k.shape, dtype=cdt, device=q.device)
     dv = torch.zeros(v.shape, dtype=cdt, device=q.device)
     # The score_mod's tensors (a learned bias table) gather gradient from every score of the
-    # call: hundreds of thousands of terms into a few entries. Below float64 they are summed in
-    # float64 (the tile's score_mod re-run on float64 scores; qkv's built-ins read their tensors
-    # at the scores' dtype), so the sum neither loses digits nor depends on the order torch's
-    # parallel index backward adds them in (it varies run to run on 2+ threads).
+    # call; qkv's built-ins gather them in float64 below float64 scores (`scores._at_score`),
+    # and the tiles' shares are summed here in float64 too.
     wide = bool(params) and call.stat_dtype != torch.float64
     dparams = [torch.zeros_like(p, dtype=torch.float64 if wide else p.dtype) for p in params]
     for batches, plans in groups:
@@ -317,13 +315,9 @@ def tiled_backward(call: Call, q, k, v, dout, groups, params, dlse=None):
             s = raw
             if call.score_mod is not None:
                 # re-run the score_mod on a leaf to get d(score)/d(raw) and d(score)/d(its tensors)
-                if wide:
-                    s = tile.modded(call, raw)                                # the forward's scores, for P
-                    raw = raw.detach().to(torch.float64)
                 raw = raw.requires_grad_()
                 with torch.enable_grad():
-                    s_grad = tile.modded(call, raw)
-                s = s if wide else s_grad
+                    s = s_grad = tile.modded(call, raw)
             s_masked = tile.masked(call, s.detach())
             # P recomputed by torch's softmax over the tile's keys, not as exp(S - lse): the LSE
             # is rounded to the statistics dtype, and its weights sum to 1 only within
@@ -347,8 +341,8 @@ def tiled_backward(call: Call, q, k, v, dout, groups, params, dlse=None):
                 ds = ds + p * dlse[sel].to(p.dtype).unsqueeze(-1)             # d lse_i / d s_ij = p_ij
             if call.score_mod is not None:
                 wrt = [raw] + [prm for prm in params]
-                grads = torch.autograd.grad(s_grad, wrt, ds.to(s_grad.dtype), allow_unused=True)
-                ds = grads[0].to(p.dtype)
+                grads = torch.autograd.grad(s_grad, wrt, ds, allow_unused=True)
+                ds = grads[0]
                 for acc, g in zip(dparams, grads[1:]):
                     if g is not None:
                         acc += g
