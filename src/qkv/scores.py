@@ -58,7 +58,6 @@ class _Alibi(ScoreMod):
         return f"alibi({len(self.slopes)} heads, symmetric={self.symmetric})"
 
 
-
 def _at_score(data, score):
     """A tensor a score mod holds (a table it gathers from), as `score`'s kind of array; for
     torch, in the scores' dtype, or in float64 when it takes gradients below float64 scores.

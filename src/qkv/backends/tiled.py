@@ -14,12 +14,12 @@ of partial tiles, and the row softmax taken over those keys alone::
                     out_i = softmax(S_i) V_sel,  lse_i = logsumexp(S_i)
 
 The backward recomputes each tile's scores and softmax from q and k
-(FlashAttention's trick), so autograd stores q and k and v only: O(L) memory
-instead of O(L^2). A tile holds every key its rows read, so the recomputed
-weights are normalised exactly as the forward's were, and the softmax's row
-term is summed over them (sum_j p_ij dp_ij) rather than taken as dout . out,
-which cancels where a row's weight sits on one or two keys. Tensors held by a score_mod (a learned relative
-bias, ALiBi slopes) receive gradients too.
+(FlashAttention's trick), so autograd stores q, k and v only: O(L) memory
+instead of O(L^2). A tile holds every key its rows read, so its softmax is
+whole, and the softmax's row term is summed over it (sum_j p_ij dp_ij) rather
+than taken as dout . out, which cancels where a row's weight sits on one or
+two keys. Tensors held by a score_mod (a learned relative bias, ALiBi slopes)
+receive gradients too.
 """
 
 from __future__ import annotations
@@ -317,7 +317,7 @@ def tiled_backward(call: Call, q, k, v, dout, groups, params, dlse=None):
                 # re-run the score_mod on a leaf to get d(score)/d(raw) and d(score)/d(its tensors)
                 raw = raw.requires_grad_()
                 with torch.enable_grad():
-                    s = s_grad = tile.modded(call, raw)
+                    s = tile.modded(call, raw)
             s_masked = tile.masked(call, s.detach())
             # P recomputed by torch's softmax over the tile's keys, not as exp(S - lse): the LSE
             # is rounded to the statistics dtype, and its weights sum to 1 only within
@@ -341,7 +341,7 @@ def tiled_backward(call: Call, q, k, v, dout, groups, params, dlse=None):
                 ds = ds + p * dlse[sel].to(p.dtype).unsqueeze(-1)             # d lse_i / d s_ij = p_ij
             if call.score_mod is not None:
                 wrt = [raw] + [prm for prm in params]
-                grads = torch.autograd.grad(s_grad, wrt, ds, allow_unused=True)
+                grads = torch.autograd.grad(s, wrt, ds, allow_unused=True)
                 ds = grads[0]
                 for acc, g in zip(dparams, grads[1:]):
                     if g is not None:
