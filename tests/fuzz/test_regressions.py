@@ -417,3 +417,23 @@ def test_gradient_floor_ignored_the_weights_rounding_in_peaked_rows():
     for i, (name, base) in enumerate((("dq", dq0), ("dk", dk0))):
         spread = torch.stack([s[i] - base for s in shifts]).std(0).max().item()
         assert 0.8 < spread / (eps * noise[name]) < 1.25, (name, spread, eps * noise[name])
+
+
+def test_performer_peaked_key_gradient_had_no_row_term_baseline():
+    """Performer, causal, 1 query over 9 keys, D = 256, 256 features, temperature 4, float32
+    (seed 73, case 11185): one key carries the row, and autograd through the textbook forms'
+    num / den cancels the stabilising key max's path almost exactly, while the backend's ratio
+    (d den = -(dout . out) / den) keeps out's rounding: dk 15x the forms' error on that draw,
+    at most 2x on 59 other draws of its inputs. The harness now also compares with that
+    form (`_approx_row_term`); its forward and, in float64, its gradients are the definition's."""
+    assert selftest.run_case(73, 11185).ok
+    p = selftest.make_case(73, 11185).params
+    fm = qkv.backends.linear.Performer(p["features"], seed=p["feature_seed"])
+    qkv_in, dout, _ = selftest._inputs(p, torch.float32)
+    runs = []
+    for form in (selftest._approx_definition, selftest._approx_row_term):
+        leaves = [t.double().requires_grad_() for t in qkv_in]
+        out = form(p, *leaves, fm)
+        runs.append([out, *torch.autograd.grad((out * dout).sum(), leaves)])
+    for a, b in zip(*runs):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
