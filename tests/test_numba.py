@@ -27,8 +27,8 @@ def _randn(*shape, seed=0):
 # -- linear --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("M", [1, 2, 3, 5, 6, 7, 8, 16])
-@pytest.mark.parametrize("N,K", [(1, 1), (5, 3), (37, 64), (100, 59), (4, 256), (7, 769)])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 16])
+@pytest.mark.parametrize("N,K", [(1, 1), (5, 3), (8, 5), (37, 64), (100, 59), (4, 256), (7, 769), (17, 33)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_matches_oracle(M, N, K, bias):
     x64, w64 = _randn(M, K, seed=M), _randn(N, K, seed=N * K)
