@@ -96,7 +96,7 @@ class Sizes:
 
 
 FULL = Sizes(n_layers=12, d_model=768, n_heads=12, vocab=50257, max_positions=1024, prompt=512, new_tokens=64,
-             batch=8, repeats_1=3, repeats_b=1, context=1024, cached_steps=8, mixed_min=60, block_size=16,
+             batch=8, repeats_1=3, repeats_b=3, context=1024, cached_steps=8, mixed_min=60, block_size=16,
              gqa_layers=2, gqa_d_model=2048, gqa_heads=32, gqa_kv_heads=8, gqa_head_dim=64, gqa_ffn=5632,
              gqa_prompt=512, bandwidth_bytes=1 << 30, bandwidth_runs=5)
 QUICK = Sizes(n_layers=2, d_model=128, n_heads=4, vocab=1000, max_positions=256, prompt=32, new_tokens=8,

@@ -302,6 +302,12 @@ class MultiHeadAttention(nn.Module):
 # Feed-forward
 
 
+def _dropout(drop: nn.Dropout, x: Tensor) -> Tensor:
+    """`drop(x)`, without the module call where it is the identity (eval mode, or p = 0):
+    a decode step makes three such calls per layer."""
+    return drop(x) if drop.training and drop.p > 0 else x
+
+
 def _gelu_tanh(x: Tensor) -> Tensor:
     return F.gelu(x, approximate="tanh")
 
@@ -352,8 +358,8 @@ class FeedForward(nn.Module):
             raise ValueError(f"x must be (..., d_model={w.shape[1]}), got {shape}")
         _check_dtype("x", x, w)
         if self.gated:
-            return self.down_proj(self.drop(self._act(self.gate_proj(x)) * self.up_proj(x)))
-        return self.fc2(self.drop(self._act(self.fc1(x))))
+            return self.down_proj(_dropout(self.drop, self._act(self.gate_proj(x)) * self.up_proj(x)))
+        return self.fc2(_dropout(self.drop, self._act(self.fc1(x))))
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}"
@@ -522,5 +528,5 @@ class Block(nn.Module):
         pre = self.norm_position == "pre"
         h = fn(norm(x) if pre else x)                       # (B, L, d_model) [, weights]
         h, w = h if returns_weights else (h, None)
-        x = x + self.drop(h)
+        x = x + _dropout(self.drop, h)
         return (x if pre else norm(x)), w
