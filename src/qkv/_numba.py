@@ -11,9 +11,9 @@ the memory bandwidth, because those are tuned for large problems:
   the hardware prefetcher follows. More rows take a block of W rows at a time
   and reuse it from L1 for every row of x, four rows of x per inner loop, then
   pairs, then one: 2 to 8 rows of x take W eight rows at a time (32
-  independent accumulators, 1.0-1.6x the four-row block at M = 2..8, measured
-  on GPT-2-small shapes), 9 to 16 rows four at a time (16 accumulators; eight
-  measured 0.9x there).
+  independent accumulators: 0.99-1.57x the four-row block at M = 2..8,
+  measured on GPT-2-small shapes), 9 to 16 rows four at a time (16
+  accumulators; eight measured 0.89-0.99x there).
 - `paged_decode`: one new query per sequence against that sequence's own
   blocks of a paged KV cache, through its block table: no gather, no work on
   other sequences' slots. Online softmax per block (running max and sum, as in

@@ -1028,8 +1028,9 @@ def _weight_noise(p: dict, q, k, v, w) -> dict:
     by about eps |scale dp_ij k_j|, far more than an ulp of dq itself (seed 67, case 37420:
     dq 0.07 carried by a key with |k| = 7.5; the two textbook forms and tiled ended 3e-7,
     4e-7 and 2.5e-6 from the oracle, and over 200 draws of that case's inputs each form
-    was the worst of the three in turn, by up to 12x). With e_ij independent and of size
-    eps, one standard deviation of that sum is added to the gradients' floor, as
+    was the worst of the three in turn, by up to 12x). With e_ij independent and of the
+    size of one unit roundoff (eps / 2), one standard deviation of that sum is added to
+    the gradients' floor, as
     `_score_noise` does for the forward; dk likewise (dk_j = scale sum_i ds_ij q_i, where
     e_il moves ds_ij through delta_i). A wrong formula, a half-precision intermediate or an
     approximate exp is still many times over it.
