@@ -1030,9 +1030,8 @@ def _weight_noise(p: dict, q, k, v, w) -> dict:
     4e-7 and 2.5e-6 from the oracle, and over 200 draws of that case's inputs each form
     was the worst of the three in turn, by up to 12x). With e_ij independent and of the
     size of one unit roundoff (eps / 2), one standard deviation of that sum is added to
-    the gradients' floor, as
-    `_score_noise` does for the forward; dk likewise (dk_j = scale sum_i ds_ij q_i, where
-    e_il moves ds_ij through delta_i). A wrong formula, a half-precision intermediate or an
+    the gradients' floor, as `_score_noise` does for the forward; dk likewise
+    (dk_j = scale sum_i ds_ij q_i, where e_il moves ds_ij through delta_i). A wrong formula, a half-precision intermediate or an
     approximate exp is still many times over it.
     """
     B, Hq, Lq, D = q.shape
@@ -1044,7 +1043,7 @@ def _weight_noise(p: dict, q, k, v, w) -> dict:
     scale = abs(1.0 / math.sqrt(D) if p["scale"] is None else p["scale"])
     if p["score_mod"] is not None:
         scale = 2 * scale                     # the built-in mods scale a score's gradient by at most 2
-    _, dout, dlse = _inputs(p, q.dtype)
+    _, dout, dlse = _inputs(p, DTYPES[p["dtype"]])                        # float64 cotangents, drawn once
     dp = torch.matmul(dout, vr.transpose(-1, -2))                          # (B, Hq, Lq, Lk)
     delta = (w * dp).sum(-1, keepdim=True)
     if p["return_lse"]:
@@ -1246,8 +1245,9 @@ def _approx_features(p: dict, q: torch.Tensor, k: torch.Tensor, fm):
     return phi(q, (-1,)), phi(k, (-2, -1))
 
 
-def _approx_definition(p: dict, q, k, v, fm) -> torch.Tensor:
-    """out_i = sum_j A_ij v_j / sum_j A_ij with A = phi(q) phi(k)^T materialised (zero where causality forbids)."""
+def _approx_materialised(p: dict, q, k, v, fm):
+    """(A v, den) with A = phi(q) phi(k)^T materialised (zero where causality forbids) and
+    den = sum_j A_ij, 1 where it is 0 (a row with no key): the two materialised forms share them."""
     fq, fk = _approx_features(p, q, k, fm)
     G = max(1, q.shape[1] // max(1, k.shape[1]))
     fk, v = fk.repeat_interleave(G, 1), v.repeat_interleave(G, 1)           # GQA by repetition: clear, not fast
@@ -1258,7 +1258,13 @@ def _approx_definition(p: dict, q, k, v, fm) -> torch.Tensor:
         allowed = torch.arange(Lk)[None, :] <= (off + torch.arange(Lq))[:, None]
         a = a * allowed
     den = a.sum(-1, keepdim=True)
-    return (a @ v) / torch.where(den == 0, torch.ones_like(den), den)
+    return a @ v, torch.where(den == 0, torch.ones_like(den), den)
+
+
+def _approx_definition(p: dict, q, k, v, fm) -> torch.Tensor:
+    """out_i = sum_j A_ij v_j / sum_j A_ij with A = phi(q) phi(k)^T materialised (zero where causality forbids)."""
+    num, den = _approx_materialised(p, q, k, v, fm)
+    return num / den
 
 
 class _OutputRatio(torch.autograd.Function):
@@ -1285,16 +1291,7 @@ def _approx_row_term(p: dict, q, k, v, fm) -> torch.Tensor:
     exactly while this one keeps the rounding of out: over 60 draws of seed 73, case 11185's
     inputs the other forms' dk was up to 15x nearer the oracle than a correct backend's on
     one draw, and 2x on the rest."""
-    fq, fk = _approx_features(p, q, k, fm)
-    G = max(1, q.shape[1] // max(1, k.shape[1]))
-    fk, v = fk.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
-    a = fq @ fk.transpose(-1, -2)                                           # (B, Hq, Lq, Lk)
-    if p["causal"]:
-        Lq, Lk = q.shape[2], k.shape[2]
-        off = Lk - Lq if p["q_offset"] is None else p["q_offset"]
-        a = a * (torch.arange(Lk)[None, :] <= (off + torch.arange(Lq))[:, None])
-    den = a.sum(-1, keepdim=True)
-    return _OutputRatio.apply(a @ v, torch.where(den == 0, torch.ones_like(den), den))
+    return _OutputRatio.apply(*_approx_materialised(p, q, k, v, fm))
 
 
 def _approx_factorised(p: dict, q, k, v, fm) -> torch.Tensor:
