@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 import qkv
-from qkv import _numba
+from qkv import _memory, _numba
 from qkv._checks import check_int
 
 __all__ = ["LayerCache", "ContiguousCache", "RingCache", "PagedCache", "BlockPool", "Cache", "CacheFull",
@@ -291,8 +291,9 @@ class ContiguousCache(LayerCache):
             self.k, self.v, self._lengths = _views
             return
         _check_int("batch", batch, 1)
-        self.k = torch.zeros(batch, n_kv_heads, max_len, head_dim, dtype=dtype, device=device)  # (B, Hkv, max_len, D)
-        self.v = torch.zeros_like(self.k)                                                       # (B, Hkv, max_len, D)
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.k = _memory.zeros(shape, dtype=dtype, device=device)               # (B, Hkv, max_len, D), huge pages
+        self.v = _memory.zeros(shape, dtype=dtype, device=device)               # (B, Hkv, max_len, D)
         self._lengths = torch.zeros(batch, dtype=torch.long)
 
     def check_room(self, n: int) -> None:
@@ -365,8 +366,8 @@ class RingCache(LayerCache):
             self.k, self.v, self._lengths = _views
             return
         _check_int("batch", batch, 1)
-        self.k = torch.zeros(batch, n_kv_heads, window, head_dim, dtype=dtype, device=device)  # (B, Hkv, W, D)
-        self.v = torch.zeros_like(self.k)
+        self.k = _memory.zeros((batch, n_kv_heads, window, head_dim), dtype=dtype, device=device)  # (B, Hkv, W, D)
+        self.v = _memory.zeros((batch, n_kv_heads, window, head_dim), dtype=dtype, device=device)
         self._lengths = torch.zeros(batch, dtype=torch.long)
 
     def check_room(self, n: int) -> None:
@@ -615,8 +616,8 @@ class PagedCache(LayerCache):
         self.window = None if window is None else _check_int("window", window, 1)
         if _storage is None:
             slots = pool.num_blocks * pool.block_size
-            self.k = torch.zeros(n_kv_heads, slots, head_dim, dtype=dtype, device=device)   # (Hkv, N, D)
-            self.v = torch.zeros_like(self.k)
+            self.k = _memory.zeros((n_kv_heads, slots, head_dim), dtype=dtype, device=device)  # (Hkv, N, D)
+            self.v = _memory.zeros((n_kv_heads, slots, head_dim), dtype=dtype, device=device)
             self.slot_pos = torch.full((slots,), -1, dtype=torch.long, device=device)       # (N,)
             self.lengths_by_seq: dict[int, int] = {}
             pool.layers.append(self)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import qkv
-from qkv import _numba
+from qkv import _memory, _numba
 from qkv._checks import check_int
 from qkv import scores as _scores
 from qkv.backends import linear as _kernel
@@ -64,6 +64,22 @@ class Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         return _numba.linear(x, self.weight, self.bias)
+
+
+def _joint_linear(x: Tensor, layers) -> tuple[Tensor, ...] | None:
+    """x through several `Linear` layers in one kernel launch, when their weights (and
+    biases) lie back to back in memory (`qkv._memory.pack_parameters`) and the decode
+    kernel applies; the outputs are views of one (..., sum of widths) result. None otherwise."""
+    weight = _memory.joined(*(layer.weight for layer in layers))
+    if weight is None:
+        return None
+    biases = [layer.bias for layer in layers]
+    bias = None if all(b is None for b in biases) else _memory.joined(*biases)
+    if bias is None and any(b is not None for b in biases):
+        return None
+    if not _numba.applies(x, weight, bias) or not _numba.available():
+        return None
+    return _numba.linear(x, weight, bias).split([layer.weight.shape[0] for layer in layers], dim=-1)
 
 
 class MultiHeadAttention(nn.Module):
@@ -242,9 +258,11 @@ class MultiHeadAttention(nn.Module):
         if hook is not None:  # qkv.inspect.capture cannot see the cached keys: it refuses
             hook(self, None, None, cached=True)
         B, n, _ = x.shape
-        q = self.q_proj(x).view(B, n, self.n_heads, self.head_dim).transpose(1, 2)       # (B, Hq, n, D)
-        k = self.k_proj(x).view(B, n, self.n_kv_heads, self.head_dim).transpose(1, 2)    # (B, Hkv, n, D)
-        v = self.v_proj(x).view(B, n, self.n_kv_heads, self.head_dim).transpose(1, 2)    # (B, Hkv, n, D)
+        qkv_ = _joint_linear(x, (self.q_proj, self.k_proj, self.v_proj))                 # one launch when packed
+        q, k, v = qkv_ if qkv_ is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = q.view(B, n, self.n_heads, self.head_dim).transpose(1, 2)                    # (B, Hq, n, D)
+        k = k.view(B, n, self.n_kv_heads, self.head_dim).transpose(1, 2)                 # (B, Hkv, n, D)
+        v = v.view(B, n, self.n_kv_heads, self.head_dim).transpose(1, 2)                 # (B, Hkv, n, D)
         if self.rope is not None:
             if positions is None:
                 positions = cache.length[:, None] + torch.arange(n)                      # (B, n)
@@ -358,7 +376,9 @@ class FeedForward(nn.Module):
             raise ValueError(f"x must be (..., d_model={w.shape[1]}), got {shape}")
         _check_dtype("x", x, w)
         if self.gated:
-            return self.down_proj(_dropout(self.drop, self._act(self.gate_proj(x)) * self.up_proj(x)))
+            both = _joint_linear(x, (self.gate_proj, self.up_proj))                      # one launch when packed
+            gate, up = both if both is not None else (self.gate_proj(x), self.up_proj(x))
+            return self.down_proj(_dropout(self.drop, self._act(gate) * up))
         return self.fc2(_dropout(self.drop, self._act(self.fc1(x))))
 
     def extra_repr(self) -> str:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 import qkv
-from qkv import _numba
+from qkv import _memory, _numba
 from qkv._checks import check_int as _check_int
 from qkv.backends.linear import Performer
 from qkv.cache import Cache, LinearStateCache, _Spec
@@ -53,7 +53,8 @@ class Decoder(nn.Module):
 
     Parameters (names follow the Block/MultiHeadAttention ones, which follow Llama's):
     `embed`, `pos_embed` (learned positions only), `layers.{i}.{norm1, self_attn.{q,k,v,o}_proj,
-    norm2, ffn.*}`, `norm`, `lm_head` (untied only).
+    norm2, ffn.*}`, `norm`, `lm_head` (untied only). On the CPU they share one buffer on
+    transparent huge pages (`qkv._memory.pack_parameters`): a decode step streams them all.
     """
 
     def __init__(self, config: DecoderConfig, *, backend: str = "auto", device=None, dtype=None):
@@ -87,6 +88,8 @@ class Decoder(nn.Module):
                      else RMSNorm(c.d_model, eps=c.norm_eps, **factory))
         self.lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False, **factory)
         self.reset_parameters()
+        # one huge-page arena for the weights a decode step streams, q/k/v (and gate/up) back to back
+        _memory.pack_parameters(self)
 
     def reset_parameters(self) -> None:
         """GPT-2's initialisation: N(0, 0.02) weights, zero biases, residual projections / sqrt(2 n_layers)."""
