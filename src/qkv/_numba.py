@@ -5,15 +5,16 @@ the memory bandwidth, because those are tuned for large problems:
 
 - `linear`: y (M, N) = x (M, K) @ W (N, K)^T for M <= 16 rows (batch x one
   token). torch's BLAS packs W for a GEMM, which costs more than the product
-  when M is 1 to 8. This kernel reads each row of W once, from where
-  `nn.Linear` keeps it, rows of W split over the cores. One row of x (batch 1)
-  is a plain dot product per row of W: one sequential stream per core, which
-  the hardware prefetcher follows. More rows take a block of W rows at a time
-  and reuse it from L1 for every row of x, four rows of x per inner loop, then
-  pairs, then one: 2 to 8 rows of x take W eight rows at a time (32
-  independent accumulators: 0.99-1.57x the four-row block at M = 2..8,
-  measured on GPT-2-small shapes), 9 to 16 rows four at a time (16
-  accumulators; eight measured 0.89-0.99x there).
+  when M is 1 to 8. This kernel reads W once, from where `nn.Linear` keeps it,
+  four rows at a time a quarter of W apart (r, r + N/4, r + N/2, r + 3N/4), so
+  each core's share is four long runs of consecutive rows, which the hardware
+  prefetcher streams; blocks of four adjacent rows break W into 3 KiB pieces
+  it never gets ahead of. Measured on GPT-2-small's matrices (an Intel Xeon, 2
+  cores, weights on huge pages): one row of x 22.5 against 26.6 ms per step's
+  worth of W for one row at a time (22.0 GB/s, the speed of `x.sum()` over
+  1 GiB), eight rows 30.5 against 38.3 ms for four adjacent rows. Each block
+  of four W rows meets four rows of x at a time (16 accumulators), then two,
+  then one.
 - `paged_decode`: one new query per sequence against that sequence's own
   blocks of a paged KV cache, through its block table: no gather, no work on
   other sequences' slots. Online softmax per block (running max and sum, as in
@@ -72,168 +73,68 @@ def _build():
         # tensors by address: no per-call array conversions (they cost more than a small product)
         x, w = numba.carray(f32ptr(xp), (M, K)), numba.carray(f32ptr(wp), (N, K))
         bias, out = numba.carray(f32ptr(bp), (N if has_bias else 1,)), numba.carray(f32ptr(outp), (M, N))
-        if 2 <= M <= 8:
-            skinny8(x, w, bias, has_bias, out)
-        else:
-            skinny(x, w, bias, has_bias, out)
+        skinny(x, w, bias, has_bias, out)
 
     @jit
-    def skinny8(x, w, bias, has_bias, out):         # pragma: no cover - compiled; tested through linear()
-        # 2 to 8 rows of x: W eight rows at a time, against four rows of x (32 accumulators),
-        # then two, then one; the last N % 8 rows of W one at a time
+    def skinny(x, w, bias, has_bias, out):          # pragma: no cover - compiled; tested through linear()
+        # W as four sequential streams: rows r, r + Q, r + 2Q, r + 3Q (Q = N // 4) together, so
+        # each core's share of W is four long runs of consecutive rows that the hardware
+        # prefetcher follows; against four rows of x at a time (16 accumulators), then two,
+        # then one. The last N % 4 rows of W one at a time.
         M, K = x.shape
         N = w.shape[0]
-        nb = N // 8
-        for blk in numba.prange(nb + N - nb * 8):
-            if blk >= nb:
-                n = nb * 8 + (blk - nb)
+        Q = N // 4
+        for r in numba.prange(Q + N - 4 * Q):
+            if r >= Q:
+                n = 4 * Q + (r - Q)
                 for m in range(M):
                     acc = np.float32(0.0)
                     for k in range(K):
                         acc += x[m, k] * w[n, k]
                     out[m, n] = acc + bias[n] if has_bias else acc
                 continue
-            n0 = blk * 8
+            n0 = r
+            n1 = r + Q
+            n2 = r + 2 * Q
+            n3 = r + 3 * Q
             m = 0
             while m + 4 <= M:
                 a0 = np.float32(0.0); a1 = np.float32(0.0); a2 = np.float32(0.0); a3 = np.float32(0.0)
-                a4 = np.float32(0.0); a5 = np.float32(0.0); a6 = np.float32(0.0); a7 = np.float32(0.0)
                 b0 = np.float32(0.0); b1 = np.float32(0.0); b2 = np.float32(0.0); b3 = np.float32(0.0)
-                b4 = np.float32(0.0); b5 = np.float32(0.0); b6 = np.float32(0.0); b7 = np.float32(0.0)
                 c0 = np.float32(0.0); c1 = np.float32(0.0); c2 = np.float32(0.0); c3 = np.float32(0.0)
-                c4 = np.float32(0.0); c5 = np.float32(0.0); c6 = np.float32(0.0); c7 = np.float32(0.0)
                 d0 = np.float32(0.0); d1 = np.float32(0.0); d2 = np.float32(0.0); d3 = np.float32(0.0)
-                d4 = np.float32(0.0); d5 = np.float32(0.0); d6 = np.float32(0.0); d7 = np.float32(0.0)
                 for k in range(K):
-                    w0 = w[n0, k]; w1 = w[n0 + 1, k]; w2 = w[n0 + 2, k]; w3 = w[n0 + 3, k]
-                    w4 = w[n0 + 4, k]; w5 = w[n0 + 5, k]; w6 = w[n0 + 6, k]; w7 = w[n0 + 7, k]
-                    xa = x[m, k]
+                    w0 = w[n0, k]; w1 = w[n1, k]; w2 = w[n2, k]; w3 = w[n3, k]
+                    xa = x[m, k]; xb = x[m + 1, k]; xc = x[m + 2, k]; xd = x[m + 3, k]
                     a0 += xa * w0; a1 += xa * w1; a2 += xa * w2; a3 += xa * w3
-                    a4 += xa * w4; a5 += xa * w5; a6 += xa * w6; a7 += xa * w7
-                    xb = x[m + 1, k]
                     b0 += xb * w0; b1 += xb * w1; b2 += xb * w2; b3 += xb * w3
-                    b4 += xb * w4; b5 += xb * w5; b6 += xb * w6; b7 += xb * w7
-                    xc = x[m + 2, k]
                     c0 += xc * w0; c1 += xc * w1; c2 += xc * w2; c3 += xc * w3
-                    c4 += xc * w4; c5 += xc * w5; c6 += xc * w6; c7 += xc * w7
-                    xd = x[m + 3, k]
                     d0 += xd * w0; d1 += xd * w1; d2 += xd * w2; d3 += xd * w3
-                    d4 += xd * w4; d5 += xd * w5; d6 += xd * w6; d7 += xd * w7
-                out[m, n0] = a0; out[m, n0 + 1] = a1; out[m, n0 + 2] = a2; out[m, n0 + 3] = a3
-                out[m, n0 + 4] = a4; out[m, n0 + 5] = a5; out[m, n0 + 6] = a6; out[m, n0 + 7] = a7
-                out[m + 1, n0] = b0; out[m + 1, n0 + 1] = b1; out[m + 1, n0 + 2] = b2; out[m + 1, n0 + 3] = b3
-                out[m + 1, n0 + 4] = b4; out[m + 1, n0 + 5] = b5; out[m + 1, n0 + 6] = b6; out[m + 1, n0 + 7] = b7
-                out[m + 2, n0] = c0; out[m + 2, n0 + 1] = c1; out[m + 2, n0 + 2] = c2; out[m + 2, n0 + 3] = c3
-                out[m + 2, n0 + 4] = c4; out[m + 2, n0 + 5] = c5; out[m + 2, n0 + 6] = c6; out[m + 2, n0 + 7] = c7
-                out[m + 3, n0] = d0; out[m + 3, n0 + 1] = d1; out[m + 3, n0 + 2] = d2; out[m + 3, n0 + 3] = d3
-                out[m + 3, n0 + 4] = d4; out[m + 3, n0 + 5] = d5; out[m + 3, n0 + 6] = d6; out[m + 3, n0 + 7] = d7
+                out[m, n0] = a0; out[m, n1] = a1; out[m, n2] = a2; out[m, n3] = a3
+                out[m + 1, n0] = b0; out[m + 1, n1] = b1; out[m + 1, n2] = b2; out[m + 1, n3] = b3
+                out[m + 2, n0] = c0; out[m + 2, n1] = c1; out[m + 2, n2] = c2; out[m + 2, n3] = c3
+                out[m + 3, n0] = d0; out[m + 3, n1] = d1; out[m + 3, n2] = d2; out[m + 3, n3] = d3
                 m += 4
             while m + 2 <= M:
                 a0 = np.float32(0.0); a1 = np.float32(0.0); a2 = np.float32(0.0); a3 = np.float32(0.0)
-                a4 = np.float32(0.0); a5 = np.float32(0.0); a6 = np.float32(0.0); a7 = np.float32(0.0)
                 b0 = np.float32(0.0); b1 = np.float32(0.0); b2 = np.float32(0.0); b3 = np.float32(0.0)
-                b4 = np.float32(0.0); b5 = np.float32(0.0); b6 = np.float32(0.0); b7 = np.float32(0.0)
                 for k in range(K):
-                    w0 = w[n0, k]; w1 = w[n0 + 1, k]; w2 = w[n0 + 2, k]; w3 = w[n0 + 3, k]
-                    w4 = w[n0 + 4, k]; w5 = w[n0 + 5, k]; w6 = w[n0 + 6, k]; w7 = w[n0 + 7, k]
-                    xa = x[m, k]
+                    w0 = w[n0, k]; w1 = w[n1, k]; w2 = w[n2, k]; w3 = w[n3, k]
+                    xa = x[m, k]; xb = x[m + 1, k]
                     a0 += xa * w0; a1 += xa * w1; a2 += xa * w2; a3 += xa * w3
-                    a4 += xa * w4; a5 += xa * w5; a6 += xa * w6; a7 += xa * w7
-                    xb = x[m + 1, k]
                     b0 += xb * w0; b1 += xb * w1; b2 += xb * w2; b3 += xb * w3
-                    b4 += xb * w4; b5 += xb * w5; b6 += xb * w6; b7 += xb * w7
-                out[m, n0] = a0; out[m, n0 + 1] = a1; out[m, n0 + 2] = a2; out[m, n0 + 3] = a3
-                out[m, n0 + 4] = a4; out[m, n0 + 5] = a5; out[m, n0 + 6] = a6; out[m, n0 + 7] = a7
-                out[m + 1, n0] = b0; out[m + 1, n0 + 1] = b1; out[m + 1, n0 + 2] = b2; out[m + 1, n0 + 3] = b3
-                out[m + 1, n0 + 4] = b4; out[m + 1, n0 + 5] = b5; out[m + 1, n0 + 6] = b6; out[m + 1, n0 + 7] = b7
+                out[m, n0] = a0; out[m, n1] = a1; out[m, n2] = a2; out[m, n3] = a3
+                out[m + 1, n0] = b0; out[m + 1, n1] = b1; out[m + 1, n2] = b2; out[m + 1, n3] = b3
                 m += 2
             if m < M:
                 a0 = np.float32(0.0); a1 = np.float32(0.0); a2 = np.float32(0.0); a3 = np.float32(0.0)
-                a4 = np.float32(0.0); a5 = np.float32(0.0); a6 = np.float32(0.0); a7 = np.float32(0.0)
                 for k in range(K):
                     xa = x[m, k]
-                    a0 += xa * w[n0, k]; a1 += xa * w[n0 + 1, k]; a2 += xa * w[n0 + 2, k]; a3 += xa * w[n0 + 3, k]
-                    a4 += xa * w[n0 + 4, k]; a5 += xa * w[n0 + 5, k]; a6 += xa * w[n0 + 6, k]; a7 += xa * w[n0 + 7, k]
-                out[m, n0] = a0; out[m, n0 + 1] = a1; out[m, n0 + 2] = a2; out[m, n0 + 3] = a3
-                out[m, n0 + 4] = a4; out[m, n0 + 5] = a5; out[m, n0 + 6] = a6; out[m, n0 + 7] = a7
+                    a0 += xa * w[n0, k]; a1 += xa * w[n1, k]; a2 += xa * w[n2, k]; a3 += xa * w[n3, k]
+                out[m, n0] = a0; out[m, n1] = a1; out[m, n2] = a2; out[m, n3] = a3
             if has_bias:
-                for n in range(n0, n0 + 8):
-                    for m in range(M):
-                        out[m, n] += bias[n]
-
-    @jit
-    def skinny(x, w, bias, has_bias, out):          # pragma: no cover - compiled; tested through linear()
-        M, K = x.shape
-        N = w.shape[0]
-        if M == 1:
-            # one row of W at a time: a single sequential stream per thread, which the
-            # prefetcher follows (four interleaved rows read ~2x slower, measured)
-            for n in numba.prange(N):
-                acc = np.float32(0.0)
-                for k in range(K):
-                    acc += x[0, k] * w[n, k]
-                out[0, n] = acc + bias[n] if has_bias else acc
-            return
-        for blk in numba.prange((N + 3) // 4):
-            n0 = blk * 4
-            if n0 + 4 <= N:
-                m = 0
-                while m + 4 <= M:                  # 4 rows of x against 4 of W: 16 accumulators
-                    a0 = np.float32(0.0); a1 = np.float32(0.0); a2 = np.float32(0.0); a3 = np.float32(0.0)
-                    b0 = np.float32(0.0); b1 = np.float32(0.0); b2 = np.float32(0.0); b3 = np.float32(0.0)
-                    c0 = np.float32(0.0); c1 = np.float32(0.0); c2 = np.float32(0.0); c3 = np.float32(0.0)
-                    d0 = np.float32(0.0); d1 = np.float32(0.0); d2 = np.float32(0.0); d3 = np.float32(0.0)
-                    for k in range(K):
-                        xa = x[m, k]
-                        xb = x[m + 1, k]
-                        xc = x[m + 2, k]
-                        xd = x[m + 3, k]
-                        w0 = w[n0, k]
-                        w1 = w[n0 + 1, k]
-                        w2 = w[n0 + 2, k]
-                        w3 = w[n0 + 3, k]
-                        a0 += xa * w0; a1 += xa * w1; a2 += xa * w2; a3 += xa * w3
-                        b0 += xb * w0; b1 += xb * w1; b2 += xb * w2; b3 += xb * w3
-                        c0 += xc * w0; c1 += xc * w1; c2 += xc * w2; c3 += xc * w3
-                        d0 += xd * w0; d1 += xd * w1; d2 += xd * w2; d3 += xd * w3
-                    out[m, n0] = a0; out[m, n0 + 1] = a1; out[m, n0 + 2] = a2; out[m, n0 + 3] = a3
-                    out[m + 1, n0] = b0; out[m + 1, n0 + 1] = b1; out[m + 1, n0 + 2] = b2; out[m + 1, n0 + 3] = b3
-                    out[m + 2, n0] = c0; out[m + 2, n0 + 1] = c1; out[m + 2, n0 + 2] = c2; out[m + 2, n0 + 3] = c3
-                    out[m + 3, n0] = d0; out[m + 3, n0 + 1] = d1; out[m + 3, n0 + 2] = d2; out[m + 3, n0 + 3] = d3
-                    m += 4
-                while m + 2 <= M:
-                    a0 = np.float32(0.0); a1 = np.float32(0.0); a2 = np.float32(0.0); a3 = np.float32(0.0)
-                    c0 = np.float32(0.0); c1 = np.float32(0.0); c2 = np.float32(0.0); c3 = np.float32(0.0)
-                    for k in range(K):
-                        xa = x[m, k]
-                        xc = x[m + 1, k]
-                        w0 = w[n0, k]
-                        w1 = w[n0 + 1, k]
-                        w2 = w[n0 + 2, k]
-                        w3 = w[n0 + 3, k]
-                        a0 += xa * w0; a1 += xa * w1; a2 += xa * w2; a3 += xa * w3
-                        c0 += xc * w0; c1 += xc * w1; c2 += xc * w2; c3 += xc * w3
-                    out[m, n0] = a0; out[m, n0 + 1] = a1; out[m, n0 + 2] = a2; out[m, n0 + 3] = a3
-                    out[m + 1, n0] = c0; out[m + 1, n0 + 1] = c1; out[m + 1, n0 + 2] = c2; out[m + 1, n0 + 3] = c3
-                    m += 2
-                if m < M:
-                    a0 = np.float32(0.0); a1 = np.float32(0.0); a2 = np.float32(0.0); a3 = np.float32(0.0)
-                    for k in range(K):
-                        xa = x[m, k]
-                        a0 += xa * w[n0, k]; a1 += xa * w[n0 + 1, k]
-                        a2 += xa * w[n0 + 2, k]; a3 += xa * w[n0 + 3, k]
-                    out[m, n0] = a0; out[m, n0 + 1] = a1; out[m, n0 + 2] = a2; out[m, n0 + 3] = a3
-            else:
-                for n in range(n0, N):
-                    for m in range(M):
-                        acc = np.float32(0.0)
-                        for k in range(K):
-                            acc += x[m, k] * w[n, k]
-                        out[m, n] = acc
-            if has_bias:
-                for n in range(n0, min(n0 + 4, N)):
-                    for m in range(M):
-                        out[m, n] += bias[n]
+                for m in range(M):
+                    out[m, n0] += bias[n0]; out[m, n1] += bias[n1]; out[m, n2] += bias[n2]; out[m, n3] += bias[n3]
 
     @jit
     def paged(q, kpool, vpool, tables, lengths, window, block_size, scale, out):   # pragma: no cover - compiled
