@@ -17,8 +17,11 @@ the memory bandwidth, because those are tuned for large problems:
   then one.
 - `paged_decode`: one new query per sequence against that sequence's own
   blocks of a paged KV cache, through its block table: no gather, no work on
-  other sequences' slots. Online softmax per block (running max and sum, as in
-  the tiled backend), the G query heads of a GQA group share each key load.
+  other sequences' slots. All of a row's scores are kept (4 bytes a key), so
+  softmax takes one max and one exponential per key; keys and values are read
+  as four interleaved quarters of the row (0.91x the time of one run per row
+  at batch 8, 544 keys, GPT-2-small's heads, measured), each loaded once for
+  the G query heads of a GQA group.
 
 Compilation takes a few seconds once per process (cached on disk where the
 package directory is writable). Only reassociation and contraction are
@@ -139,6 +142,9 @@ def _build():
     @jit
     def paged(q, kpool, vpool, tables, lengths, window, block_size, scale, out):   # pragma: no cover - compiled
         # q, out (B, Hkv, G, D); kpool, vpool (1 or B, Hkv, slots, D); tables (B, max_blocks); lengths (B,)
+        # Per (sequence, kv head): every score of the row first, its keys read as four
+        # interleaved runs (quarters of the row) the prefetcher streams together; one max,
+        # one exponential per key; then the values, again as four runs, into four accumulators.
         B, H, G, D = q.shape
         sc = np.float32(scale)
         for item in numba.prange(B * H):
@@ -147,40 +153,57 @@ def _build():
             bk = b if kpool.shape[0] > 1 else 0
             L = lengths[b]
             first = 0 if window <= 0 else max(0, L - window)        # the query at L-1 sees positions > L-1-window
-            mx = np.full(G, -np.inf, dtype=np.float32)
-            den = np.zeros(G, dtype=np.float32)
-            acc = np.zeros((G, D), dtype=np.float32)
-            s = np.empty((G, block_size), dtype=np.float32)
-            for j in range(first // block_size, (L + block_size - 1) // block_size):
-                base = tables[b, j] * block_size
-                lo = max(first - j * block_size, 0)
-                hi = min(L - j * block_size, block_size)
+            n = L - first
+            if n <= 0:
                 for g in range(G):
-                    top = mx[g]
-                    for o in range(lo, hi):
-                        dot = np.float32(0.0)
-                        for d in range(D):
-                            dot += q[b, h, g, d] * kpool[bk, h, base + o, d]
-                        dot *= sc
-                        s[g, o] = dot
-                        if dot > top:
-                            top = dot
-                    if top == -np.inf:
-                        continue
-                    fix = np.float32(math.exp(mx[g] - top)) if mx[g] != -np.inf else np.float32(0.0)
-                    den[g] *= fix
                     for d in range(D):
-                        acc[g, d] *= fix
-                    mx[g] = top
-                    for o in range(lo, hi):
-                        p = np.float32(math.exp(s[g, o] - top))
-                        den[g] += p
-                        for d in range(D):
-                            acc[g, d] += p * vpool[bk, h, base + o, d]
+                        out[b, h, g, d] = np.float32(0.0)
+                continue
+            quarter = (n + 3) // 4
+            slot = np.empty(n, dtype=np.int64)
+            for j in range(n):
+                t = first + j
+                slot[j] = tables[b, t // block_size] * block_size + t % block_size
+            s = np.empty((G, n), dtype=np.float32)
+            acc = np.zeros((G, 4, D), dtype=np.float32)
+            den = np.zeros(G, dtype=np.float32)
+            for i in range(quarter):                                 # scores: each key loaded once for G heads
+                for c in range(4):
+                    j = c * quarter + i
+                    if j < n:
+                        o = slot[j]
+                        for g in range(G):
+                            dot = np.float32(0.0)
+                            for d in range(D):
+                                dot += q[b, h, g, d] * kpool[bk, h, o, d]
+                            s[g, j] = dot * sc
+            for g in range(G):
+                top = s[g, 0]
+                for j in range(1, n):
+                    top = max(top, s[g, j])
+                if top == -np.inf:                                  # every score -inf: weights 0
+                    for j in range(n):
+                        s[g, j] = np.float32(0.0)
+                    continue
+                total = np.float32(0.0)
+                for j in range(n):
+                    p = np.float32(math.exp(s[g, j] - top))
+                    s[g, j] = p
+                    total += p
+                den[g] = total
+            for i in range(quarter):                                 # values: each loaded once for G heads
+                for c in range(4):
+                    j = c * quarter + i
+                    if j < n:
+                        o = slot[j]
+                        for g in range(G):
+                            p = s[g, j]
+                            for d in range(D):
+                                acc[g, c, d] += p * vpool[bk, h, o, d]
             for g in range(G):
                 inv = np.float32(1.0) / den[g] if den[g] > 0 else np.float32(0.0)
                 for d in range(D):
-                    out[b, h, g, d] = acc[g, d] * inv
+                    out[b, h, g, d] = (acc[g, 0, d] + acc[g, 1, d] + acc[g, 2, d] + acc[g, 3, d]) * inv
 
     _kernels = (numba, {"skinny": skinny_ptr, "paged": paged})
     return _kernels
