@@ -118,23 +118,24 @@ def pack_parameters(module: nn.Module) -> int:
     return moved
 
 
-def joined(*tensors: Tensor | None) -> Tensor | None:
+def joined(*tensors: Tensor | None, trusted: bool = False) -> Tensor | None:
     """One view (sum of first dims, *rest) over contiguous tensors that follow each other in one
-    storage with the same trailing shape, dtype and device; None otherwise (or if any is None)."""
+    storage with the same trailing shape, dtype and device; None otherwise (or if any is None).
+    `trusted=True` skips the checks (the caller has seen them hold for these very tensors)."""
     if not tensors or any(t is None for t in tensors):
         return None
     first = tensors[0]
     rest = tuple(first.shape[1:])
-    expected = first.data_ptr()
-    rows = 0
-    for t in tensors:
-        if (t.dim() != first.dim() or tuple(t.shape[1:]) != rest or t.dtype != first.dtype or t.device != first.device
-                or not t.is_contiguous() or t.data_ptr() != expected
-                or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()):
-            return None
-        expected += t.numel() * t.element_size()
-        rows += t.shape[0]
-    shape = (rows, *rest)
+    if not trusted:
+        expected = first.data_ptr()
+        storage = first.untyped_storage().data_ptr()
+        for t in tensors:
+            if (t.dim() != first.dim() or tuple(t.shape[1:]) != rest or t.dtype != first.dtype
+                    or t.device != first.device or not t.is_contiguous() or t.data_ptr() != expected
+                    or t.untyped_storage().data_ptr() != storage):
+                return None
+            expected += t.numel() * t.element_size()
+    shape = (sum(t.shape[0] for t in tensors), *rest)
     strides, step = [], 1
     for size in reversed(shape):
         strides.insert(0, step)

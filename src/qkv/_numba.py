@@ -255,9 +255,10 @@ def applies(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> bool:
                                               or (bias is not None and bias.requires_grad)))
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """`F.linear(x, weight, bias)`, through the skinny kernel when it applies."""
-    if not applies(x, weight, bias) or not available():
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, checked: bool = False) -> Tensor:
+    """`F.linear(x, weight, bias)`, through the skinny kernel when it applies (`checked=True`: the
+    caller has just seen `applies` and `available` hold)."""
+    if not checked and (not applies(x, weight, bias) or not available()):
         return F.linear(x, weight, bias)
     N, K = weight.shape
     x2 = x.reshape(-1, K)

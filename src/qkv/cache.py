@@ -163,15 +163,14 @@ class LayerCache:
         """
         n = self._check_new(k, v)
         self._check_query(q, n, scale, backend)
+        if n == 1 and score_mod is None and backend == "auto" and self._fast_decode_applies(q):
+            self._append(k, v, n)                                        # checked above
+            return self._fast_decode(q, scale)
         before = self._lengths.clone()
         if score_mod is not None and not bool((before == before[0]).all()):
             raise ValueError("a score_mod needs key positions, which this cache only has for a batch of equal "
                              "lengths in a contiguous layout; use a ContiguousCache and equal lengths")
         self.append(k, v)
-        if n == 1 and score_mod is None and backend == "auto":
-            out = self._fast_decode(q, scale)
-            if out is not None:
-                return out
         keys, values, allowed = self.read()                              # (B, Hkv, L, D) x2, (B, L)
         mask = _new_token_mask(before, n, keys.shape[2], self.window, allowed)
         chunks = self._decode_chunks(q, keys.shape[2]) if n == 1 and score_mod is None else 1
@@ -181,9 +180,17 @@ class LayerCache:
 
     split_kv: int | str = "auto"
 
-    def _fast_decode(self, q: Tensor, scale) -> Tensor | None:
-        """A decode step through qkv's CPU decode kernel, or None where it does not apply."""
-        return None
+    def _fast_decode_applies(self, q: Tensor) -> bool:
+        """Whether `_fast_decode` serves a one-token step with this query (decided before the append)."""
+        return False
+
+    def _fast_decode(self, q: Tensor, scale) -> Tensor:
+        """A decode step through qkv's CPU decode kernel, the new token already appended."""
+        raise NotImplementedError
+
+    def _append(self, k: Tensor, v: Tensor, n: int) -> None:
+        """`append` after `_check_new` has passed (n new tokens)."""
+        self.append(k, v)
 
     def _decode_chunks(self, q: Tensor, L: int) -> int:
         """How many key chunks a decode step splits into (`split_kv`: an int, or "auto")."""
@@ -308,7 +315,9 @@ class ContiguousCache(LayerCache):
                                _views=(self.k[b:b + 1], self.v[b:b + 1], self._lengths[b:b + 1]))
 
     def append(self, k: Tensor, v: Tensor) -> None:
-        n = self._check_new(k, v)
+        self._append(k, v, self._check_new(k, v))
+
+    def _append(self, k: Tensor, v: Tensor, n: int) -> None:
         self.check_room(n)
         start = int(self._lengths[0])
         if bool((self._lengths == start).all()):
@@ -326,10 +335,13 @@ class ContiguousCache(LayerCache):
                 self.v[b, :, s:s + n] = v[b]
         self._lengths += n
 
+    def _fast_decode_applies(self, q):
+        return self.k.is_contiguous() and _numba.paged_decode_applies(q, self.k)
+
     def _fast_decode(self, q, scale):
-        if not (self.k.is_contiguous() and _numba.paged_decode_applies(q, self.k)):
-            return None
-        tables = torch.zeros(self.batch, 1, dtype=torch.long)             # one block of max_len per sequence
+        tables = self.__dict__.get("_one_block")
+        if tables is None or tables.shape[0] != self.batch:
+            tables = self._one_block = torch.zeros(self.batch, 1, dtype=torch.long)  # one block of max_len each
         return _numba.paged_decode(q, self.k, self.v, tables, self._lengths, block_size=self.max_len,
                                    window=self.window, scale=scale)
 

@@ -70,16 +70,21 @@ def _joint_linear(x: Tensor, layers) -> tuple[Tensor, ...] | None:
     """x through several `Linear` layers in one kernel launch, when their weights (and
     biases) lie back to back in memory (`qkv._memory.pack_parameters`) and the decode
     kernel applies; the outputs are views of one (..., sum of widths) result. None otherwise."""
-    weight = _memory.joined(*(layer.weight for layer in layers))
-    if weight is None:
-        return None
+    weights = [layer.weight for layer in layers]
     biases = [layer.bias for layer in layers]
-    bias = None if all(b is None for b in biases) else _memory.joined(*biases)
-    if bias is None and any(b is not None for b in biases):
+    key = tuple((t.data_ptr(), t.shape) if t is not None else None for t in weights + biases)
+    seen = layers[0].__dict__.get("_qkv_joint")            # (key, joinable): the layout check once, not per step
+    if seen is None or seen[0] != key:
+        joinable = _memory.joined(*weights) is not None and (
+            all(b is None for b in biases) or _memory.joined(*biases) is not None)
+        seen = layers[0].__dict__["_qkv_joint"] = (key, joinable)   # no tensors kept: nothing pinned
+    if not seen[1]:
         return None
+    weight = _memory.joined(*weights, trusted=True)
+    bias = None if biases[0] is None else _memory.joined(*biases, trusted=True)
     if not _numba.applies(x, weight, bias) or not _numba.available():
         return None
-    return _numba.linear(x, weight, bias).split([layer.weight.shape[0] for layer in layers], dim=-1)
+    return _numba.linear(x, weight, bias, checked=True).split([w.shape[0] for w in weights], dim=-1)
 
 
 class MultiHeadAttention(nn.Module):
