@@ -205,7 +205,145 @@ def _build():
                 for d in range(D):
                     out[b, h, g, d] = (acc[g, 0, d] + acc[g, 1, d] + acc[g, 2, d] + acc[g, 3, d]) * inv
 
-    _kernels = (numba, {"skinny": skinny_ptr, "paged": paged})
+    @numba.njit(fastmath={"reassoc", "contract"}, boundscheck=False, nogil=True, cache=True)
+    def norm_rows(x, w, b, kind, eps, out):          # pragma: no cover - compiled
+        # kind 0: LayerNorm (mean, biased variance, weight and bias); 1: RMSNorm (weight only)
+        B, d = x.shape
+        for i in range(B):
+            if kind == 0:
+                mean = np.float32(0.0)
+                for j in range(d):
+                    mean += x[i, j]
+                mean /= np.float32(d)
+                var = np.float32(0.0)
+                for j in range(d):
+                    var += (x[i, j] - mean) * (x[i, j] - mean)
+                inv = np.float32(1.0) / np.float32(math.sqrt(var / np.float32(d) + np.float32(eps)))
+                for j in range(d):
+                    out[i, j] = (x[i, j] - mean) * inv * w[j] + b[j]
+            else:
+                ms = np.float32(0.0)
+                for j in range(d):
+                    ms += x[i, j] * x[i, j]
+                inv = np.float32(1.0) / np.float32(math.sqrt(ms / np.float32(d) + np.float32(eps)))
+                for j in range(d):
+                    out[i, j] = w[j] * (x[i, j] * inv)
+
+    log2e, ln2_hi, ln2_lo = np.float32(1.4426950408889634), np.float32(0.693359375), np.float32(-2.12194440e-4)
+    # exp(r) = 1 + r + r^2 P(r) on |r| <= ln2 / 2: Cephes' expf coefficients (~1 ulp)
+    p0, p1, p2 = np.float32(1.9875691500e-4), np.float32(1.3981999507e-3), np.float32(8.3334519073e-3)
+    p3, p4, p5 = np.float32(4.1665795894e-2), np.float32(1.6666665459e-1), np.float32(5.0000001201e-1)
+
+    @numba.njit(fastmath={"reassoc", "contract"}, boundscheck=False, nogil=True, cache=True)
+    def exp_rows(t, bits, out):                      # pragma: no cover - compiled
+        # out = exp(t) elementwise for t (n,) in loops the compiler vectorises (no libm call):
+        # t clamped to [-87, 88], t = k ln2 + r, exp(t) = 2^k exp(r), 2^k built in bits (int32)
+        n = t.shape[0]
+        for i in range(n):
+            v = min(max(t[i], np.float32(-87.0)), np.float32(88.0))
+            k = np.floor(v * log2e + np.float32(0.5))
+            r = v - k * ln2_hi - k * ln2_lo
+            poly = ((((p0 * r + p1) * r + p2) * r + p3) * r + p4) * r + p5
+            out[i] = poly * r * r + r + np.float32(1.0)
+            bits[i] = (np.int32(k) + np.int32(127)) << np.int32(23)
+        scale = bits.view(np.float32)
+        for i in range(n):
+            out[i] *= scale[i]
+
+    @numba.njit(fastmath={"reassoc", "contract"}, boundscheck=False, nogil=True, cache=True)
+    def activate(f, g, kind, gated, t, bits, e):      # pragma: no cover - compiled
+        # g = act(f[:F]) (* f[F:] when gated), F = g.shape[0]; kind 0 gelu (erf), 1 gelu (tanh),
+        # 2 relu, 3 silu. t, bits, e: (F,) scratch
+        n = g.shape[0]
+        if kind == 0:
+            for i in range(n):
+                v = f[i]
+                g[i] = np.float32(0.5) * v * (np.float32(1.0) + np.float32(math.erf(v * np.float32(0.7071067811865476))))
+        elif kind == 2:
+            for i in range(n):
+                g[i] = f[i] if f[i] > 0 else np.float32(0.0)
+        elif kind == 1:
+            for i in range(n):                       # (1 + tanh(z)) / 2 = e / (e + 1), e = exp(2z): no cancellation
+                v = f[i]
+                t[i] = np.float32(1.5957691216057308) * (v + np.float32(0.044715) * v * v * v)
+            exp_rows(t, bits, e)
+            for i in range(n):
+                e[i] = e[i] / (e[i] + np.float32(1.0))    # in its own loop: never reassociated into f * e
+            for i in range(n):
+                g[i] = f[i] * e[i]
+        else:
+            for i in range(n):
+                t[i] = -f[i]
+            exp_rows(t, bits, e)
+            for i in range(n):
+                g[i] = f[i] / (np.float32(1.0) + e[i])
+        if gated:
+            for i in range(n):
+                g[i] *= f[n + i]
+
+    @numba.njit(fastmath={"reassoc", "contract"}, boundscheck=False, nogil=True, cache=True)
+    def rotate(x, cos, sin, rd, interleaved, out):   # pragma: no cover - compiled
+        # x, out (D,); cos, sin (rd,): out = x * cos + rotate(x) * sin on the first rd channels
+        half = rd // 2
+        for j in range(rd):
+            if interleaved:
+                other = -x[j + 1] if j % 2 == 0 else x[j - 1]
+            else:
+                other = -x[j + half] if j < half else x[j - half]
+            out[j] = x[j] * cos[j] + other * sin[j]
+        for j in range(rd, x.shape[0]):
+            out[j] = x[j]
+
+    @numba.njit(boundscheck=False, nogil=True, cache=True)
+    def block(x, n1w, n1b, n2w, n2b, norm_kind, eps1, eps2, wqkv, bqkv, wo, bo, w1, b1, w2, b2, has_bias,
+              act_kind, gated, cos, sin, rd, interleaved, kc, vc, lengths, window, scale, Hq,
+              h, qkv, q4, att, f, g, y):           # pragma: no cover - compiled
+        # One pre-norm Transformer block for one new token per sequence, in place on x (B, d):
+        # x += o_proj(attention(norm1(x))); x += ffn(norm2(x)). The new key/value go into the
+        # contiguous cache kc, vc (B, Hkv, max_len, D) at lengths[b] (lengths: before this token).
+        B, d = x.shape
+        Hkv, max_len, D = kc.shape[1], kc.shape[2], kc.shape[3]
+        G = Hq // Hkv
+        norm_rows(x, n1w, n1b, norm_kind, eps1, h)
+        skinny(h, wqkv, bqkv, has_bias, qkv)                                   # (B, (Hq + 2 Hkv) D)
+        kq = Hq * D
+        for b in range(B):
+            t = lengths[b]
+            for hq in range(Hq):
+                src = qkv[b, hq * D:(hq + 1) * D]
+                dst = q4[b, hq // G, hq % G]
+                if rd > 0:
+                    rotate(src, cos[b], sin[b], rd, interleaved, dst)
+                else:
+                    dst[:] = src
+            for hk in range(Hkv):
+                ksrc = qkv[b, kq + hk * D:kq + (hk + 1) * D]
+                if rd > 0:
+                    rotate(ksrc, cos[b], sin[b], rd, interleaved, kc[b, hk, t])
+                else:
+                    kc[b, hk, t, :] = ksrc
+                vc[b, hk, t, :] = qkv[b, kq + (Hkv + hk) * D:kq + (Hkv + hk + 1) * D]
+            lengths[b] = t + 1
+        tables = np.zeros((B, 1), dtype=np.int64)
+        paged(q4, kc, vc, tables, lengths, window, max_len, scale, att.reshape((B, Hkv, G, D)))
+        skinny(att.reshape((B, Hq * D)), wo, bo, has_bias, y)
+        for b in range(B):
+            for j in range(d):
+                x[b, j] += y[b, j]
+        norm_rows(x, n2w, n2b, norm_kind, eps2, h)
+        skinny(h, w1, b1, has_bias, f)
+        F_ = g.shape[1]
+        t_ = np.empty(F_, dtype=np.float32)
+        e_ = np.empty(F_, dtype=np.float32)
+        bits = np.empty(F_, dtype=np.int32)
+        for b in range(B):
+            activate(f[b], g[b], act_kind, gated, t_, bits, e_)
+        skinny(g, w2, b2, has_bias, y)
+        for b in range(B):
+            for j in range(d):
+                x[b, j] += y[b, j]
+
+    _kernels = (numba, {"skinny": skinny_ptr, "paged": paged, "block": block, "activate": activate})
     return _kernels
 
 
@@ -309,3 +447,45 @@ def paged_decode(q: Tensor, kpool: Tensor, vpool: Tensor, tables: Tensor, length
             tables.to(torch.int64).contiguous().numpy(), lengths.to(torch.int64).contiguous().numpy(),
             0 if window is None else int(window), int(block_size), float(scale), out.numpy())
     return out.view(B, Hq, 1, D)
+
+
+_DUMMY = None
+
+
+def block_step(x: Tensor, *, norms, norm_kind: int, eps: tuple[float, float], wqkv: Tensor, bqkv, wo: Tensor, bo,
+               w1: Tensor, b1, w2: Tensor, b2, act_kind: int, gated: bool, cos, sin, interleaved: bool,
+               kc: Tensor, vc: Tensor, lengths: Tensor, window: int | None, scale: float, n_heads: int) -> Tensor:
+    """One pre-norm Transformer block for one new token per sequence, in one launch.
+
+    x (B, 1, d) -> (B, 1, d) (a new tensor). norms: (norm1 weight, norm1 bias or None,
+    norm2 weight, norm2 bias or None); norm_kind 0 LayerNorm, 1 RMSNorm. wqkv: q, k, v
+    projections as one (Hq D + 2 Hkv D, d) matrix; w1: fc1, or gate and up as one
+    (2F, d) matrix when `gated`; biases all given or all None. act_kind: 0 gelu, 1 gelu
+    (tanh), 2 relu, 3 silu. cos, sin (B, rd) for RoPE at each sequence's new position,
+    or None. kc, vc: a contiguous cache's (B, Hkv, max_len, D) buffers; lengths (B,)
+    int64 is advanced by one in place. The caller checks fp32, shapes and room.
+    """
+    global _DUMMY
+    B, _, d = x.shape
+    Hkv, D = kc.shape[1], kc.shape[3]
+    F = w2.shape[1]
+    if _DUMMY is None:
+        _DUMMY = torch.zeros(1, dtype=torch.float32)
+    has_bias = bqkv is not None
+
+    def arr(t):
+        return (_DUMMY if t is None else t.detach()).numpy()
+
+    out = x.detach().reshape(B, d).clone()
+    widths = [d, wqkv.shape[0], n_heads * D, n_heads * D, w1.shape[0], F, d]
+    scratch = torch.empty(B * sum(widths), dtype=torch.float32).split([B * n for n in widths])
+    h, qkv_, q4, att, f, g, y = (t.view(B, n) for t, n in zip(scratch, widths))
+    q4 = q4.view(B, Hkv, n_heads // Hkv, D)
+    rope = cos is not None
+    _launch("block", out.numpy(), arr(norms[0]), arr(norms[1]), arr(norms[2]), arr(norms[3]), norm_kind,
+            float(eps[0]), float(eps[1]), arr(wqkv), arr(bqkv), arr(wo), arr(bo), arr(w1), arr(b1), arr(w2), arr(b2),
+            has_bias, act_kind, gated, arr(cos if rope else None).reshape(B if rope else 1, -1),
+            arr(sin if rope else None).reshape(B if rope else 1, -1), cos.shape[-1] if rope else 0, interleaved,
+            kc.detach().numpy(), vc.detach().numpy(), lengths.numpy(), 0 if window is None else int(window),
+            float(scale), n_heads, h.numpy(), qkv_.numpy(), q4.numpy(), att.numpy(), f.numpy(), g.numpy(), y.numpy())
+    return out.view(B, 1, d)

@@ -531,6 +531,9 @@ class Block(nn.Module):
         if cache is not None:
             if return_weights or mask is not None:
                 raise ValueError("a cached step cannot take mask= or return_weights=; run without cache=")
+            fused = self._fused_decode(x, positions, cache)
+            if fused is not None:
+                return fused
             x, _ = self._sublayer(x, self.norm1, lambda h: self.self_attn(h, positions=positions, cache=cache),
                                   False)
             if self.cross_attention:
@@ -547,6 +550,69 @@ class Block(nn.Module):
                 return_weights)
         x, _ = self._sublayer(x, self.norm2, self.ffn, False)
         return (x, weights) if return_weights else x
+
+    _FUSED_ACTIVATIONS = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "swiglu": 3, "geglu": 0}
+
+    def _fused_decode(self, x: Tensor, positions: Tensor | None, cache) -> Tensor | None:
+        """One new token per sequence through the whole block in one kernel launch
+        (`qkv._numba.block_step`), or None where it does not apply and the module path runs.
+
+        It applies to inference (autograd off, eval mode) in fp32 on the CPU, pre-norm, no
+        cross-attention, exact attention without ALiBi or an inspection hook, a contiguous
+        cache, packed weights (q/k/v and gate/up back to back), biases everywhere or
+        nowhere. The module path computes the same function; tests hold the two together.
+        """
+        from qkv.cache import ContiguousCache
+
+        attn, ffn = self.self_attn, self.ffn
+        if (torch.is_grad_enabled() or self.training or x.shape[1] != 1 or self.cross_attention
+                or self.norm_position != "pre" or type(cache) is not ContiguousCache or attn.alibi_slopes is not None
+                or attn.feature_map is not None or attn.attention != "exact" or attn.backend != "auto"
+                or ffn.activation not in self._FUSED_ACTIVATIONS or x.dtype != torch.float32 or not x.is_cpu
+                or ATTENTION_HOOK.get() is not None or not cache.k.is_contiguous() or cache.k.dtype != torch.float32
+                or not _numba.available()):
+            return None
+        n1, n2 = self.norm1, self.norm2
+        if type(n1) is nn.LayerNorm and type(n2) is nn.LayerNorm and n1.weight is not None and n1.bias is not None \
+                and n2.weight is not None and n2.bias is not None:
+            norm_kind, norms = 0, (n1.weight, n1.bias, n2.weight, n2.bias)
+        elif type(n1) is RMSNorm and type(n2) is RMSNorm and n1.weight is not None and n2.weight is not None:
+            norm_kind, norms = 1, (n1.weight, None, n2.weight, None)
+        else:
+            return None
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+        ups = (ffn.gate_proj, ffn.up_proj) if ffn.gated else (ffn.fc1,)
+        down = ffn.down_proj if ffn.gated else ffn.fc2
+        linears = (*projections, attn.o_proj, *ups, down)
+        has_bias = linears[0].bias is not None
+        if any((layer.bias is not None) != has_bias for layer in linears) or any(
+                layer.weight.dtype != torch.float32 or not layer.weight.is_contiguous() for layer in linears):
+            return None
+        wqkv = _memory.joined(*(layer.weight for layer in projections))
+        w1 = _memory.joined(*(layer.weight for layer in ups))
+        if wqkv is None or w1 is None:
+            return None
+        bqkv = _memory.joined(*(layer.bias for layer in projections)) if has_bias else None
+        b1 = _memory.joined(*(layer.bias for layer in ups)) if has_bias else None
+        if has_bias and (bqkv is None or b1 is None):
+            return None
+        cos = sin = None
+        if attn.rope is not None:
+            if positions is None:
+                positions = cache.length[:, None]
+            pos = positions.reshape(-1, 1)[:, 0] if positions.dim() == 2 else positions.reshape(-1)
+            if pos.numel() == 1:
+                pos = pos.expand(x.shape[0])
+            cos_t, sin_t = attn.rope._table(int(pos.max()) + 1, x.device, torch.float32)     # (N, rd)
+            cos, sin = cos_t[pos], sin_t[pos]                                                # (B, rd)
+        cache.check_room(1)
+        scale = attn.scale if attn.scale is not None else 1.0 / math.sqrt(attn.head_dim)
+        return _numba.block_step(
+            x, norms=norms, norm_kind=norm_kind, eps=(n1.eps, n2.eps), wqkv=wqkv, bqkv=bqkv, wo=attn.o_proj.weight,
+            bo=attn.o_proj.bias, w1=w1, b1=b1, w2=down.weight, b2=down.bias,
+            act_kind=self._FUSED_ACTIVATIONS[ffn.activation], gated=ffn.gated, cos=cos, sin=sin,
+            interleaved=attn.rope.interleaved if attn.rope is not None else False, kc=cache.k, vc=cache.v,
+            lengths=cache._lengths, window=cache.window, scale=scale, n_heads=attn.n_heads)
 
     def _sublayer(self, x: Tensor, norm: nn.Module, fn, returns_weights: bool):
         """One residual sublayer, pre- or post-norm; returns (x, fn's weights or None)."""

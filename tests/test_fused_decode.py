@@ -1,0 +1,157 @@
+"""The fused decode block (`Block._fused_decode` -> `qkv._numba.block_step`).
+
+One launch per layer and token must compute what the module path computes:
+both are checked against a float64 full forward by the error-ratio rule, over
+GPT-2, Llama (GQA, scaled RoPE) and Mistral (window on a contiguous cache)
+shapes, every activation it takes, ragged batches; the cache it leaves must
+match the module path's; and everything it does not cover falls back.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import assert_error_ratio
+from qkv import _numba, inspect as qkv_inspect
+from qkv.layers import Block
+from qkv.models import Decoder, DecoderConfig
+
+pytestmark = pytest.mark.skipif(not _numba.available(), reason="numba is not installed")
+
+CASES = {
+    "gpt2": (DecoderConfig.gpt2, {}),
+    "gpt2-gelu": (DecoderConfig.gpt2, {"activation": "gelu"}),
+    "gpt2-relu": (DecoderConfig.gpt2, {"activation": "relu"}),
+    "gpt2-geglu": (DecoderConfig.gpt2, {"activation": "geglu"}),
+    "llama": (DecoderConfig.llama, {"n_kv_heads": 2, "rope_scaling": {"type": "linear", "factor": 2.0}}),
+    "mistral": (DecoderConfig.mistral, {"n_kv_heads": 1, "sliding_window": 6}),
+}
+
+
+def _models(name):
+    make, extra = CASES[name]
+    cfg = make(n_layers=2, d_model=32, n_heads=4, vocab_size=61, max_positions=64, **extra)
+    torch.manual_seed(0)
+    model = Decoder(cfg).eval()
+    model64 = Decoder(cfg, dtype=torch.float64).eval()
+    model64.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    return model, model64
+
+
+def _launches(monkeypatch):
+    launched = []
+    real = _numba._launch
+    monkeypatch.setattr(_numba, "_launch", lambda name, *args: (launched.append(name), real(name, *args)))
+    return launched
+
+
+def _decode(model, prompts, steps, *, fused, monkeypatch):
+    if not fused:
+        monkeypatch.setattr(Block, "_fused_decode", lambda self, *a: None)
+    cache = model.new_cache(len(prompts), max_len=32, ring=False)
+    with torch.no_grad():
+        for b, p in enumerate(prompts):
+            model(p[None], cache=cache.row(b))
+        out = torch.cat([model(steps[:, i:i + 1], cache=cache) for i in range(steps.shape[1])], 1)
+    monkeypatch.undo()
+    return out, cache
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_fused_block_matches_module_path(name, monkeypatch):
+    model, model64 = _models(name)
+    prompts = [torch.randint(0, 61, (n,), generator=torch.Generator().manual_seed(n)) for n in (3, 11, 7)]
+    steps = torch.randint(0, 61, (3, 8), generator=torch.Generator().manual_seed(1))
+    launched = _launches(monkeypatch)
+    candidate, cache_c = _decode(model, prompts, steps, fused=True, monkeypatch=monkeypatch)
+    assert launched.count("block") == 2 * steps.shape[1]          # every layer of every step, one launch each
+    launched = _launches(monkeypatch)
+    baseline, cache_b = _decode(model, prompts, steps, fused=False, monkeypatch=monkeypatch)
+    assert "block" not in launched
+    with torch.no_grad():
+        oracle = torch.cat([model64(torch.cat([p, steps[b]])[None])[:, len(p):] for b, p in enumerate(prompts)])
+    assert_error_ratio(candidate, baseline, oracle, what=f"{name} fused decode")
+    for lc, lb in zip(cache_c.layers, cache_b.layers):             # the same keys and values stored, same lengths
+        assert torch.equal(lc.length, lb.length)
+        for b in range(3):
+            n = int(lb.length[b])
+            assert torch.allclose(lc.k[b, :, :n], lb.k[b, :, :n], rtol=1e-5, atol=1e-6)
+            assert torch.allclose(lc.v[b, :, :n], lb.v[b, :, :n], rtol=1e-5, atol=1e-6)
+
+
+def _one_step_launches(model, monkeypatch, cache=None, grad=False):
+    cache = model.new_cache(1) if cache is None else cache
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]), cache=cache)
+    launched = _launches(monkeypatch)
+    with torch.set_grad_enabled(grad):
+        model(torch.tensor([[4]]), cache=cache)
+    monkeypatch.undo()
+    return launched
+
+
+def test_fused_block_falls_back_where_it_does_not_apply(monkeypatch):
+    model, _ = _models("gpt2")
+    assert "block" in _one_step_launches(model, monkeypatch)
+    assert "block" not in _one_step_launches(model, monkeypatch, grad=True)         # autograd records
+    assert "block" not in _one_step_launches(model, monkeypatch, cache=model.new_cache(1, kind="paged"))
+    model.train()
+    assert "block" not in _one_step_launches(model, monkeypatch)                    # training mode
+    model.eval()
+    cache = model.new_cache(1)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2]]), cache=cache)
+        with qkv_inspect.capture(model), pytest.raises(ValueError, match="KV cache"):
+            model(torch.tensor([[3]]), cache=cache)               # the hook still sees the step and refuses it
+    assert int(cache.layers[0].length[0]) == 2
+    attn = model.layers[0].self_attn
+    attn.k_proj.weight = torch.nn.Parameter(attn.k_proj.weight.detach().clone())    # q/k/v no longer adjacent
+    launched = _one_step_launches(model, monkeypatch)
+    assert launched.count("block") == 1                                             # layer 1 only
+    mistral, _ = _models("mistral")
+    assert "block" not in _one_step_launches(mistral, monkeypatch)                  # ring buffer cache
+
+
+def test_fused_block_full_cache_raises_and_changes_nothing():
+    model, _ = _models("gpt2")
+    cache = model.new_cache(1, max_len=4)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3, 4]]), cache=cache)
+        k0 = cache.layers[0].k.clone()
+        with pytest.raises(ValueError, match="full"):
+            model(torch.tensor([[5]]), cache=cache)
+    assert int(cache.layers[0].length[0]) == 4 and torch.equal(cache.layers[0].k, k0)
+
+
+@pytest.mark.parametrize("kind,ref", [(1, lambda x: torch.nn.functional.gelu(x, approximate="tanh")),
+                                      (3, torch.nn.functional.silu), (0, torch.nn.functional.gelu),
+                                      (2, torch.relu)])
+def test_fused_activations_match_float64(kind, ref):
+    import numpy as np
+
+    activate = _numba._kernels[1]["activate"]
+    x64 = torch.cat([torch.linspace(-100, 100, 4001, dtype=torch.float64),
+                     torch.randn(4000, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 3])
+    f = x64.float()
+    n = f.numel()
+    g = torch.empty(n)
+    activate(f.numpy(), g.numpy(), kind, False, np.empty(n, np.float32), np.empty(n, np.int32),
+             np.empty(n, np.float32))
+    oracle = ref(f.double())
+    err_ours = (g.double() - oracle).abs()
+    err_torch = (ref(f).double() - oracle).abs()
+    ulp = torch.finfo(torch.float32).eps * oracle.abs().clamp_min(1.0)   # absolute near 0, relative above 1
+    assert float((err_ours - 2 * err_torch - 2 * ulp).max()) <= 0, f"activation {kind}: {float(err_ours.max())}"
+    assert torch.isfinite(g).all()
+
+
+def test_fused_gated_activation_multiplies_by_up():
+    import numpy as np
+
+    activate = _numba._kernels[1]["activate"]
+    f = torch.randn(2 * 50, generator=torch.Generator().manual_seed(3))
+    g = torch.empty(50)
+    activate(f.numpy(), g.numpy(), 3, True, np.empty(50, np.float32), np.empty(50, np.int32), np.empty(50, np.float32))
+    expected = torch.nn.functional.silu(f[:50].double()) * f[50:].double()
+    assert float((g.double() - expected).abs().max()) <= 4 * torch.finfo(torch.float32).eps * float(expected.abs().max())
