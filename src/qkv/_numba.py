@@ -71,6 +71,14 @@ def _build():
             return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
         return sig, codegen
 
+    @intrinsic
+    def i64ptr(typingctx, addr):                    # pragma: no cover - compiled
+        sig = types.CPointer(types.int64)(types.int64)
+
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
+        return sig, codegen
+
     @numba.njit(cache=True, nogil=True)
     def skinny_ptr(xp, wp, bp, has_bias, outp, M, K, N):   # pragma: no cover - compiled
         # tensors by address: no per-call array conversions (they cost more than a small product)
@@ -343,7 +351,46 @@ def _build():
             for j in range(d):
                 x[b, j] += y[b, j]
 
-    _kernels = (numba, {"skinny": skinny_ptr, "paged": paged, "block": block, "activate": activate})
+    @numba.njit(boundscheck=False, nogil=True, cache=True)
+    def block_ptr(p, n, fl):                         # pragma: no cover - compiled
+        # `block` on tensors given by address (see block_step for the layout of p, n, fl)
+        B, d, nqkv, Hq, Hkv, D, max_len, F, n1 = n[0], n[1], n[2], n[3], n[4], n[5], n[6], n[7], n[8]
+        rd, B_cos = n[9], (n[0] if n[9] > 0 else 1)
+        x = numba.carray(f32ptr(p[0]), (B, d))
+        n1w, n2w = numba.carray(f32ptr(p[1]), (d,)), numba.carray(f32ptr(p[3]), (d,))
+        n1b = numba.carray(f32ptr(p[2]), (d if n[10] == 0 else 1,))
+        n2b = numba.carray(f32ptr(p[4]), (d if n[10] == 0 else 1,))
+        wqkv, wo = numba.carray(f32ptr(p[5]), (nqkv, d)), numba.carray(f32ptr(p[7]), (d, Hq * D))
+        w1, w2 = numba.carray(f32ptr(p[9]), (n1, d)), numba.carray(f32ptr(p[11]), (d, F))
+        bqkv = numba.carray(f32ptr(p[6]), (nqkv if n[13] else 1,))
+        bo = numba.carray(f32ptr(p[8]), (d if n[13] else 1,))
+        b1 = numba.carray(f32ptr(p[10]), (n1 if n[13] else 1,))
+        b2 = numba.carray(f32ptr(p[12]), (d if n[13] else 1,))
+        cos = numba.carray(f32ptr(p[13]), (B_cos, max(rd, 1)))
+        sin = numba.carray(f32ptr(p[14]), (B_cos, max(rd, 1)))
+        kc = numba.carray(f32ptr(p[15]), (B, Hkv, max_len, D))
+        vc = numba.carray(f32ptr(p[16]), (B, Hkv, max_len, D))
+        lengths = numba.carray(i64ptr(p[17]), (B,))
+        scratch = numba.carray(f32ptr(p[18]), (B * (2 * d + nqkv + 2 * Hq * D + n1 + F),))
+        at = 0
+        h = scratch[at:at + B * d].reshape((B, d))
+        at += B * d
+        qkv = scratch[at:at + B * nqkv].reshape((B, nqkv))
+        at += B * nqkv
+        q4 = scratch[at:at + B * Hq * D].reshape((B, Hkv, Hq // Hkv, D))
+        at += B * Hq * D
+        att = scratch[at:at + B * Hq * D].reshape((B, Hq * D))
+        at += B * Hq * D
+        f = scratch[at:at + B * n1].reshape((B, n1))
+        at += B * n1
+        g = scratch[at:at + B * F].reshape((B, F))
+        at += B * F
+        y = scratch[at:at + B * d].reshape((B, d))
+        block(x, n1w, n1b, n2w, n2b, n[10], fl[0], fl[1], wqkv, bqkv, wo, bo, w1, b1, w2, b2, n[13] != 0,
+              n[11], n[12] != 0, cos, sin, rd, n[14] != 0, kc, vc, lengths, n[15], fl[2], Hq,
+              h, qkv, q4, att, f, g, y)
+
+    _kernels = (numba, {"skinny": skinny_ptr, "paged": paged, "block": block_ptr, "activate": activate})
     return _kernels
 
 
@@ -449,43 +496,30 @@ def paged_decode(q: Tensor, kpool: Tensor, vpool: Tensor, tables: Tensor, length
     return out.view(B, Hq, 1, D)
 
 
-_DUMMY = None
-
-
-def block_step(x: Tensor, *, norms, norm_kind: int, eps: tuple[float, float], wqkv: Tensor, bqkv, wo: Tensor, bo,
-               w1: Tensor, b1, w2: Tensor, b2, act_kind: int, gated: bool, cos, sin, interleaved: bool,
-               kc: Tensor, vc: Tensor, lengths: Tensor, window: int | None, scale: float, n_heads: int) -> Tensor:
+def block_step(x: Tensor, static: list[int], dims: list[int], floats: list[float], *, cos, sin,
+               kc: Tensor, vc: Tensor, lengths: Tensor, window: int | None) -> Tensor:
     """One pre-norm Transformer block for one new token per sequence, in one launch.
 
-    x (B, 1, d) -> (B, 1, d) (a new tensor). norms: (norm1 weight, norm1 bias or None,
-    norm2 weight, norm2 bias or None); norm_kind 0 LayerNorm, 1 RMSNorm. wqkv: q, k, v
-    projections as one (Hq D + 2 Hkv D, d) matrix; w1: fc1, or gate and up as one
-    (2F, d) matrix when `gated`; biases all given or all None. act_kind: 0 gelu, 1 gelu
-    (tanh), 2 relu, 3 silu. cos, sin (B, rd) for RoPE at each sequence's new position,
-    or None. kc, vc: a contiguous cache's (B, Hkv, max_len, D) buffers; lengths (B,)
-    int64 is advanced by one in place. The caller checks fp32, shapes and room.
+    x (B, 1, d) -> (B, 1, d) (a new tensor). `static` holds the addresses of the block's
+    parameters, `dims` its sizes and kinds, `floats` (eps1, eps2, scale), as
+    `Block._fused_plan` lays them out (the addresses are checked there: the tensors are
+    alive, fp32, contiguous, q/k/v and gate/up back to back). cos, sin (B, rd) for RoPE
+    at each sequence's new position, or None. kc, vc: a contiguous cache's (B, Hkv,
+    max_len, D) fp32 buffers; lengths (B,) int64 is advanced by one in place.
     """
-    global _DUMMY
+    import numpy as np
+
     B, _, d = x.shape
-    Hkv, D = kc.shape[1], kc.shape[3]
-    F = w2.shape[1]
-    if _DUMMY is None:
-        _DUMMY = torch.zeros(1, dtype=torch.float32)
-    has_bias = bqkv is not None
-
-    def arr(t):
-        return (_DUMMY if t is None else t.detach()).numpy()
-
+    nqkv, Hq, Hkv, D, F, n1 = dims[0], dims[1], dims[2], dims[3], dims[4], dims[5]
     out = x.detach().reshape(B, d).clone()
-    widths = [d, wqkv.shape[0], n_heads * D, n_heads * D, w1.shape[0], F, d]
-    scratch = torch.empty(B * sum(widths), dtype=torch.float32).split([B * n for n in widths])
-    h, qkv_, q4, att, f, g, y = (t.view(B, n) for t, n in zip(scratch, widths))
-    q4 = q4.view(B, Hkv, n_heads // Hkv, D)
-    rope = cos is not None
-    _launch("block", out.numpy(), arr(norms[0]), arr(norms[1]), arr(norms[2]), arr(norms[3]), norm_kind,
-            float(eps[0]), float(eps[1]), arr(wqkv), arr(bqkv), arr(wo), arr(bo), arr(w1), arr(b1), arr(w2), arr(b2),
-            has_bias, act_kind, gated, arr(cos if rope else None).reshape(B if rope else 1, -1),
-            arr(sin if rope else None).reshape(B if rope else 1, -1), cos.shape[-1] if rope else 0, interleaved,
-            kc.detach().numpy(), vc.detach().numpy(), lengths.numpy(), 0 if window is None else int(window),
-            float(scale), n_heads, h.numpy(), qkv_.numpy(), q4.numpy(), att.numpy(), f.numpy(), g.numpy(), y.numpy())
+    scratch = torch.empty(B * (2 * d + nqkv + 2 * Hq * D + n1 + F), dtype=torch.float32)
+    rd = cos.shape[-1] if cos is not None else 0
+    if cos is not None:
+        cos, sin = cos.contiguous(), sin.contiguous()
+    p = np.array([out.data_ptr(), *static[:12], cos.data_ptr() if rd else 0, sin.data_ptr() if rd else 0,
+                  kc.data_ptr(), vc.data_ptr(), lengths.data_ptr(), scratch.data_ptr()], dtype=np.int64)
+    n = np.array([B, d, nqkv, Hq, Hkv, D, kc.shape[2], F, n1, rd, *dims[6:11], 0 if window is None else int(window)],
+                 dtype=np.int64)
+    # the kernel reads and writes these tensors by address while they are alive here
+    _launch("block", p, n, np.array(floats, dtype=np.float64))
     return out.view(B, 1, d)

@@ -564,38 +564,18 @@ class Block(nn.Module):
         """
         from qkv.cache import ContiguousCache
 
-        attn, ffn = self.self_attn, self.ffn
-        if (torch.is_grad_enabled() or self.training or x.shape[1] != 1 or self.cross_attention
-                or self.norm_position != "pre" or type(cache) is not ContiguousCache or attn.alibi_slopes is not None
-                or attn.feature_map is not None or attn.attention != "exact" or attn.backend != "auto"
-                or ffn.activation not in self._FUSED_ACTIVATIONS or x.dtype != torch.float32 or not x.is_cpu
-                or ATTENTION_HOOK.get() is not None or not cache.k.is_contiguous() or cache.k.dtype != torch.float32
-                or not _numba.available()):
+        attn = self.self_attn
+        if (torch.is_grad_enabled() or self.training or x.shape[1] != 1 or type(cache) is not ContiguousCache
+                or x.dtype != torch.float32 or not x.is_cpu or x.shape[0] != cache.batch
+                or cache.k.dtype != torch.float32 or not cache.k.is_contiguous() or not cache.v.is_contiguous()
+                or not cache._lengths.is_contiguous() or self.cross_attention or self.norm_position != "pre"
+                or attn.alibi_slopes is not None or attn.feature_map is not None or attn.attention != "exact"
+                or attn.backend != "auto" or ATTENTION_HOOK.get() is not None or not _numba.available()):
             return None
-        n1, n2 = self.norm1, self.norm2
-        if type(n1) is nn.LayerNorm and type(n2) is nn.LayerNorm and n1.weight is not None and n1.bias is not None \
-                and n2.weight is not None and n2.bias is not None:
-            norm_kind, norms = 0, (n1.weight, n1.bias, n2.weight, n2.bias)
-        elif type(n1) is RMSNorm and type(n2) is RMSNorm and n1.weight is not None and n2.weight is not None:
-            norm_kind, norms = 1, (n1.weight, None, n2.weight, None)
-        else:
+        plan = self._fused_plan()
+        if plan is None:
             return None
-        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
-        ups = (ffn.gate_proj, ffn.up_proj) if ffn.gated else (ffn.fc1,)
-        down = ffn.down_proj if ffn.gated else ffn.fc2
-        linears = (*projections, attn.o_proj, *ups, down)
-        has_bias = linears[0].bias is not None
-        if any((layer.bias is not None) != has_bias for layer in linears) or any(
-                layer.weight.dtype != torch.float32 or not layer.weight.is_contiguous() for layer in linears):
-            return None
-        wqkv = _memory.joined(*(layer.weight for layer in projections))
-        w1 = _memory.joined(*(layer.weight for layer in ups))
-        if wqkv is None or w1 is None:
-            return None
-        bqkv = _memory.joined(*(layer.bias for layer in projections)) if has_bias else None
-        b1 = _memory.joined(*(layer.bias for layer in ups)) if has_bias else None
-        if has_bias and (bqkv is None or b1 is None):
-            return None
+        static, dims, floats = plan
         cos = sin = None
         if attn.rope is not None:
             if positions is None:
@@ -606,13 +586,56 @@ class Block(nn.Module):
             cos_t, sin_t = attn.rope._table(int(pos.max()) + 1, x.device, torch.float32)     # (N, rd)
             cos, sin = cos_t[pos], sin_t[pos]                                                # (B, rd)
         cache.check_room(1)
-        scale = attn.scale if attn.scale is not None else 1.0 / math.sqrt(attn.head_dim)
-        return _numba.block_step(
-            x, norms=norms, norm_kind=norm_kind, eps=(n1.eps, n2.eps), wqkv=wqkv, bqkv=bqkv, wo=attn.o_proj.weight,
-            bo=attn.o_proj.bias, w1=w1, b1=b1, w2=down.weight, b2=down.bias,
-            act_kind=self._FUSED_ACTIVATIONS[ffn.activation], gated=ffn.gated, cos=cos, sin=sin,
-            interleaved=attn.rope.interleaved if attn.rope is not None else False, kc=cache.k, vc=cache.v,
-            lengths=cache._lengths, window=cache.window, scale=scale, n_heads=attn.n_heads)
+        return _numba.block_step(x, static, dims, floats, cos=cos, sin=sin, kc=cache.k, vc=cache.v,
+                                 lengths=cache._lengths, window=cache.window)
+
+    def _fused_plan(self):
+        """(parameter addresses, sizes and kinds, (eps1, eps2, scale)) for `block_step`, or None
+        when this block's parameters cannot be fused. Worked out once per parameter layout
+        (keyed on the modules and their parameters' addresses; no tensor is kept)."""
+        attn, ffn, n1, n2 = self.self_attn, self.ffn, self.norm1, self.norm2
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+        ups = (ffn.gate_proj, ffn.up_proj) if ffn.gated else (ffn.fc1,)
+        down = ffn.down_proj if ffn.gated else ffn.fc2
+        linears = (*projections, attn.o_proj, *ups, down)
+        params = [layer.weight for layer in linears] + [layer.bias for layer in linears] + [
+            getattr(n, name, None) for n in (n1, n2) for name in ("weight", "bias")]
+        key = (id(attn), id(ffn), id(n1), id(n2), ffn.activation, attn.rope is not None, attn.scale,
+               *(None if t is None else (t.data_ptr(), t.dtype, t.is_contiguous()) for t in params))
+        cached = self.__dict__.get("_qkv_fused_plan")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        plan = None
+        has_bias = linears[0].bias is not None
+        if type(n1) is nn.LayerNorm and type(n2) is nn.LayerNorm:
+            norm_kind = 0 if all(t is not None for t in (n1.weight, n1.bias, n2.weight, n2.bias)) else None
+        elif type(n1) is RMSNorm and type(n2) is RMSNorm:
+            norm_kind = 1 if n1.weight is not None and n2.weight is not None else None
+        else:
+            norm_kind = None
+        ok = (norm_kind is not None and ffn.activation in self._FUSED_ACTIVATIONS
+              and all(t is None or (t.dtype == torch.float32 and t.is_cpu and t.is_contiguous()) for t in params)
+              and all((layer.bias is not None) == has_bias for layer in linears)
+              and _memory.joined(*(layer.weight for layer in projections)) is not None
+              and _memory.joined(*(layer.weight for layer in ups)) is not None
+              and (not has_bias or (_memory.joined(*(layer.bias for layer in projections)) is not None
+                                    and _memory.joined(*(layer.bias for layer in ups)) is not None)))
+        if ok:
+            def ptr(t):
+                return 0 if t is None else t.data_ptr()
+            norm_b1, norm_b2 = (n1.bias, n2.bias) if norm_kind == 0 else (None, None)
+            static = [ptr(n1.weight), ptr(norm_b1), ptr(n2.weight), ptr(norm_b2), ptr(attn.q_proj.weight),
+                      ptr(attn.q_proj.bias), ptr(attn.o_proj.weight), ptr(attn.o_proj.bias), ptr(ups[0].weight),
+                      ptr(ups[0].bias), ptr(down.weight), ptr(down.bias)]
+            D = attn.head_dim
+            dims = [sum(layer.weight.shape[0] for layer in projections), attn.n_heads, attn.n_kv_heads, D,
+                    down.weight.shape[1], sum(layer.weight.shape[0] for layer in ups), norm_kind,
+                    self._FUSED_ACTIVATIONS[ffn.activation], int(ffn.gated), int(has_bias),
+                    int(attn.rope.interleaved) if attn.rope is not None else 0]
+            scale = attn.scale if attn.scale is not None else 1.0 / math.sqrt(D)
+            plan = (static, dims, [float(n1.eps), float(n2.eps), float(scale)])
+        self.__dict__["_qkv_fused_plan"] = (key, plan)
+        return plan
 
     def _sublayer(self, x: Tensor, norm: nn.Module, fn, returns_weights: bool):
         """One residual sublayer, pre- or post-norm; returns (x, fn's weights or None)."""
