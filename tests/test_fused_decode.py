@@ -46,10 +46,11 @@ def _launches(monkeypatch):
     return launched
 
 
-def _decode(model, prompts, steps, *, fused, monkeypatch):
+def _decode(model, prompts, steps, *, kind, fused, monkeypatch):
     if not fused:
         monkeypatch.setattr(Block, "_fused_decode", lambda self, *a: None)
-    cache = model.new_cache(len(prompts), max_len=32, ring=False)
+    extra = {"ring": False} if kind == "contiguous" else {"block_size": 4}
+    cache = model.new_cache(len(prompts), kind=kind, max_len=32, **extra)
     with torch.no_grad():
         for b, p in enumerate(prompts):
             model(p[None], cache=cache.row(b))
@@ -58,26 +59,35 @@ def _decode(model, prompts, steps, *, fused, monkeypatch):
     return out, cache
 
 
+def _stored(layer, b, n):
+    """Sequence b's first n keys and values, in position order, from either cache kind."""
+    if hasattr(layer, "pool"):
+        slots = layer._slots(layer.seqs[b], 0, n)
+        return layer.k[:, slots], layer.v[:, slots]
+    return layer.k[b, :, :n], layer.v[b, :, :n]
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "paged"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_fused_block_matches_module_path(name, monkeypatch):
+def test_fused_block_matches_module_path(name, kind, monkeypatch):
     model, model64 = _models(name)
     prompts = [torch.randint(0, 61, (n,), generator=torch.Generator().manual_seed(n)) for n in (3, 11, 7)]
     steps = torch.randint(0, 61, (3, 8), generator=torch.Generator().manual_seed(1))
     launched = _launches(monkeypatch)
-    candidate, cache_c = _decode(model, prompts, steps, fused=True, monkeypatch=monkeypatch)
+    candidate, cache_c = _decode(model, prompts, steps, kind=kind, fused=True, monkeypatch=monkeypatch)
     assert launched.count("block") == 2 * steps.shape[1]          # every layer of every step, one launch each
     launched = _launches(monkeypatch)
-    baseline, cache_b = _decode(model, prompts, steps, fused=False, monkeypatch=monkeypatch)
+    baseline, cache_b = _decode(model, prompts, steps, kind=kind, fused=False, monkeypatch=monkeypatch)
     assert "block" not in launched
     with torch.no_grad():
         oracle = torch.cat([model64(torch.cat([p, steps[b]])[None])[:, len(p):] for b, p in enumerate(prompts)])
-    assert_error_ratio(candidate, baseline, oracle, what=f"{name} fused decode")
-    for lc, lb in zip(cache_c.layers, cache_b.layers):             # the same keys and values stored, same lengths
-        assert torch.equal(lc.length, lb.length)
+    assert_error_ratio(candidate, baseline, oracle, what=f"{name} {kind} fused decode")
+    assert torch.equal(cache_c.lengths, cache_b.lengths)
+    for lc, lb in zip(cache_c.layers, cache_b.layers):             # the same keys and values stored
         for b in range(3):
-            n = int(lb.length[b])
-            assert torch.allclose(lc.k[b, :, :n], lb.k[b, :, :n], rtol=1e-5, atol=1e-6)
-            assert torch.allclose(lc.v[b, :, :n], lb.v[b, :, :n], rtol=1e-5, atol=1e-6)
+            n = int(cache_b.lengths[b])
+            (kc, vc), (kb, vb) = _stored(lc, b, n), _stored(lb, b, n)
+            assert torch.allclose(kc, kb, rtol=1e-5, atol=1e-6) and torch.allclose(vc, vb, rtol=1e-5, atol=1e-6)
 
 
 def _one_step_launches(model, monkeypatch, cache=None, grad=False):
@@ -95,7 +105,7 @@ def test_fused_block_falls_back_where_it_does_not_apply(monkeypatch):
     model, _ = _models("gpt2")
     assert "block" in _one_step_launches(model, monkeypatch)
     assert "block" not in _one_step_launches(model, monkeypatch, grad=True)         # autograd records
-    assert "block" not in _one_step_launches(model, monkeypatch, cache=model.new_cache(1, kind="paged"))
+    assert "block" in _one_step_launches(model, monkeypatch, cache=model.new_cache(1, kind="paged"))
     model.train()
     assert "block" not in _one_step_launches(model, monkeypatch)                    # training mode
     model.eval()
@@ -122,6 +132,13 @@ def test_fused_block_full_cache_raises_and_changes_nothing():
         with pytest.raises(ValueError, match="full"):
             model(torch.tensor([[5]]), cache=cache)
     assert int(cache.layers[0].length[0]) == 4 and torch.equal(cache.layers[0].k, k0)
+    paged = model.new_cache(1, kind="paged", block_size=2, num_blocks=2)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3, 4]]), cache=paged)
+        k0, free = paged.layers[0].k.clone(), len(paged.pool._free)
+        with pytest.raises(ValueError, match="full"):
+            model(torch.tensor([[5]]), cache=paged)
+    assert paged.lengths.tolist() == [4] and torch.equal(paged.layers[0].k, k0) and len(paged.pool._free) == free
 
 
 @pytest.mark.parametrize("kind,ref", [(1, lambda x: torch.nn.functional.gelu(x, approximate="tanh")),

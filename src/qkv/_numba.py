@@ -304,19 +304,23 @@ def _build():
 
     @numba.njit(boundscheck=False, nogil=True, cache=True)
     def block(x, n1w, n1b, n2w, n2b, norm_kind, eps1, eps2, wqkv, bqkv, wo, bo, w1, b1, w2, b2, has_bias,
-              act_kind, gated, cos, sin, rd, interleaved, kc, vc, lengths, window, scale, Hq,
-              h, qkv, q4, att, f, g, y):           # pragma: no cover - compiled
+              act_kind, gated, cos, sin, rd, interleaved, kc, vc, slots, tables, lengths, advance, window,
+              block_size, scale, Hq, h, qkv, q4, att, f, g, y):   # pragma: no cover - compiled
         # One pre-norm Transformer block for one new token per sequence, in place on x (B, d):
-        # x += o_proj(attention(norm1(x))); x += ffn(norm2(x)). The new key/value go into the
-        # contiguous cache kc, vc (B, Hkv, max_len, D) at lengths[b] (lengths: before this token).
+        # x += o_proj(attention(norm1(x))); x += ffn(norm2(x)). The new key/value of sequence b
+        # go into slot slots[b] of the pools kc, vc (1 or B, Hkv, slots, D) (pool b, or the one
+        # shared pool); attention then reads each sequence's blocks through tables (B, W) up to
+        # lengths[b] tokens (with `advance`, lengths is the count before this token and is
+        # advanced here first: a contiguous cache, whose slots are its lengths).
         B, d = x.shape
-        Hkv, max_len, D = kc.shape[1], kc.shape[2], kc.shape[3]
+        Hkv, D = kc.shape[1], kc.shape[3]
         G = Hq // Hkv
         norm_rows(x, n1w, n1b, norm_kind, eps1, h)
         skinny(h, wqkv, bqkv, has_bias, qkv)                                   # (B, (Hq + 2 Hkv) D)
         kq = Hq * D
         for b in range(B):
-            t = lengths[b]
+            t = slots[b]
+            pb = b if kc.shape[0] > 1 else 0
             for hq in range(Hq):
                 src = qkv[b, hq * D:(hq + 1) * D]
                 dst = q4[b, hq // G, hq % G]
@@ -327,13 +331,13 @@ def _build():
             for hk in range(Hkv):
                 ksrc = qkv[b, kq + hk * D:kq + (hk + 1) * D]
                 if rd > 0:
-                    rotate(ksrc, cos[b], sin[b], rd, interleaved, kc[b, hk, t])
+                    rotate(ksrc, cos[b], sin[b], rd, interleaved, kc[pb, hk, t])
                 else:
-                    kc[b, hk, t, :] = ksrc
-                vc[b, hk, t, :] = qkv[b, kq + (Hkv + hk) * D:kq + (Hkv + hk + 1) * D]
-            lengths[b] = t + 1
-        tables = np.zeros((B, 1), dtype=np.int64)
-        paged(q4, kc, vc, tables, lengths, window, max_len, scale, att.reshape((B, Hkv, G, D)))
+                    kc[pb, hk, t, :] = ksrc
+                vc[pb, hk, t, :] = qkv[b, kq + (Hkv + hk) * D:kq + (Hkv + hk + 1) * D]
+            if advance:
+                lengths[b] += 1
+        paged(q4, kc, vc, tables, lengths, window, block_size, scale, att.reshape((B, Hkv, G, D)))
         skinny(att.reshape((B, Hq * D)), wo, bo, has_bias, y)
         for b in range(B):
             for j in range(d):
@@ -368,10 +372,13 @@ def _build():
         b2 = numba.carray(f32ptr(p[12]), (d if n[13] else 1,))
         cos = numba.carray(f32ptr(p[13]), (B_cos, max(rd, 1)))
         sin = numba.carray(f32ptr(p[14]), (B_cos, max(rd, 1)))
-        kc = numba.carray(f32ptr(p[15]), (B, Hkv, max_len, D))
-        vc = numba.carray(f32ptr(p[16]), (B, Hkv, max_len, D))
+        pools, W = n[16], n[17]
+        kc = numba.carray(f32ptr(p[15]), (pools, Hkv, max_len, D))
+        vc = numba.carray(f32ptr(p[16]), (pools, Hkv, max_len, D))
         lengths = numba.carray(i64ptr(p[17]), (B,))
         scratch = numba.carray(f32ptr(p[18]), (B * (2 * d + nqkv + 2 * Hq * D + n1 + F),))
+        slots = numba.carray(i64ptr(p[19]), (B,))
+        tables = numba.carray(i64ptr(p[20]), (B, W))
         at = 0
         h = scratch[at:at + B * d].reshape((B, d))
         at += B * d
@@ -387,8 +394,8 @@ def _build():
         at += B * F
         y = scratch[at:at + B * d].reshape((B, d))
         block(x, n1w, n1b, n2w, n2b, n[10], fl[0], fl[1], wqkv, bqkv, wo, bo, w1, b1, w2, b2, n[13] != 0,
-              n[11], n[12] != 0, cos, sin, rd, n[14] != 0, kc, vc, lengths, n[15], fl[2], Hq,
-              h, qkv, q4, att, f, g, y)
+              n[11], n[12] != 0, cos, sin, rd, n[14] != 0, kc, vc, slots, tables, lengths, n[19] != 0, n[15],
+              n[18], fl[2], Hq, h, qkv, q4, att, f, g, y)
 
     _kernels = (numba, {"skinny": skinny_ptr, "paged": paged, "block": block_ptr, "activate": activate})
     return _kernels
@@ -497,15 +504,19 @@ def paged_decode(q: Tensor, kpool: Tensor, vpool: Tensor, tables: Tensor, length
 
 
 def block_step(x: Tensor, static: list[int], dims: list[int], floats: list[float], *, cos, sin,
-               kc: Tensor, vc: Tensor, lengths: Tensor, window: int | None) -> Tensor:
+               kpool: Tensor, vpool: Tensor, slots: Tensor, tables: Tensor, lengths: Tensor, advance: bool,
+               block_size: int, window: int | None) -> Tensor:
     """One pre-norm Transformer block for one new token per sequence, in one launch.
 
     x (B, 1, d) -> (B, 1, d) (a new tensor). `static` holds the addresses of the block's
     parameters, `dims` its sizes and kinds, `floats` (eps1, eps2, scale), as
-    `Block._fused_plan` lays them out (the addresses are checked there: the tensors are
-    alive, fp32, contiguous, q/k/v and gate/up back to back). cos, sin (B, rd) for RoPE
-    at each sequence's new position, or None. kc, vc: a contiguous cache's (B, Hkv,
-    max_len, D) fp32 buffers; lengths (B,) int64 is advanced by one in place.
+    `Block._fused_plan` lays them out (checked there: alive, fp32, contiguous, q/k/v and
+    gate/up back to back). cos, sin (B, rd) for RoPE at each sequence's new position, or
+    None. kpool, vpool (1 or B, Hkv, S, D) fp32: the new key/value of sequence b go to
+    slot slots[b] (B,) int64 of its pool; attention reads tables (B, W) int64 blocks of
+    block_size slots up to lengths[b] tokens. With `advance`, lengths holds the counts
+    before this token and is advanced by one in place (a contiguous cache: slots is
+    lengths, one block of S slots per sequence).
     """
     import numpy as np
 
@@ -517,9 +528,10 @@ def block_step(x: Tensor, static: list[int], dims: list[int], floats: list[float
     if cos is not None:
         cos, sin = cos.contiguous(), sin.contiguous()
     p = np.array([out.data_ptr(), *static[:12], cos.data_ptr() if rd else 0, sin.data_ptr() if rd else 0,
-                  kc.data_ptr(), vc.data_ptr(), lengths.data_ptr(), scratch.data_ptr()], dtype=np.int64)
-    n = np.array([B, d, nqkv, Hq, Hkv, D, kc.shape[2], F, n1, rd, *dims[6:11], 0 if window is None else int(window)],
-                 dtype=np.int64)
+                  kpool.data_ptr(), vpool.data_ptr(), lengths.data_ptr(), scratch.data_ptr(), slots.data_ptr(),
+                  tables.data_ptr()], dtype=np.int64)
+    n = np.array([B, d, nqkv, Hq, Hkv, D, kpool.shape[2], F, n1, rd, *dims[6:11], 0 if window is None else int(window),
+                  kpool.shape[0], tables.shape[1], block_size, int(advance)], dtype=np.int64)
     # the kernel reads and writes these tensors by address while they are alive here
     _launch("block", p, n, np.array(floats, dtype=np.float64))
     return out.view(B, 1, d)

@@ -676,6 +676,13 @@ class PagedCache(LayerCache):
 
     def append(self, k: Tensor, v: Tensor) -> None:
         n = self._check_new(k, v)
+        flat = self._place(n)
+        self.k[:, flat] = k.permute(1, 0, 2, 3).reshape(self.n_kv_heads, -1, self.head_dim)  # (Hkv, B*n, D)
+        self.v[:, flat] = v.permute(1, 0, 2, 3).reshape(self.n_kv_heads, -1, self.head_dim)
+
+    def _place(self, n: int) -> Tensor:
+        """Reserve and claim the slots of n new tokens per sequence (blocks, positions, lengths);
+        returns them (B*n,) in (sequence, token) order, for the caller to write K and V into."""
         starts = tuple(self.lengths_by_seq.get(sid, 0) for sid in self.seqs)
         # all or nothing; a no-op for every layer after the first
         self.pool.reserve_all({sid: start + n for sid, start in zip(self.seqs, starts)})
@@ -686,11 +693,10 @@ class PagedCache(LayerCache):
             return slots.to(self.k.device), positions.to(self.k.device)
 
         flat, positions = self.pool.memo(("slots", self.pool.version, tuple(self.seqs), starts, n), make)
-        self.k[:, flat] = k.permute(1, 0, 2, 3).reshape(self.n_kv_heads, -1, self.head_dim)  # (Hkv, B*n, D)
-        self.v[:, flat] = v.permute(1, 0, 2, 3).reshape(self.n_kv_heads, -1, self.head_dim)
         self.slot_pos[flat] = positions
         for sid in self.seqs:
             self.lengths_by_seq[sid] = self.lengths_by_seq.get(sid, 0) + n
+        return flat
 
     def read(self):
         """Every sequence's keys as one pool prefix (1, Hkv, N', D) with a (B, N') ownership mask."""

@@ -559,18 +559,21 @@ class Block(nn.Module):
 
         It applies to inference (autograd off, eval mode) in fp32 on the CPU, pre-norm, no
         cross-attention, exact attention without ALiBi or an inspection hook, a contiguous
-        cache, packed weights (q/k/v and gate/up back to back), biases everywhere or
+        or paged cache (a ring buffer takes the module path), packed weights (q/k/v and gate/up back to back), biases everywhere or
         nowhere. The module path computes the same function; tests hold the two together.
         """
-        from qkv.cache import ContiguousCache
+        from qkv.cache import ContiguousCache, PagedCache
 
         attn = self.self_attn
-        if (torch.is_grad_enabled() or self.training or x.shape[1] != 1 or type(cache) is not ContiguousCache
+        kind = type(cache)
+        if (torch.is_grad_enabled() or self.training or x.shape[1] != 1 or kind not in (ContiguousCache, PagedCache)
                 or x.dtype != torch.float32 or not x.is_cpu or x.shape[0] != cache.batch
                 or cache.k.dtype != torch.float32 or not cache.k.is_contiguous() or not cache.v.is_contiguous()
-                or not cache._lengths.is_contiguous() or self.cross_attention or self.norm_position != "pre"
-                or attn.alibi_slopes is not None or attn.feature_map is not None or attn.attention != "exact"
-                or attn.backend != "auto" or ATTENTION_HOOK.get() is not None or not _numba.available()):
+                or self.cross_attention or self.norm_position != "pre" or attn.alibi_slopes is not None
+                or attn.feature_map is not None or attn.attention != "exact" or attn.backend != "auto"
+                or ATTENTION_HOOK.get() is not None or not _numba.available()):
+            return None
+        if kind is ContiguousCache and not cache._lengths.is_contiguous():
             return None
         plan = self._fused_plan()
         if plan is None:
@@ -585,9 +588,19 @@ class Block(nn.Module):
                 pos = pos.expand(x.shape[0])
             cos_t, sin_t = attn.rope._table(int(pos.max()) + 1, x.device, torch.float32)     # (N, rd)
             cos, sin = cos_t[pos], sin_t[pos]                                                # (B, rd)
-        cache.check_room(1)
-        return _numba.block_step(x, static, dims, floats, cos=cos, sin=sin, kc=cache.k, vc=cache.v,
-                                 lengths=cache._lengths, window=cache.window)
+        cache.check_room(1)                                # CacheFull before anything changes
+        if kind is ContiguousCache:
+            tables = cache.__dict__.get("_one_block")
+            if tables is None or tables.shape[0] != cache.batch:
+                tables = cache._one_block = torch.zeros(cache.batch, 1, dtype=torch.long)
+            where = dict(kpool=cache.k, vpool=cache.v, slots=cache._lengths, tables=tables, lengths=cache._lengths,
+                         advance=True, block_size=cache.max_len)
+        else:
+            slots = cache._place(1)                        # blocks, positions and lengths claimed; K/V written below
+            tables, lengths = cache._tables()
+            where = dict(kpool=cache.k[None], vpool=cache.v[None], slots=slots, tables=tables, lengths=lengths,
+                         advance=False, block_size=cache.pool.block_size)
+        return _numba.block_step(x, static, dims, floats, cos=cos, sin=sin, window=cache.window, **where)
 
     def _fused_plan(self):
         """(parameter addresses, sizes and kinds, (eps1, eps2, scale)) for `block_step`, or None
