@@ -20,8 +20,9 @@ both sides always generate exactly N tokens. What is measured:
    LM head reads the whole tied embedding, counted once; of the learned position
    table only one row) plus the K/V cache at the mean decode context
    (2 * layers * Hkv * D * 4 bytes * tokens). Memory bandwidth is measured in the
-   same run (median of a few `x.sum()` over a 1 GiB fp32 buffer; a copy figure,
-   read + write bytes, is reported beside it). floor = bytes / read bandwidth;
+   same run (median of a few `x.sum()` over a 1 GiB fp32 buffer on huge pages, as
+   the weights and caches are, `qkv._memory`; a copy figure, read + write bytes, is
+   reported beside it). floor = bytes / read bandwidth;
    qkv's and HF's decode step time / floor (goal for qkv: <= 1.2).
 3. batch 8: 8 prompts of L tokens; qkv with a contiguous and with a paged cache
    against HF on the (8, L) batch; decode and end-to-end tokens/s, tokens checked
