@@ -63,21 +63,17 @@ def _build():
     from numba import types
     from numba.extending import intrinsic
 
-    @intrinsic
-    def f32ptr(typingctx, addr):                    # pragma: no cover - compiled
-        sig = types.CPointer(types.float32)(types.int64)
+    def pointer_to(item):
+        @intrinsic
+        def cast(typingctx, addr):                  # pragma: no cover - compiled
+            sig = types.CPointer(item)(types.int64)
 
-        def codegen(context, builder, signature, args):
-            return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
-        return sig, codegen
+            def codegen(context, builder, signature, args):
+                return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
+            return sig, codegen
+        return cast
 
-    @intrinsic
-    def i64ptr(typingctx, addr):                    # pragma: no cover - compiled
-        sig = types.CPointer(types.int64)(types.int64)
-
-        def codegen(context, builder, signature, args):
-            return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
-        return sig, codegen
+    f32ptr, i64ptr = pointer_to(types.float32), pointer_to(types.int64)     # an address -> a typed pointer
 
     @numba.njit(cache=True, nogil=True)
     def skinny_ptr(xp, wp, bp, has_bias, outp, M, K, N):   # pragma: no cover - compiled
