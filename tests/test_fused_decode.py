@@ -172,3 +172,39 @@ def test_fused_gated_activation_multiplies_by_up():
     activate(f.numpy(), g.numpy(), 3, True, np.empty(50, np.float32), np.empty(50, np.int32), np.empty(50, np.float32))
     expected = torch.nn.functional.silu(f[:50].double()) * f[50:].double()
     assert float((g.double() - expected).abs().max()) <= 4 * torch.finfo(torch.float32).eps * float(expected.abs().max())
+
+
+@pytest.mark.parametrize("interleaved,rotary_dim", [(True, None), (False, 8), (True, 6)])
+def test_fused_block_interleaved_and_partial_rope(interleaved, rotary_dim, monkeypatch):
+    """A Block of its own (RoPE pairing and rotary width the decoder configs do not choose)."""
+    from qkv import _memory
+    from qkv.cache import ContiguousCache
+    from qkv.positional import RotaryEmbedding
+
+    torch.manual_seed(0)
+    rope = RotaryEmbedding(16, rotary_dim=rotary_dim, interleaved=interleaved)
+    block = Block(64, 4, n_kv_heads=2, rope=rope, norm="rms", activation="swiglu", bias=False).eval()
+    _memory.pack_parameters(block)
+    block64 = Block(64, 4, n_kv_heads=2, rope=RotaryEmbedding(16, rotary_dim=rotary_dim, interleaved=interleaved),
+                    norm="rms", activation="swiglu", bias=False, dtype=torch.float64).eval()
+    block64.load_state_dict({k: v.double() for k, v in block.state_dict().items()})
+    x = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(5))
+
+    def run(fused):
+        if not fused:
+            monkeypatch.setattr(Block, "_fused_decode", lambda self, *a: None)
+        launched = _launches(monkeypatch)
+        cache = ContiguousCache(2, 2, 16, 16)
+        with torch.no_grad():
+            block(x[:, :6], cache=cache, positions=torch.arange(6))
+            out = torch.cat([block(x[:, i:i + 1], cache=cache, positions=torch.tensor([i])) for i in range(6, 9)], 1)
+        monkeypatch.undo()
+        return out, launched
+
+    candidate, launched = run(True)
+    assert launched.count("block") == 3
+    baseline, launched = run(False)
+    assert "block" not in launched
+    with torch.no_grad():
+        oracle = block64(x.double(), causal=True, positions=torch.arange(9))[:, 6:]
+    assert_error_ratio(candidate, baseline, oracle, what=f"rope interleaved={interleaved} rd={rotary_dim}")
