@@ -559,8 +559,9 @@ class Block(nn.Module):
 
         It applies to inference (autograd off, eval mode) in fp32 on the CPU, pre-norm, no
         cross-attention, exact attention without ALiBi or an inspection hook, a contiguous
-        or paged cache (a ring buffer takes the module path), packed weights (q/k/v and gate/up back to back), biases everywhere or
-        nowhere. The module path computes the same function; tests hold the two together.
+        or paged cache (a ring buffer takes the module path), packed weights (q/k/v and
+        gate/up back to back), biases everywhere or nowhere. The module path computes the
+        same function; tests hold the two together.
         """
         from qkv.cache import ContiguousCache, PagedCache
 
@@ -613,7 +614,7 @@ class Block(nn.Module):
         linears = (*projections, attn.o_proj, *ups, down)
         params = [layer.weight for layer in linears] + [layer.bias for layer in linears] + [
             getattr(n, name, None) for n in (n1, n2) for name in ("weight", "bias")]
-        key = (id(attn), id(ffn), id(n1), id(n2), ffn.activation, attn.rope is not None, attn.scale,
+        key = (id(attn), id(ffn), id(n1), id(n2), id(attn.rope), ffn.activation, attn.scale, n1.eps, n2.eps,
                *(None if t is None else (t.data_ptr(), t.dtype, t.is_contiguous()) for t in params))
         cached = self.__dict__.get("_qkv_fused_plan")
         if cached is not None and cached[0] == key:
