@@ -192,6 +192,17 @@ class LayerCache:
         """`append` after `_check_new` has passed (n new tokens)."""
         self.append(k, v)
 
+    def _fused_ready(self) -> bool:
+        """Whether the fused decode block (`qkv.layers.Block`) can write and read this cache:
+        fp32 CPU storage in a layout `qkv._numba.block_step` takes. No side effects."""
+        return False
+
+    def _claim_fused_slot(self) -> dict:
+        """For a fused one-token step, after `check_room(1)`: claim each sequence's slot for
+        the new token and say where the kernel writes it and what it reads (`block_step`'s
+        kpool, vpool, slots, tables, lengths, advance, block_size)."""
+        raise NotImplementedError
+
     def _decode_chunks(self, q: Tensor, L: int) -> int:
         """How many key chunks a decode step splits into (`split_kv`: an int, or "auto")."""
         if self.split_kv != "auto":
@@ -339,11 +350,24 @@ class ContiguousCache(LayerCache):
         return self.k.is_contiguous() and _numba.paged_decode_applies(q, self.k)
 
     def _fast_decode(self, q, scale):
+        return _numba.paged_decode(q, self.k, self.v, self._one_block_table(), self._lengths,
+                                   block_size=self.max_len, window=self.window, scale=scale)
+
+    def _one_block_table(self) -> Tensor:
+        """(B, 1) zeros: the block table of a cache that is one block of max_len slots per sequence."""
         tables = self.__dict__.get("_one_block")
         if tables is None or tables.shape[0] != self.batch:
-            tables = self._one_block = torch.zeros(self.batch, 1, dtype=torch.long)  # one block of max_len each
-        return _numba.paged_decode(q, self.k, self.v, tables, self._lengths, block_size=self.max_len,
-                                   window=self.window, scale=scale)
+            tables = self._one_block = torch.zeros(self.batch, 1, dtype=torch.long)
+        return tables
+
+    def _fused_ready(self):
+        return (self.k.dtype == torch.float32 and self.k.is_cpu and self.k.is_contiguous()
+                and self.v.is_contiguous() and self._lengths.is_contiguous())
+
+    def _claim_fused_slot(self):
+        # the slot is the length; the kernel advances the lengths itself after writing
+        return dict(kpool=self.k, vpool=self.v, slots=self._lengths, tables=self._one_block_table(),
+                    lengths=self._lengths, advance=True, block_size=self.max_len)
 
     def read(self):
         L = int(self._lengths.max())
@@ -679,6 +703,15 @@ class PagedCache(LayerCache):
         flat = self._place(n)
         self.k[:, flat] = k.permute(1, 0, 2, 3).reshape(self.n_kv_heads, -1, self.head_dim)  # (Hkv, B*n, D)
         self.v[:, flat] = v.permute(1, 0, 2, 3).reshape(self.n_kv_heads, -1, self.head_dim)
+
+    def _fused_ready(self):
+        return self.k.dtype == torch.float32 and self.k.is_cpu and self.k.is_contiguous() and self.v.is_contiguous()
+
+    def _claim_fused_slot(self):
+        slots = self._place(1)                         # blocks, positions and lengths claimed; K/V come from the kernel
+        tables, lengths = self._tables()
+        return dict(kpool=self.k[None], vpool=self.v[None], slots=slots, tables=tables, lengths=lengths,
+                    advance=False, block_size=self.pool.block_size)
 
     def _place(self, n: int) -> Tensor:
         """Reserve and claim the slots of n new tokens per sequence (blocks, positions, lengths);

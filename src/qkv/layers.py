@@ -66,6 +66,14 @@ class Linear(nn.Linear):
         return _numba.linear(x, self.weight, self.bias)
 
 
+def _joinable(layers) -> bool:
+    """Whether these `Linear` layers' weights lie back to back in one storage (`qkv._memory.joined`),
+    and their biases too, or they have none."""
+    biases = [layer.bias for layer in layers]
+    return _memory.joined(*(layer.weight for layer in layers)) is not None and (
+        all(b is None for b in biases) or _memory.joined(*biases) is not None)
+
+
 def _joint_linear(x: Tensor, layers) -> tuple[Tensor, ...] | None:
     """x through several `Linear` layers in one kernel launch, when their weights (and
     biases) lie back to back in memory (`qkv._memory.pack_parameters`) and the decode
@@ -75,9 +83,7 @@ def _joint_linear(x: Tensor, layers) -> tuple[Tensor, ...] | None:
     key = tuple((t.data_ptr(), t.shape) if t is not None else None for t in weights + biases)
     seen = layers[0].__dict__.get("_qkv_joint")            # (key, joinable): the layout check once, not per step
     if seen is None or seen[0] != key:
-        joinable = _memory.joined(*weights) is not None and (
-            all(b is None for b in biases) or _memory.joined(*biases) is not None)
-        seen = layers[0].__dict__["_qkv_joint"] = (key, joinable)   # no tensors kept: nothing pinned
+        seen = layers[0].__dict__["_qkv_joint"] = (key, _joinable(layers))   # no tensors kept: nothing pinned
     if not seen[1]:
         return None
     weight = _memory.joined(*weights, trusted=True)
@@ -563,18 +569,12 @@ class Block(nn.Module):
         gate/up back to back), biases everywhere or nowhere. The module path computes the
         same function; tests hold the two together.
         """
-        from qkv.cache import ContiguousCache, PagedCache
-
         attn = self.self_attn
-        kind = type(cache)
-        if (torch.is_grad_enabled() or self.training or x.shape[1] != 1 or kind not in (ContiguousCache, PagedCache)
-                or x.dtype != torch.float32 or not x.is_cpu or x.shape[0] != cache.batch
-                or cache.k.dtype != torch.float32 or not cache.k.is_contiguous() or not cache.v.is_contiguous()
-                or self.cross_attention or self.norm_position != "pre" or attn.alibi_slopes is not None
-                or attn.feature_map is not None or attn.attention != "exact" or attn.backend != "auto"
-                or ATTENTION_HOOK.get() is not None or not _numba.available()):
-            return None
-        if kind is ContiguousCache and not cache._lengths.is_contiguous():
+        if (torch.is_grad_enabled() or self.training or x.shape[1] != 1 or x.dtype != torch.float32 or not x.is_cpu
+                or x.shape[0] != cache.batch or not cache._fused_ready() or self.cross_attention
+                or self.norm_position != "pre" or attn.alibi_slopes is not None or attn.feature_map is not None
+                or attn.attention != "exact" or attn.backend != "auto" or ATTENTION_HOOK.get() is not None
+                or not _numba.available()):
             return None
         plan = self._fused_plan()
         if plan is None:
@@ -590,17 +590,7 @@ class Block(nn.Module):
             cos_t, sin_t = attn.rope._table(int(pos.max()) + 1, x.device, torch.float32)     # (N, rd)
             cos, sin = cos_t[pos], sin_t[pos]                                                # (B, rd)
         cache.check_room(1)                                # CacheFull before anything changes
-        if kind is ContiguousCache:
-            tables = cache.__dict__.get("_one_block")
-            if tables is None or tables.shape[0] != cache.batch:
-                tables = cache._one_block = torch.zeros(cache.batch, 1, dtype=torch.long)
-            where = dict(kpool=cache.k, vpool=cache.v, slots=cache._lengths, tables=tables, lengths=cache._lengths,
-                         advance=True, block_size=cache.max_len)
-        else:
-            slots = cache._place(1)                        # blocks, positions and lengths claimed; K/V written below
-            tables, lengths = cache._tables()
-            where = dict(kpool=cache.k[None], vpool=cache.v[None], slots=slots, tables=tables, lengths=lengths,
-                         advance=False, block_size=cache.pool.block_size)
+        where = cache._claim_fused_slot()                  # where the kernel writes the new K/V and reads
         return _numba.block_step(x, static, dims, floats, cos=cos, sin=sin, window=cache.window, **where)
 
     def _fused_plan(self):
@@ -630,10 +620,7 @@ class Block(nn.Module):
         ok = (norm_kind is not None and ffn.activation in self._FUSED_ACTIVATIONS
               and all(t is None or (t.dtype == torch.float32 and t.is_cpu and t.is_contiguous()) for t in params)
               and all((layer.bias is not None) == has_bias for layer in linears)
-              and _memory.joined(*(layer.weight for layer in projections)) is not None
-              and _memory.joined(*(layer.weight for layer in ups)) is not None
-              and (not has_bias or (_memory.joined(*(layer.bias for layer in projections)) is not None
-                                    and _memory.joined(*(layer.bias for layer in ups)) is not None)))
+              and _joinable(projections) and _joinable(ups))
         if ok:
             def ptr(t):
                 return 0 if t is None else t.data_ptr()
