@@ -1,6 +1,8 @@
-"""The fused decode block (`Block._fused_decode` -> `qkv._numba.block_step`).
+"""The fused decode step (`Decoder._fused_layers` and `Block._fused_decode` ->
+`qkv._numba.blocks_step`).
 
-One launch per layer and token must compute what the module path computes:
+One launch per token for all layers (or per layer and token, block by block)
+must compute what the module path computes:
 both are checked against a float64 full forward by the error-ratio rule, over
 GPT-2, Llama (GQA, scaled RoPE) and Mistral (window on a contiguous cache)
 shapes, every activation it takes, ragged batches; the cache it leaves must
@@ -46,9 +48,12 @@ def _launches(monkeypatch):
     return launched
 
 
-def _decode(model, prompts, steps, *, kind, fused, monkeypatch):
-    if not fused:
-        monkeypatch.setattr(Block, "_fused_decode", lambda self, *a: None)
+def _decode(model, prompts, steps, *, kind, path, monkeypatch):
+    """path: "stack" (all layers in one launch), "block" (a launch per layer) or "module" (no fusion)."""
+    if path == "module":
+        monkeypatch.setattr(Block, "_fused_layer", lambda self, *a: None)
+    elif path == "block":
+        monkeypatch.setattr(Decoder, "_fused_layers", lambda self, *a: None)
     extra = {"ring": False} if kind == "contiguous" else {"block_size": 4}
     cache = model.new_cache(len(prompts), kind=kind, max_len=32, **extra)
     with torch.no_grad():
@@ -74,20 +79,21 @@ def test_fused_block_matches_module_path(name, kind, monkeypatch):
     prompts = [torch.randint(0, 61, (n,), generator=torch.Generator().manual_seed(n)) for n in (3, 11, 7)]
     steps = torch.randint(0, 61, (3, 8), generator=torch.Generator().manual_seed(1))
     launched = _launches(monkeypatch)
-    candidate, cache_c = _decode(model, prompts, steps, kind=kind, fused=True, monkeypatch=monkeypatch)
-    assert launched.count("block") == 2 * steps.shape[1]          # every layer of every step, one launch each
-    launched = _launches(monkeypatch)
-    baseline, cache_b = _decode(model, prompts, steps, kind=kind, fused=False, monkeypatch=monkeypatch)
+    baseline, cache_b = _decode(model, prompts, steps, kind=kind, path="module", monkeypatch=monkeypatch)
     assert "block" not in launched
     with torch.no_grad():
         oracle = torch.cat([model64(torch.cat([p, steps[b]])[None])[:, len(p):] for b, p in enumerate(prompts)])
-    assert_error_ratio(candidate, baseline, oracle, what=f"{name} {kind} fused decode")
-    assert torch.equal(cache_c.lengths, cache_b.lengths)
-    for lc, lb in zip(cache_c.layers, cache_b.layers):             # the same keys and values stored
-        for b in range(3):
-            n = int(cache_b.lengths[b])
-            (kc, vc), (kb, vb) = _stored(lc, b, n), _stored(lb, b, n)
-            assert torch.allclose(kc, kb, rtol=1e-5, atol=1e-6) and torch.allclose(vc, vb, rtol=1e-5, atol=1e-6)
+    for path, launches in (("stack", 1), ("block", 2)):           # per step: all layers at once, or each layer
+        launched = _launches(monkeypatch)
+        candidate, cache_c = _decode(model, prompts, steps, kind=kind, path=path, monkeypatch=monkeypatch)
+        assert launched.count("block") == launches * steps.shape[1]
+        assert_error_ratio(candidate, baseline, oracle, what=f"{name} {kind} fused decode ({path})")
+        assert torch.equal(cache_c.lengths, cache_b.lengths)
+        for lc, lb in zip(cache_c.layers, cache_b.layers):         # the same keys and values stored
+            for b in range(3):
+                n = int(cache_b.lengths[b])
+                (kc, vc), (kb, vb) = _stored(lc, b, n), _stored(lb, b, n)
+                assert torch.allclose(kc, kb, rtol=1e-5, atol=1e-6) and torch.allclose(vc, vb, rtol=1e-5, atol=1e-6)
 
 
 def _one_step_launches(model, monkeypatch, cache=None, grad=False):
@@ -121,6 +127,29 @@ def test_fused_block_falls_back_where_it_does_not_apply(monkeypatch):
     assert launched.count("block") == 1                                             # layer 1 only
     mistral, _ = _models("mistral")
     assert "block" not in _one_step_launches(mistral, monkeypatch)                  # ring buffer cache
+
+
+def test_fused_step_leaves_hooked_modules_to_the_module_path(monkeypatch):
+    """A forward hook sees its module run: a hook on a block stops the one-launch stack (the
+    blocks then fuse one by one); a hook inside a block sends that block down the module path."""
+    model, _ = _models("gpt2")
+    plain = _one_step_launches(model, monkeypatch)
+    assert plain.count("block") == 1                                                # both layers, one launch
+    seen = []
+    handle = model.layers[0].register_forward_hook(lambda *a: seen.append("block 0"))
+    assert _one_step_launches(model, monkeypatch).count("block") == 2
+    assert seen == ["block 0"] * 2                                                  # prefill and the step
+    handle.remove()
+    handle = model.layers[1].ffn.fc1.register_forward_pre_hook(lambda *a: seen.append("fc1"))
+    assert _one_step_launches(model, monkeypatch).count("block") == 1
+    assert seen[2:] == ["fc1"] * 2
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *a: seen.append("any"))
+    try:
+        assert "block" not in _one_step_launches(model, monkeypatch) and "any" in seen
+    finally:
+        handle.remove()
+    assert _one_step_launches(model, monkeypatch).count("block") == 1
 
 
 def test_fused_block_full_cache_raises_and_changes_nothing():

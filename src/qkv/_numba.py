@@ -353,7 +353,7 @@ def _build():
 
     @numba.njit(boundscheck=False, nogil=True, cache=True)
     def block_ptr(p, n, fl):                         # pragma: no cover - compiled
-        # `block` on tensors given by address (see block_step for the layout of p, n, fl)
+        # `block` on tensors given by address (see blocks_step for the layout of p, n, fl)
         B, d, nqkv, Hq, Hkv, D, max_len, F, n1 = n[0], n[1], n[2], n[3], n[4], n[5], n[6], n[7], n[8]
         rd, B_cos = n[9], (n[0] if n[9] > 0 else 1)
         x = numba.carray(f32ptr(p[0]), (B, d))
@@ -393,7 +393,13 @@ def _build():
               n[11], n[12] != 0, cos, sin, rd, n[14] != 0, kc, vc, slots, tables, lengths, n[19] != 0, n[15],
               n[18], fl[2], Hq, h, qkv, q4, att, f, g, y)
 
-    _kernels = (numba, {"skinny": skinny_ptr, "paged": paged, "block": block_ptr, "activate": activate})
+    @numba.njit(boundscheck=False, nogil=True, cache=True)
+    def blocks_ptr(P, N, FL):                        # pragma: no cover - compiled
+        # block after block on one x: row l of P, N, FL is layer l (see blocks_step)
+        for layer in range(P.shape[0]):
+            block_ptr(P[layer], N[layer], FL[layer])
+
+    _kernels = (numba, {"skinny": skinny_ptr, "paged": paged, "block": blocks_ptr, "activate": activate})
     return _kernels
 
 
@@ -499,35 +505,37 @@ def paged_decode(q: Tensor, kpool: Tensor, vpool: Tensor, tables: Tensor, length
     return out.view(B, Hq, 1, D)
 
 
-def block_step(x: Tensor, static: list[int], dims: list[int], floats: list[float], *, cos, sin,
-               kpool: Tensor, vpool: Tensor, slots: Tensor, tables: Tensor, lengths: Tensor, advance: bool,
-               block_size: int, window: int | None) -> Tensor:
-    """One pre-norm Transformer block for one new token per sequence, in one launch.
+def blocks_step(x: Tensor, layers: list[dict]) -> Tensor:
+    """Pre-norm Transformer blocks, one after another, for one new token per sequence, in one launch.
 
-    x (B, 1, d) -> (B, 1, d) (a new tensor). `static` holds the addresses of the block's
-    parameters, `dims` its sizes and kinds, `floats` (eps1, eps2, scale), as
-    `Block._fused_plan` lays them out (checked there: alive, fp32, contiguous, q/k/v and
-    gate/up back to back). cos, sin (B, rd) for RoPE at each sequence's new position, or
-    None. kpool, vpool (1 or B, Hkv, S, D) fp32: the new key/value of sequence b go to
-    slot slots[b] (B,) int64 of its pool; attention reads tables (B, W) int64 blocks of
-    block_size slots up to lengths[b] tokens. With `advance`, lengths holds the counts
-    before this token and is advanced by one in place (a contiguous cache: slots is
-    lengths, one block of S slots per sequence).
+    x (B, 1, d) -> (B, 1, d) (a new tensor). Each entry of `layers` describes one block,
+    in order: `static`, the addresses of its parameters, `dims`, its sizes and kinds,
+    `floats`, (eps1, eps2, scale), as `Block._fused_plan` lays them out (checked there:
+    alive, fp32, contiguous, q/k/v and gate/up back to back); cos, sin (B, rd) for RoPE at
+    each sequence's new position, or None; `window` (None: no window); and where its cache
+    is (`LayerCache._claim_fused_slot`): kpool, vpool (1 or B, Hkv, S, D) fp32, the new
+    key/value of sequence b go to slot slots[b] (B,) int64 of its pool; attention reads
+    tables (B, W) int64 blocks of block_size slots up to lengths[b] tokens. With
+    `advance`, lengths holds the counts before this token and is advanced by one in place
+    (a contiguous cache: slots is lengths, one block of S slots per sequence).
     """
     import numpy as np
 
     B, _, d = x.shape
-    nqkv, Hq, Hkv, D, F, n1 = dims[0], dims[1], dims[2], dims[3], dims[4], dims[5]
     out = x.detach().reshape(B, d).clone()
-    scratch = torch.empty(B * (2 * d + nqkv + 2 * Hq * D + n1 + F), dtype=torch.float32)
-    rd = cos.shape[-1] if cos is not None else 0
-    if cos is not None:
-        cos, sin = cos.contiguous(), sin.contiguous()
-    p = np.array([out.data_ptr(), *static[:12], cos.data_ptr() if rd else 0, sin.data_ptr() if rd else 0,
-                  kpool.data_ptr(), vpool.data_ptr(), lengths.data_ptr(), scratch.data_ptr(), slots.data_ptr(),
-                  tables.data_ptr()], dtype=np.int64)
-    n = np.array([B, d, nqkv, Hq, Hkv, D, kpool.shape[2], F, n1, rd, *dims[6:11], 0 if window is None else int(window),
-                  kpool.shape[0], tables.shape[1], block_size, int(advance)], dtype=np.int64)
+    scratch = torch.empty(B * max(2 * d + L["dims"][0] + 2 * L["dims"][1] * L["dims"][3] + L["dims"][5]
+                                  + L["dims"][4] for L in layers), dtype=torch.float32)
+    p, n, fl = [], [], []
+    for L in layers:
+        dims, cos, sin, kpool = L["dims"], L["cos"], L["sin"], L["kpool"]
+        rd = cos.shape[-1] if cos is not None else 0
+        p.append([out.data_ptr(), *L["static"][:12], cos.data_ptr() if rd else 0, sin.data_ptr() if rd else 0,
+                  kpool.data_ptr(), L["vpool"].data_ptr(), L["lengths"].data_ptr(), scratch.data_ptr(),
+                  L["slots"].data_ptr(), L["tables"].data_ptr()])
+        n.append([B, d, dims[0], dims[1], dims[2], dims[3], kpool.shape[2], dims[4], dims[5], rd, *dims[6:11],
+                  0 if L["window"] is None else int(L["window"]), kpool.shape[0], L["tables"].shape[1],
+                  L["block_size"], int(L["advance"])])
+        fl.append(L["floats"])
     # the kernel reads and writes these tensors by address while they are alive here
-    _launch("block", p, n, np.array(floats, dtype=np.float64))
+    _launch("block", np.array(p, dtype=np.int64), np.array(n, dtype=np.int64), np.array(fl, dtype=np.float64))
     return out.view(B, 1, d)

@@ -194,12 +194,12 @@ class LayerCache:
 
     def _fused_ready(self) -> bool:
         """Whether the fused decode block (`qkv.layers.Block`) can write and read this cache:
-        fp32 CPU storage in a layout `qkv._numba.block_step` takes. No side effects."""
+        fp32 CPU storage in a layout `qkv._numba.blocks_step` takes. No side effects."""
         return False
 
     def _claim_fused_slot(self) -> dict:
         """For a fused one-token step, after `check_room(1)`: claim each sequence's slot for
-        the new token and say where the kernel writes it and what it reads (`block_step`'s
+        the new token and say where the kernel writes it and what it reads (`blocks_step`'s
         kpool, vpool, slots, tables, lengths, advance, block_size)."""
         raise NotImplementedError
 

@@ -25,6 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _torch_module
 
 import qkv
 from qkv import _memory, _numba
@@ -64,6 +65,19 @@ class Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         return _numba.linear(x, self.weight, self.bias)
+
+
+def _hooked(modules) -> bool:
+    """Whether a forward hook (or pre-hook) would see one of these modules run: the fused
+    decode step runs no module's forward, so it steps aside when one is registered."""
+    return bool(_torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks or any(
+        m._forward_hooks or m._forward_pre_hooks for m in modules))
+
+
+def _claim(layer: dict) -> dict:
+    """A `_fused_layer` entry made ready for `blocks_step`: the new token's cache slot claimed."""
+    cache = layer["cache"]
+    return {**{k: v for k, v in layer.items() if k != "cache"}, **cache._claim_fused_slot()}
 
 
 def _joinable(layers) -> bool:
@@ -561,55 +575,81 @@ class Block(nn.Module):
 
     def _fused_decode(self, x: Tensor, positions: Tensor | None, cache) -> Tensor | None:
         """One new token per sequence through the whole block in one kernel launch
-        (`qkv._numba.block_step`), or None where it does not apply and the module path runs.
+        (`qkv._numba.blocks_step`), or None where it does not apply and the module path runs.
 
         It applies to inference (autograd off, eval mode) in fp32 on the CPU, pre-norm, no
-        cross-attention, exact attention without ALiBi or an inspection hook, a contiguous
-        or paged cache (a ring buffer takes the module path), packed weights (q/k/v and
-        gate/up back to back), biases everywhere or nowhere. The module path computes the
-        same function; tests hold the two together.
+        cross-attention, exact attention without ALiBi or an inspection hook, no forward hook
+        on the block's parts, a contiguous or paged cache (a ring buffer takes the module
+        path), packed weights (q/k/v and gate/up back to back), biases everywhere or nowhere.
+        The module path computes the same function; tests hold the two together.
         """
-        attn = self.self_attn
+        layer = self._fused_layer(x, positions, cache, {})
+        if layer is None:
+            return None
+        cache.check_room(1)                                # CacheFull before anything changes
+        return _numba.blocks_step(x, [_claim(layer)])
+
+    def _fused_layer(self, x: Tensor, positions: Tensor | None, cache, rope_tables: dict) -> dict | None:
+        """What `blocks_step` needs for this block on this step (the cache not yet touched),
+        or None where the fused step does not apply (see `_fused_decode`). `rope_tables`
+        memoises cos/sin per RoPE module across the layers of one step."""
         if (torch.is_grad_enabled() or self.training or x.shape[1] != 1 or x.dtype != torch.float32 or not x.is_cpu
-                or x.shape[0] != cache.batch or not cache._fused_ready() or self.cross_attention
-                or self.norm_position != "pre" or attn.alibi_slopes is not None or attn.feature_map is not None
-                or attn.attention != "exact" or attn.backend != "auto" or ATTENTION_HOOK.get() is not None
+                or x.shape[0] != cache.batch or not cache._fused_ready() or ATTENTION_HOOK.get() is not None
                 or not _numba.available()):
             return None
         plan = self._fused_plan()
         if plan is None:
             return None
-        static, dims, floats = plan
+        static, dims, floats, rope = plan
         cos = sin = None
-        if attn.rope is not None:
+        if rope is not None:
             if positions is None:
                 positions = cache.length[:, None]
-            pos = positions.reshape(-1, 1)[:, 0] if positions.dim() == 2 else positions.reshape(-1)
-            if pos.numel() == 1:
-                pos = pos.expand(x.shape[0])
-            cos_t, sin_t = attn.rope._table(int(pos.max()) + 1, x.device, torch.float32)     # (N, rd)
-            cos, sin = cos_t[pos], sin_t[pos]                                                # (B, rd)
-        cache.check_room(1)                                # CacheFull before anything changes
-        where = cache._claim_fused_slot()                  # where the kernel writes the new K/V and reads
-        return _numba.block_step(x, static, dims, floats, cos=cos, sin=sin, window=cache.window, **where)
+            tables = rope_tables.get(id(rope))
+            if tables is None:
+                pos = positions.reshape(-1, 1)[:, 0] if positions.dim() == 2 else positions.reshape(-1)
+                if pos.numel() == 1:
+                    pos = pos.expand(x.shape[0])
+                cos_t, sin_t = rope._table(int(pos.max()) + 1, x.device, torch.float32)     # (N, rd)
+                tables = rope_tables[id(rope)] = (cos_t[pos].contiguous(), sin_t[pos].contiguous())   # (B, rd)
+            cos, sin = tables
+        return dict(static=static, dims=dims, floats=floats, cos=cos, sin=sin, window=cache.window, cache=cache)
 
     def _fused_plan(self):
-        """(parameter addresses, sizes and kinds, (eps1, eps2, scale)) for `block_step`, or None
-        when this block's parameters cannot be fused. Worked out once per parameter layout
-        (keyed on the modules and their parameters' addresses; no tensor is kept)."""
-        attn, ffn, n1, n2 = self.self_attn, self.ffn, self.norm1, self.norm2
-        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
-        ups = (ffn.gate_proj, ffn.up_proj) if ffn.gated else (ffn.fc1,)
-        down = ffn.down_proj if ffn.gated else ffn.fc2
-        linears = (*projections, attn.o_proj, *ups, down)
-        params = [layer.weight for layer in linears] + [layer.bias for layer in linears] + [
-            getattr(n, name, None) for n in (n1, n2) for name in ("weight", "bias")]
-        key = (id(attn), id(ffn), id(n1), id(n2), id(attn.rope), ffn.activation, attn.scale, n1.eps, n2.eps,
+        """(parameter addresses, sizes and kinds, (eps1, eps2, scale), RoPE module) for
+        `blocks_step`, or None when this block cannot be fused now. The layout is worked out
+        once per set of modules and parameter addresses (no tensor is kept); modules and
+        parameters are read from their dicts, and forward hooks are looked for every step."""
+        mods = self._modules
+        attn, ffn, n1, n2 = mods["self_attn"], mods["ffn"], mods["norm1"], mods["norm2"]
+        am, fm = attn._modules, ffn._modules
+        gated = ffn.gated
+        ups = (fm["gate_proj"], fm["up_proj"]) if gated else (fm["fc1"],)
+        down = fm["down_proj"] if gated else fm["fc2"]
+        linears = (am["q_proj"], am["k_proj"], am["v_proj"], am["o_proj"], *ups, down)
+        if _hooked((attn, ffn, n1, n2, *linears)):
+            return None
+        params = [layer._parameters.get(name) for layer in linears for name in ("weight", "bias")] + [
+            n._parameters.get(name) for n in (n1, n2) for name in ("weight", "bias")]
+        rope = attn.rope
+        key = (id(attn), id(ffn), id(n1), id(n2), id(rope), ffn.activation, attn.scale, n1.eps, n2.eps,
+               self.cross_attention, self.norm_position, attn.attention, attn.backend, attn.feature_map,
+               attn._buffers.get("alibi_slopes") is None, *map(id, linears),
                *(None if t is None else (t.data_ptr(), t.dtype, t.is_contiguous()) for t in params))
         cached = self.__dict__.get("_qkv_fused_plan")
         if cached is not None and cached[0] == key:
             return cached[1]
-        plan = None
+        plan = self._work_out_fused_plan(attn, ffn, n1, n2, ups, down, linears)
+        self.__dict__["_qkv_fused_plan"] = (key, plan)
+        return plan
+
+    def _work_out_fused_plan(self, attn, ffn, n1, n2, ups, down, linears):
+        if (self.cross_attention or self.norm_position != "pre" or attn.alibi_slopes is not None
+                or attn.feature_map is not None or attn.attention != "exact" or attn.backend != "auto"):
+            return None
+        projections = linears[:3]
+        params = [layer.weight for layer in linears] + [layer.bias for layer in linears] + [
+            getattr(n, name, None) for n in (n1, n2) for name in ("weight", "bias")]
         has_bias = linears[0].bias is not None
         if type(n1) is nn.LayerNorm and type(n2) is nn.LayerNorm:
             norm_kind = 0 if all(t is not None for t in (n1.weight, n1.bias, n2.weight, n2.bias)) else None
@@ -621,22 +661,22 @@ class Block(nn.Module):
               and all(t is None or (t.dtype == torch.float32 and t.is_cpu and t.is_contiguous()) for t in params)
               and all((layer.bias is not None) == has_bias for layer in linears)
               and _joinable(projections) and _joinable(ups))
-        if ok:
-            def ptr(t):
-                return 0 if t is None else t.data_ptr()
-            norm_b1, norm_b2 = (n1.bias, n2.bias) if norm_kind == 0 else (None, None)
-            static = [ptr(n1.weight), ptr(norm_b1), ptr(n2.weight), ptr(norm_b2), ptr(attn.q_proj.weight),
-                      ptr(attn.q_proj.bias), ptr(attn.o_proj.weight), ptr(attn.o_proj.bias), ptr(ups[0].weight),
-                      ptr(ups[0].bias), ptr(down.weight), ptr(down.bias)]
-            D = attn.head_dim
-            dims = [sum(layer.weight.shape[0] for layer in projections), attn.n_heads, attn.n_kv_heads, D,
-                    down.weight.shape[1], sum(layer.weight.shape[0] for layer in ups), norm_kind,
-                    self._FUSED_ACTIVATIONS[ffn.activation], int(ffn.gated), int(has_bias),
-                    int(attn.rope.interleaved) if attn.rope is not None else 0]
-            scale = attn.scale if attn.scale is not None else 1.0 / math.sqrt(D)
-            plan = (static, dims, [float(n1.eps), float(n2.eps), float(scale)])
-        self.__dict__["_qkv_fused_plan"] = (key, plan)
-        return plan
+        if not ok:
+            return None
+
+        def ptr(t):
+            return 0 if t is None else t.data_ptr()
+        norm_b1, norm_b2 = (n1.bias, n2.bias) if norm_kind == 0 else (None, None)
+        static = [ptr(n1.weight), ptr(norm_b1), ptr(n2.weight), ptr(norm_b2), ptr(attn.q_proj.weight),
+                  ptr(attn.q_proj.bias), ptr(attn.o_proj.weight), ptr(attn.o_proj.bias), ptr(ups[0].weight),
+                  ptr(ups[0].bias), ptr(down.weight), ptr(down.bias)]
+        D = attn.head_dim
+        dims = [sum(layer.weight.shape[0] for layer in projections), attn.n_heads, attn.n_kv_heads, D,
+                down.weight.shape[1], sum(layer.weight.shape[0] for layer in ups), norm_kind,
+                self._FUSED_ACTIVATIONS[ffn.activation], int(ffn.gated), int(has_bias),
+                int(attn.rope.interleaved) if attn.rope is not None else 0]
+        scale = attn.scale if attn.scale is not None else 1.0 / math.sqrt(D)
+        return static, dims, [float(n1.eps), float(n2.eps), float(scale)], attn.rope
 
     def _sublayer(self, x: Tensor, norm: nn.Module, fn, returns_weights: bool):
         """One residual sublayer, pre- or post-norm; returns (x, fn's weights or None)."""

@@ -29,7 +29,7 @@ from qkv import _memory, _numba
 from qkv._checks import check_int as _check_int
 from qkv.backends.linear import Performer
 from qkv.cache import Cache, LinearStateCache, _Spec
-from qkv.layers import Block, RMSNorm
+from qkv.layers import Block, RMSNorm, _claim
 from qkv.models.config import DecoderConfig
 from qkv.positional import RotaryEmbedding
 
@@ -214,6 +214,10 @@ class Decoder(nn.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)                                  # (B or 1, L, d_model) broadcast
         rope_positions = positions if self.rope is not None else None
+        if cache is not None and L == 1:
+            fused = self._fused_layers(x, rope_positions, cache)
+            if fused is not None:
+                return self.norm(fused)
         for i, block in enumerate(self.layers):
             if cache is not None:
                 x = block(x, positions=rope_positions, cache=cache.layers[i])
@@ -224,6 +228,24 @@ class Decoder(nn.Module):
                     layer_mask = layer_mask & mask
                 x = block(x, mask=layer_mask, positions=rope_positions)
         return self.norm(x)
+
+    def _fused_layers(self, x: Tensor, positions: Tensor | None, cache: Cache) -> Tensor | None:
+        """Every block's one-token step in one kernel launch (`qkv._numba.blocks_step`), when each
+        block's fused step applies (`Block._fused_decode`) and no forward hook would miss a block
+        running; else None, and the blocks run one by one."""
+        blocks = list(self.layers)
+        if not blocks or any(type(b).forward is not Block.forward or b._forward_hooks or b._forward_pre_hooks
+                             for b in blocks):
+            return None
+        rope_tables: dict = {}
+        layers = []
+        for block, layer_cache in zip(blocks, cache.layers):
+            layer = block._fused_layer(x, positions, layer_cache, rope_tables)
+            if layer is None:
+                return None
+            layers.append(layer)
+        # check_room(1) passed in hidden(): claiming a slot in every layer cannot fail
+        return _numba.blocks_step(x, [_claim(layer) for layer in layers])
 
     def extra_repr(self) -> str:
         c = self.config
