@@ -91,6 +91,23 @@ def test_every_rate_and_ratio_is_a_positive_finite_number(quick):
         assert g["met"] in (True, False) and _positive_finite(g["measured"]), g
 
 
+def test_floor_sets_each_run_against_the_bandwidth_read_around_it(quick):
+    import statistics
+
+    _, result = quick
+    fl, runs = result["floor"], result["batch1"]["contiguous"]["each"]
+    assert len(fl["per_run"]) == len(runs) == bench_generate.QUICK.repeats_1
+    for r, run in zip(fl["per_run"], runs):
+        assert r["read_gbs"] == max(run["read_gbs_before"], run["read_gbs_after"]) > 0
+        assert r["floor_ms"] == pytest.approx(fl["bytes"]["total_bytes"] / (r["read_gbs"] * 1e6), rel=1e-3)
+        assert r["ratio"] == pytest.approx(r["step_ms"] / r["floor_ms"], rel=1e-3)
+    assert fl["qkv_ratio"] == pytest.approx(statistics.median(r["ratio"] for r in fl["per_run"]), rel=1e-3)
+    assert result["goals"][0]["measured"] == fl["qkv_ratio"]
+    wide = fl["run_wide"]
+    assert wide["read_gbs"] == result["bandwidth"]["read_gbs"]
+    assert wide["qkv_ratio"] == pytest.approx(fl["qkv_step_ms"] / wide["floor_ms"], rel=1e-3)
+
+
 def test_step_bytes_are_the_parameters_and_the_cache(quick):
     _, result = quick
     s = bench_generate.QUICK
