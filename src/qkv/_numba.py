@@ -20,8 +20,9 @@ the memory bandwidth, because those are tuned for large problems:
   other sequences' slots. All of a row's scores are kept (4 bytes a key), so
   softmax takes one max and one exponential per key; keys and values are read
   as four interleaved quarters of the row (0.91x the time of one run per row
-  at batch 8, 544 keys, GPT-2-small's heads, measured), each loaded once for
-  the G query heads of a GQA group.
+  at batch 8, 544 keys, GPT-2-small's heads, measured), four keys per pass
+  sharing each load of q (0.85x the time of one key per pass at batch 1, 0.9x
+  at batch 8, an AMD EPYC), each loaded once for the G query heads of a GQA group.
 
 Compilation takes a few seconds once per process (cached on disk where the
 package directory is writable). Only reassociation and contraction are
@@ -146,9 +147,11 @@ def _build():
     @jit
     def paged(q, kpool, vpool, tables, lengths, window, block_size, scale, out):   # pragma: no cover - compiled
         # q, out (B, Hkv, G, D); kpool, vpool (1 or B, Hkv, slots, D); tables (B, max_blocks); lengths (B,)
-        # Per (sequence, kv head): every score of the row first, its keys read as four
-        # interleaved runs (quarters of the row) the prefetcher streams together; one max,
-        # one exponential per key; then the values, again as four runs, into four accumulators.
+        # Per (sequence, kv head): every score of the row first, then the values. Keys and values
+        # are read as four interleaved runs (quarters of the row) the prefetcher streams together,
+        # four keys per pass: four dot products share each load of q and reduce once each; the
+        # values go into four accumulators. Each key and value is loaded once for the G query
+        # heads of a GQA group. One max, one exponential per key.
         B, H, G, D = q.shape
         sc = np.float32(scale)
         for item in numba.prange(B * H):
@@ -163,24 +166,41 @@ def _build():
                     for d in range(D):
                         out[b, h, g, d] = np.float32(0.0)
                 continue
-            quarter = (n + 3) // 4
-            slot = np.empty(n, dtype=np.int64)
-            for j in range(n):
-                t = first + j
-                slot[j] = tables[b, t // block_size] * block_size + t % block_size
+            slot = np.empty(n, dtype=np.int64)                       # position first + j -> pool slot
+            j = 0
+            blk = first // block_size
+            off = first - blk * block_size
+            while j < n:                                             # block by block: no division per key
+                base = tables[b, blk] * block_size + off
+                run = min(block_size - off, n - j)
+                for i in range(run):
+                    slot[j + i] = base + i
+                j += run
+                blk += 1
+                off = 0
+            quarter = n // 4                                         # four runs of `quarter` keys, then the rest
+            qs = np.empty((G, D), dtype=np.float32)
+            for g in range(G):
+                for d in range(D):
+                    qs[g, d] = q[b, h, g, d] * sc
             s = np.empty((G, n), dtype=np.float32)
-            acc = np.zeros((G, 4, D), dtype=np.float32)
+            for i in range(quarter):
+                o0, o1, o2, o3 = slot[i], slot[quarter + i], slot[2 * quarter + i], slot[3 * quarter + i]
+                for g in range(G):
+                    a0 = np.float32(0.0); a1 = np.float32(0.0); a2 = np.float32(0.0); a3 = np.float32(0.0)
+                    for d in range(D):
+                        qd = qs[g, d]
+                        a0 += qd * kpool[bk, h, o0, d]; a1 += qd * kpool[bk, h, o1, d]
+                        a2 += qd * kpool[bk, h, o2, d]; a3 += qd * kpool[bk, h, o3, d]
+                    s[g, i] = a0; s[g, quarter + i] = a1; s[g, 2 * quarter + i] = a2; s[g, 3 * quarter + i] = a3
+            for j in range(4 * quarter, n):
+                o = slot[j]
+                for g in range(G):
+                    a0 = np.float32(0.0)
+                    for d in range(D):
+                        a0 += qs[g, d] * kpool[bk, h, o, d]
+                    s[g, j] = a0
             den = np.zeros(G, dtype=np.float32)
-            for i in range(quarter):                                 # scores: each key loaded once for G heads
-                for c in range(4):
-                    j = c * quarter + i
-                    if j < n:
-                        o = slot[j]
-                        for g in range(G):
-                            dot = np.float32(0.0)
-                            for d in range(D):
-                                dot += q[b, h, g, d] * kpool[bk, h, o, d]
-                            s[g, j] = dot * sc
             for g in range(G):
                 top = s[g, 0]
                 for j in range(1, n):
@@ -195,15 +215,20 @@ def _build():
                     s[g, j] = p
                     total += p
                 den[g] = total
-            for i in range(quarter):                                 # values: each loaded once for G heads
-                for c in range(4):
-                    j = c * quarter + i
-                    if j < n:
-                        o = slot[j]
-                        for g in range(G):
-                            p = s[g, j]
-                            for d in range(D):
-                                acc[g, c, d] += p * vpool[bk, h, o, d]
+            acc = np.zeros((G, 4, D), dtype=np.float32)
+            for i in range(quarter):
+                o0, o1, o2, o3 = slot[i], slot[quarter + i], slot[2 * quarter + i], slot[3 * quarter + i]
+                for g in range(G):
+                    w0, w1, w2, w3 = s[g, i], s[g, quarter + i], s[g, 2 * quarter + i], s[g, 3 * quarter + i]
+                    for d in range(D):
+                        acc[g, 0, d] += w0 * vpool[bk, h, o0, d]; acc[g, 1, d] += w1 * vpool[bk, h, o1, d]
+                        acc[g, 2, d] += w2 * vpool[bk, h, o2, d]; acc[g, 3, d] += w3 * vpool[bk, h, o3, d]
+            for j in range(4 * quarter, n):
+                o = slot[j]
+                for g in range(G):
+                    w0 = s[g, j]
+                    for d in range(D):
+                        acc[g, 0, d] += w0 * vpool[bk, h, o, d]
             for g in range(G):
                 inv = np.float32(1.0) / den[g] if den[g] > 0 else np.float32(0.0)
                 for d in range(D):
