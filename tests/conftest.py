@@ -32,7 +32,7 @@ EPS = {
 
 
 def max_err(x: torch.Tensor, oracle: torch.Tensor) -> float:
-    diff = (x.double() - oracle.double()).abs()
+    diff = (x.detach().double() - oracle.detach().double()).abs()
     if diff.numel() == 0:
         return 0.0
     assert not torch.isnan(diff).any(), "NaN where the oracle has a number"
