@@ -50,7 +50,7 @@ def assert_error_ratio(candidate, baseline, oracle, *, ratio: float = 2.0, what:
     err_c = max_err(candidate, oracle)
     err_b = max_err(baseline, oracle)
     if scale is None:
-        scale = float(oracle.double().abs().max()) if oracle.numel() else 1.0
+        scale = float(oracle.detach().double().abs().max()) if oracle.numel() else 1.0
     scale = max(1.0, scale)
     floor = (1 if ratio <= 2 else 4) * EPS[candidate.dtype] * scale
     assert err_c <= ratio * err_b + floor, (
