@@ -51,7 +51,7 @@ def _launches(monkeypatch):
 def _decode(model, prompts, steps, *, kind, path, monkeypatch):
     """path: "stack" (all layers in one launch), "block" (a launch per layer) or "module" (no fusion)."""
     if path == "module":
-        monkeypatch.setattr(Block, "_fused_layer", lambda self, *a: None)
+        monkeypatch.setattr(Block, "_fused_static", lambda self, *a: None)
     elif path == "block":
         monkeypatch.setattr(Decoder, "_fused_layers", lambda self, *a: None)
     extra = {"ring": False} if kind == "contiguous" else {"block_size": 4}
@@ -237,3 +237,47 @@ def test_fused_block_interleaved_and_partial_rope(interleaved, rotary_dim, monke
     with torch.no_grad():
         oracle = block64(x.double(), causal=True, positions=torch.arange(9))[:, 6:]
     assert_error_ratio(candidate, baseline, oracle, what=f"rope interleaved={interleaved} rd={rotary_dim}")
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "paged"])
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_generate_reuses_the_first_steps_checks_and_matches_stream(name, kind, monkeypatch):
+    """`generate` checks the blocks on its first decode step and reuses the layouts after
+    (`Decoder._decode_step`); `stream`, which hands control out between steps, checks every
+    step. Same tokens, ragged prompts, sequences stopping early (the paged batch shrinks)."""
+    from qkv.generate import generate, stream
+
+    model, _ = _models(name)
+    prompts = [[5, 9, 1], [7] * 11, [3, 4, 5, 6, 2, 8, 1]]
+    args = dict(max_new_tokens=9, cache=kind, block_size=4, temperature=0.8, top_k=20, seed=3)
+    first = [list(step) for step in stream(model, prompts, **args)]
+    expected = [[step[b] for step in first if step[b] is not None] for b in range(3)]
+    stop = expected[1][2]                                          # ends at least one row early
+    first = [list(step) for step in stream(model, prompts, stop_tokens=[stop], **args)]
+    expected = [[step[b] for step in first if step[b] is not None] for b in range(3)]
+    checks = []
+    real = Block._fused_static
+    monkeypatch.setattr(Block, "_fused_static",                     # counts the one-token checks
+                        lambda self, x, cache: (checks.extend([1] * (x.shape[1] == 1)), real(self, x, cache))[1])
+    launched = _launches(monkeypatch)
+    got = generate(model, prompts, stop_tokens=[stop], **args)
+    assert got == expected
+    assert len(checks) == 2                                         # two blocks, checked on the first step only
+    assert launched.count("block") == max(map(len, got)) - 1        # every decode step in one launch
+    checks.clear()
+    list(stream(model, prompts, stop_tokens=[stop], **args))
+    assert len(checks) == 2 * (max(map(len, got)) - 1)              # stream: every step, every block
+
+
+def test_generate_runs_the_models_hooks_every_step():
+    from qkv.generate import generate
+
+    model, _ = _models("gpt2")
+    calls = []
+    handle = model.register_forward_hook(lambda module, args, out: calls.append(tuple(out.shape)))
+    try:
+        out = generate(model, [1, 2, 3], max_new_tokens=5)
+    finally:
+        handle.remove()
+    assert len(out) == 5 and len(calls) == 5                        # the prompt, then four decode steps
+    assert out == generate(model, [1, 2, 3], max_new_tokens=5)

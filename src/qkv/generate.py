@@ -140,12 +140,14 @@ def _as_prompts(prompts, vocab_size: int) -> tuple[list[list[int]], bool]:
 
 def stream(model, prompts, *, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
            top_p: float | None = None, seed: int | None = None, stop_tokens=(), cache: str = "contiguous",
-           block_size: int = 16, stats: dict | None = None) -> Iterator:
+           block_size: int = 16, stats: dict | None = None, _own_loop: bool = False) -> Iterator:
     """Generate token by token: yields an int per step for one prompt, or a list
     (one entry per prompt, None once that prompt has stopped) for a batch.
 
     Arguments as in `generate`. Stopping: a sequence stops after emitting a stop
-    token (which is yielded) or max_new_tokens tokens.
+    token (which is yielded) or max_new_tokens tokens. (`_own_loop`: `generate`'s
+    own consumer, which runs no other code between steps: the decode steps may then
+    reuse what the first step checked, `Decoder._decode_step`.)
     """
     if not (isinstance(getattr(model, "config", None), DecoderConfig) and callable(getattr(model, "new_cache", None))):
         raise TypeError(f"model must be a qkv.models.Decoder (a causal language model with a KV cache), got "
@@ -167,11 +169,11 @@ def stream(model, prompts, *, max_new_tokens: int = 32, temperature: float = 0.0
     if temperature > 0:
         generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
     return _run(model, batch, single, max_new_tokens, temperature, top_k, top_p, generator, stops, cache,
-                block_size, stats)
+                block_size, stats, _own_loop)
 
 
 def _run(model, batch, single, max_new_tokens, temperature, top_k, top_p, generator, stops, cache_kind,
-         block_size, stats):
+         block_size, stats, own_loop):
     device = model.embed.weight.device
     B = len(batch)
     pick = lambda logits: sample(logits, temperature=temperature, top_k=top_k, top_p=top_p,  # noqa: E731
@@ -209,6 +211,7 @@ def _run(model, batch, single, max_new_tokens, temperature, top_k, top_p, genera
             token = pick(torch.stack(last))                                                 # (B,)
             if stats is not None:
                 stats["prefill_s"] = time.perf_counter() - t0
+            reuse = {} if own_loop and callable(getattr(model, "_decode_step", None)) else None
             active = list(range(B))                           # prompts still generating, by index
             done = [False] * B
             for step in range(max_new_tokens):
@@ -235,7 +238,10 @@ def _run(model, batch, single, max_new_tokens, temperature, top_k, top_p, genera
                     inputs = token[active][:, None]                      # (B', 1)
                 else:
                     step_cache, inputs = kv, token[:, None]              # contiguous: every row steps
-                logits = model(inputs.to(device), cache=step_cache, last_only=True)[:, -1]   # (B' or B, V)
+                if reuse is not None:
+                    logits = model._decode_step(inputs.to(device), step_cache, reuse)[:, -1]
+                else:
+                    logits = model(inputs.to(device), cache=step_cache, last_only=True)[:, -1]   # (B' or B, V)
                 nxt = pick(logits)
                 if sids is not None:
                     token = token.clone()
@@ -265,7 +271,7 @@ def generate(model, prompts, *, max_new_tokens: int = 32, temperature: float = 0
     """
     tokens = stream(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                     top_p=top_p, seed=seed, stop_tokens=stop_tokens, cache=cache, block_size=block_size,
-                    stats=stats)
+                    stats=stats, _own_loop=True)
     batch, single = _as_prompts(prompts, model.config.vocab_size)
     outs: list[list[int]] = [[] for _ in batch]
     for step in tokens:

@@ -74,8 +74,27 @@ def _hooked(modules) -> bool:
         m._forward_hooks or m._forward_pre_hooks for m in modules))
 
 
+def _with_rope(layer: dict, positions: Tensor | None, cache, rope_tables: dict) -> dict:
+    """A `Block._fused_static` entry for this step: cos, sin (B, rd) of its RoPE at each sequence's
+    new position (None without RoPE; `positions` None: the cache's lengths), memoised per RoPE
+    module in `rope_tables`, and the layer's cache."""
+    rope, cos, sin = layer["rope"], None, None
+    if rope is not None:
+        tables = rope_tables.get(id(rope))
+        if tables is None:
+            if positions is None:
+                positions = cache.length[:, None]
+            pos = positions.reshape(-1, 1)[:, 0] if positions.dim() == 2 else positions.reshape(-1)
+            if pos.numel() == 1:
+                pos = pos.expand(cache.batch)
+            cos_t, sin_t = rope._table(int(pos.max()) + 1, pos.device, torch.float32)         # (N, rd)
+            tables = rope_tables[id(rope)] = (cos_t[pos].contiguous(), sin_t[pos].contiguous())   # (B, rd)
+        cos, sin = tables
+    return {**layer, "cos": cos, "sin": sin, "cache": cache}
+
+
 def _claim(layer: dict) -> dict:
-    """A `_fused_layer` entry made ready for `blocks_step`: the new token's cache slot claimed."""
+    """A `_with_rope` entry made ready for `blocks_step`: the new token's cache slot claimed."""
     cache = layer["cache"]
     return {**{k: v for k, v in layer.items() if k != "cache"}, **cache._claim_fused_slot()}
 
@@ -593,6 +612,11 @@ class Block(nn.Module):
         """What `blocks_step` needs for this block on this step (the cache not yet touched),
         or None where the fused step does not apply (see `_fused_decode`). `rope_tables`
         memoises cos/sin per RoPE module across the layers of one step."""
+        layer = self._fused_static(x, cache)
+        return None if layer is None else _with_rope(layer, positions, cache, rope_tables)
+
+    def _fused_static(self, x: Tensor, cache) -> dict | None:
+        """The step-independent part of `_fused_layer` (no positions, no cache slots)."""
         if (torch.is_grad_enabled() or self.training or x.shape[1] != 1 or x.dtype != torch.float32 or not x.is_cpu
                 or x.shape[0] != cache.batch or not cache._fused_ready() or ATTENTION_HOOK.get() is not None
                 or not _numba.available()):
@@ -601,19 +625,7 @@ class Block(nn.Module):
         if plan is None:
             return None
         static, dims, floats, rope = plan
-        cos = sin = None
-        if rope is not None:
-            if positions is None:
-                positions = cache.length[:, None]
-            tables = rope_tables.get(id(rope))
-            if tables is None:
-                pos = positions.reshape(-1, 1)[:, 0] if positions.dim() == 2 else positions.reshape(-1)
-                if pos.numel() == 1:
-                    pos = pos.expand(x.shape[0])
-                cos_t, sin_t = rope._table(int(pos.max()) + 1, x.device, torch.float32)     # (N, rd)
-                tables = rope_tables[id(rope)] = (cos_t[pos].contiguous(), sin_t[pos].contiguous())   # (B, rd)
-            cos, sin = tables
-        return dict(static=static, dims=dims, floats=floats, cos=cos, sin=sin, window=cache.window, cache=cache)
+        return dict(static=static, dims=dims, floats=floats, rope=rope, window=cache.window)
 
     def _fused_plan(self):
         """(parameter addresses, sizes and kinds, (eps1, eps2, scale), RoPE module) for

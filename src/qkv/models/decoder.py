@@ -29,7 +29,7 @@ from qkv import _memory, _numba
 from qkv._checks import check_int as _check_int
 from qkv.backends.linear import Performer
 from qkv.cache import Cache, LinearStateCache, _Spec
-from qkv.layers import Block, RMSNorm, _claim
+from qkv.layers import Block, RMSNorm, _claim, _hooked, _with_rope
 from qkv.models.config import DecoderConfig
 from qkv.positional import RotaryEmbedding
 
@@ -46,6 +46,10 @@ def _check_positions(positions, B: int, L: int) -> None:
                          f"got {tuple(positions.shape)}")
     if positions.numel() and int(positions.min()) < 0:
         raise ValueError(f"positions must be >= 0, got {int(positions.min())}; positions count from 0")
+
+
+def _hooked_call(module: nn.Module) -> bool:
+    return _hooked((module,)) or bool(module._backward_hooks or module._backward_pre_hooks)
 
 
 class Decoder(nn.Module):
@@ -152,7 +156,7 @@ class Decoder(nn.Module):
     # -- forward ---------------------------------------------------------------
 
     def forward(self, tokens: Tensor, *, cache: Cache | None = None, positions: Tensor | None = None,
-                last_only: bool = False, mask=None) -> Tensor:
+                last_only: bool = False, mask=None, _reuse: dict | None = None) -> Tensor:
         """tokens (B, L) int -> logits (B, L, V), or (B, 1, V) with last_only.
 
         Without a cache: a full causal forward; `positions` (B, L) or (L,) default
@@ -163,13 +167,13 @@ class Decoder(nn.Module):
         such as `qkv.masks.longformer(64)` or `qkv.masks.bigbird(64)`, ANDed with
         every layer's causal (or window) mask, so no token ever sees a later one.
         """
-        h = self.hidden(tokens, cache=cache, positions=positions, mask=mask)  # (B, L, d_model)
+        h = self.hidden(tokens, cache=cache, positions=positions, mask=mask, _reuse=_reuse)  # (B, L, d_model)
         if last_only:
             h = h[:, -1:]                                                   # (B, 1, d_model)
         return _numba.linear(h, self.head_weight)                          # (B, L, V)
 
     def hidden(self, tokens: Tensor, *, cache: Cache | None = None, positions: Tensor | None = None,
-               mask=None) -> Tensor:
+               mask=None, _reuse: dict | None = None) -> Tensor:
         """The final-norm hidden states (B, L, d_model); arguments as in `forward`."""
         c = self.config
         if mask is not None:
@@ -215,7 +219,7 @@ class Decoder(nn.Module):
             x = x + self.pos_embed(positions)                                  # (B or 1, L, d_model) broadcast
         rope_positions = positions if self.rope is not None else None
         if cache is not None and L == 1:
-            fused = self._fused_layers(x, rope_positions, cache)
+            fused = self._fused_layers(x, rope_positions, cache, _reuse)
             if fused is not None:
                 return self.norm(fused)
         for i, block in enumerate(self.layers):
@@ -229,23 +233,53 @@ class Decoder(nn.Module):
                 x = block(x, mask=layer_mask, positions=rope_positions)
         return self.norm(x)
 
-    def _fused_layers(self, x: Tensor, positions: Tensor | None, cache: Cache) -> Tensor | None:
+    def _fused_layers(self, x: Tensor, positions: Tensor | None, cache: Cache, reuse: dict | None = None
+                      ) -> Tensor | None:
         """Every block's one-token step in one kernel launch (`qkv._numba.blocks_step`), when each
         block's fused step applies (`Block._fused_decode`) and no forward hook would miss a block
-        running; else None, and the blocks run one by one."""
+        running; else None, and the blocks run one by one. `reuse` (see `_decode_step`): the
+        blocks' step-independent layouts, worked out here when it holds none."""
+        statics = None if reuse is None else reuse.get("statics")
+        if statics is None:
+            statics = self._fused_statics(x, cache)
+            if statics is None:
+                return None
+            if reuse is not None:
+                reuse["statics"] = statics
+        rope_tables: dict = {}
+        layers = [_with_rope(layer, positions, layer_cache, rope_tables)
+                  for layer, layer_cache in zip(statics, cache.layers)]
+        # check_room(1) has passed: claiming a slot in every layer cannot fail
+        return _numba.blocks_step(x, [_claim(layer) for layer in layers])
+
+    def _fused_statics(self, x: Tensor, cache: Cache) -> list | None:
         blocks = list(self.layers)
         if not blocks or any(type(b).forward is not Block.forward or b._forward_hooks or b._forward_pre_hooks
                              for b in blocks):
             return None
-        rope_tables: dict = {}
-        layers = []
-        for block, layer_cache in zip(blocks, cache.layers):
-            layer = block._fused_layer(x, positions, layer_cache, rope_tables)
-            if layer is None:
-                return None
-            layers.append(layer)
-        # check_room(1) passed in hidden(): claiming a slot in every layer cannot fail
-        return _numba.blocks_step(x, [_claim(layer) for layer in layers])
+        statics = [block._fused_static(x, layer_cache) for block, layer_cache in zip(blocks, cache.layers)]
+        return None if any(layer is None for layer in statics) else statics
+
+    def _decode_step(self, tokens: Tensor, cache: Cache, reuse: dict) -> Tensor:
+        """logits (B, 1, V) of one new token per sequence: `self(tokens, cache=cache, last_only=True)`
+        for a decoding loop that runs no other code between its steps (`qkv.generate`), whose
+        tokens come from its own sampling (ids in range) and whose cache it built for the whole
+        run. The first step takes `forward`, which checks everything and, where the fused step
+        applies, keeps the blocks' layouts in `reuse` (a dict the loop holds); later steps reuse
+        them instead of checking each block again. Nothing changes the model inside such a loop;
+        a loop that hands control to other code between steps (`qkv.generate.stream`) must not
+        pass `reuse`."""
+        if _hooked_call(self):                                                # hooks see every call
+            return self(tokens, cache=cache, last_only=True)
+        if "statics" not in reuse or torch.is_grad_enabled() or tokens.shape[0] != cache.batch:
+            return self.forward(tokens, cache=cache, last_only=True, _reuse=reuse)
+        cache.check_room(1)                                                    # CacheFull: nothing changes
+        positions = cache.layers[0].length[:, None]                            # (B, 1)
+        x = self.embed(tokens)                                                 # (B, 1, d_model)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions)
+        h = self._fused_layers(x, positions if self.rope is not None else None, cache, reuse)
+        return _numba.linear(self.norm(h), self.head_weight)                   # (B, 1, V)
 
     def extra_repr(self) -> str:
         c = self.config
