@@ -281,3 +281,17 @@ def test_generate_runs_the_models_hooks_every_step():
         handle.remove()
     assert len(out) == 5 and len(calls) == 5                        # the prompt, then four decode steps
     assert out == generate(model, [1, 2, 3], max_new_tokens=5)
+
+
+def test_decode_step_reuses_nothing_outside_its_loops_conditions(monkeypatch):
+    """With autograd on, a reused layout would skip the checks that send the step down the
+    module path: `_decode_step` then takes the plain forward (no kernel, a graph recorded)."""
+    model, _ = _models("gpt2")
+    cache, reuse = model.new_cache(1), {}
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]), cache=cache)
+        model._decode_step(torch.tensor([[4]]), cache, reuse)
+    assert "statics" in reuse
+    launched = _launches(monkeypatch)
+    out = model._decode_step(torch.tensor([[5]]), cache, reuse)
+    assert "block" not in launched and out.requires_grad

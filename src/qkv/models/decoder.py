@@ -271,8 +271,10 @@ class Decoder(nn.Module):
         pass `reuse`."""
         if _hooked_call(self):                                                # hooks see every call
             return self(tokens, cache=cache, last_only=True)
-        if "statics" not in reuse or torch.is_grad_enabled() or tokens.shape[0] != cache.batch:
+        if "statics" not in reuse:                                             # the first step: everything checked
             return self.forward(tokens, cache=cache, last_only=True, _reuse=reuse)
+        if torch.is_grad_enabled() or tokens.shape[0] != cache.batch:         # not the loop's steps: no reuse
+            return self.forward(tokens, cache=cache, last_only=True)
         cache.check_room(1)                                                    # CacheFull: nothing changes
         positions = cache.layers[0].length[:, None]                            # (B, 1)
         x = self.embed(tokens)                                                 # (B, 1, d_model)
