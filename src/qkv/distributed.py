@@ -107,6 +107,9 @@ def process_group(device: str | torch.device = "cpu") -> Iterator[World]:
     dist.init_process_group(backend, store=store, rank=world.rank, world_size=world.size)
     try:
         yield world
+        # every rank done before any tears the group down: a rank leaving while its peer still
+        # talks to it could abort in gloo's teardown (seen once, under load, at the end of a run)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
