@@ -1,6 +1,6 @@
 """CPU kernels for token-by-token decoding, compiled by numba on first use.
 
-Both are memory-bound streams that torch's CPU kernels read at a fraction of
+The first two are memory-bound streams that torch's CPU kernels read at a fraction of
 the memory bandwidth, because those are tuned for large problems:
 
 - `linear`: y (M, N) = x (M, K) @ W (N, K)^T for M <= 16 rows (batch x one
@@ -23,6 +23,12 @@ the memory bandwidth, because those are tuned for large problems:
   at batch 8, 544 keys, GPT-2-small's heads, measured), four keys per pass
   sharing each load of q (0.85x the time of one key per pass at batch 1, 0.9x
   at batch 8, an AMD EPYC), each loaded once for the G query heads of a GQA group.
+
+- `blocks_step`: the pre-norm decoder blocks of one new token per sequence in
+  one launch (norm, joint q/k/v, RoPE, cache write, `paged_decode`'s attention,
+  output projection, norm, FFN, residuals; products through `linear`'s kernel),
+  for `qkv.layers.Block` and `qkv.models.Decoder`, which check that it applies
+  and fall back to their module path where it does not.
 
 Compilation takes a few seconds once per process (cached on disk where the
 package directory is writable). Only reassociation and contraction are
