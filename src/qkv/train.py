@@ -18,6 +18,7 @@ tgt_in)`), so other models plug in with their own loss function.
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import time
 from collections.abc import Callable
@@ -796,6 +797,12 @@ def train_lm(data=None, *, out="runs/train", tokenizer: str = "bpe", preset: str
         finally:
             if bar is not None:
                 bar.close()
+            if net is not model:
+                # the DDP wrapper goes while the process group is alive: its reducer keeps the last
+                # gradient all-reduce's work; collected at interpreter exit instead, that can abort
+                # a rank after a finished run (gloo, seen under load)
+                del net
+                gc.collect()
         seconds = time.perf_counter() - t0
         if history.val and history.val[-1][0] == len(history.loss):
             _, vl, bpc = history.val[-1]
