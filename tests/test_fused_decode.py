@@ -295,3 +295,19 @@ def test_decode_step_reuses_nothing_outside_its_loops_conditions(monkeypatch):
     launched = _launches(monkeypatch)
     out = model._decode_step(torch.tensor([[5]]), cache, reuse)
     assert "block" not in launched and out.requires_grad
+
+
+def test_a_block_whose_ffn_is_another_module_takes_the_module_path(monkeypatch):
+    model, _ = _models("gpt2")
+
+    class Doubled(torch.nn.Module):                      # any module in the FFN's place
+        def __init__(self, ffn):
+            super().__init__()
+            self.inner = ffn
+
+        def forward(self, x):
+            return 2 * self.inner(x)
+
+    model.layers[1].ffn = Doubled(model.layers[1].ffn)
+    launched = _one_step_launches(model, monkeypatch)
+    assert launched.count("block") == 1                  # layer 0 fused alone; layer 1 runs its modules

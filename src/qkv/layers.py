@@ -634,6 +634,8 @@ class Block(nn.Module):
         parameters are read from their dicts, and forward hooks are looked for every step."""
         mods = self._modules
         attn, ffn, n1, n2 = mods["self_attn"], mods["ffn"], mods["norm1"], mods["norm2"]
+        if type(attn) is not MultiHeadAttention or type(ffn) is not FeedForward:
+            return None                                    # a part swapped for another module: its own forward runs
         am, fm = attn._modules, ffn._modules
         gated = ffn.gated
         ups = (fm["gate_proj"], fm["up_proj"]) if gated else (fm["fc1"],)
