@@ -257,8 +257,13 @@ class Decoder(nn.Module):
         if not blocks or any(type(b).forward is not Block.forward or b._forward_hooks or b._forward_pre_hooks
                              for b in blocks):
             return None
-        statics = [block._fused_static(x, layer_cache) for block, layer_cache in zip(blocks, cache.layers)]
-        return None if any(layer is None for layer in statics) else statics
+        statics = []
+        for block, layer_cache in zip(blocks, cache.layers):
+            layer = block._fused_static(x, layer_cache)
+            if layer is None:                                 # the blocks run one by one, each checking itself
+                return None
+            statics.append(layer)
+        return statics
 
     def _decode_step(self, tokens: Tensor, cache: Cache, reuse: dict) -> Tensor:
         """logits (B, 1, V) of one new token per sequence: `self(tokens, cache=cache, last_only=True)`
