@@ -107,8 +107,8 @@ def process_group(device: str | torch.device = "cpu") -> Iterator[World]:
     dist.init_process_group(backend, store=store, rank=world.rank, world_size=world.size)
     try:
         yield world
-        # every rank done before any tears the group down: a rank leaving while its peer still
-        # talks to it could abort in gloo's teardown (seen once, under load, at the end of a run)
+        # every rank done before any tears the group down (hardening only: the rank that aborted
+        # at exit under load was cured by train_lm releasing its DDP wrapper first)
         dist.barrier()
     finally:
         dist.destroy_process_group()
