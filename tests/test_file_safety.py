@@ -33,7 +33,7 @@ Decisions recorded here:
   is followed when it leads to a regular file (the Hub cache is built of such
   links), never to a device or FIFO. Checkpoints refuse symlinks outright.
 
-Writers: every file qkv writes goes through `qkv._files.write_atomic` (temporary
+Writers: every file qkv writes goes through `qkv._util.files.write_atomic` (temporary
 file, fsync, os.replace), or, for checkpoints, a temporary folder renamed into
 place. The last tests make writes fail half-way and scan the source for writes
 that bypass the atomic writer and for anything that unpickles.
@@ -56,7 +56,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qkv import _files, checkpoint, data, train
+from qkv import checkpoint, data, train
+from qkv._util import files as _files
 from qkv.embed import SentenceEncoder
 from qkv.models import Decoder, DecoderConfig, Encoder, EncoderConfig, hf
 
@@ -1091,7 +1092,7 @@ def test_every_write_goes_through_the_atomic_writer():
                 used.add(key)
             else:
                 found.append(f"src/qkv/{rel}:{node.lineno} in {key[1] or '<module>'}: {ast.unparse(node)[:80]}")
-    assert not found, "writes that bypass qkv._files.write_atomic:\n" + "\n".join(found)
+    assert not found, "writes that bypass qkv._util.files.write_atomic:\n" + "\n".join(found)
     assert used == set(ALLOWED_WRITES), f"stale allow-list entries: {set(ALLOWED_WRITES) - used}"
 
 

@@ -1,5 +1,5 @@
 """The fused decode step (`Decoder._fused_layers` and `Block._fused_decode` ->
-`qkv._numba.blocks_step`).
+`qkv.kernels.blocks_step`).
 
 One launch per token for all layers (or per layer and token, block by block)
 must compute what the module path computes:
@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from conftest import assert_error_ratio
-from qkv import _numba, inspect as qkv_inspect
+from qkv import inspect as qkv_inspect, kernels
 from qkv.layers import Block
 from qkv.models import Decoder, DecoderConfig
 
-pytestmark = pytest.mark.skipif(not _numba.available(), reason="numba is not installed")
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba is not installed")
 
 CASES = {
     "gpt2": (DecoderConfig.gpt2, {}),
@@ -43,8 +43,8 @@ def _models(name):
 
 def _launches(monkeypatch):
     launched = []
-    real = _numba._launch
-    monkeypatch.setattr(_numba, "_launch", lambda name, *args: (launched.append(name), real(name, *args)))
+    real = kernels._launch
+    monkeypatch.setattr(kernels, "_launch", lambda name, *args: (launched.append(name), real(name, *args)))
     return launched
 
 
@@ -176,7 +176,7 @@ def test_fused_block_full_cache_raises_and_changes_nothing():
 def test_fused_activations_match_float64(kind, ref):
     import numpy as np
 
-    activate = _numba._kernels[1]["activate"]
+    activate = kernels._kernels[1]["activate"]
     x64 = torch.cat([torch.linspace(-100, 100, 4001, dtype=torch.float64),
                      torch.randn(4000, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 3])
     f = x64.float()
@@ -195,7 +195,7 @@ def test_fused_activations_match_float64(kind, ref):
 def test_fused_gated_activation_multiplies_by_up():
     import numpy as np
 
-    activate = _numba._kernels[1]["activate"]
+    activate = kernels._kernels[1]["activate"]
     f = torch.randn(2 * 50, generator=torch.Generator().manual_seed(3))
     g = torch.empty(50)
     activate(f.numpy(), g.numpy(), 3, True, np.empty(50, np.float32), np.empty(50, np.int32), np.empty(50, np.float32))
@@ -206,14 +206,14 @@ def test_fused_gated_activation_multiplies_by_up():
 @pytest.mark.parametrize("interleaved,rotary_dim", [(True, None), (False, 8), (True, 6)])
 def test_fused_block_interleaved_and_partial_rope(interleaved, rotary_dim, monkeypatch):
     """A Block of its own (RoPE pairing and rotary width the decoder configs do not choose)."""
-    from qkv import _memory
+    from qkv._util import hugepages
     from qkv.cache import ContiguousCache
     from qkv.positional import RotaryEmbedding
 
     torch.manual_seed(0)
     rope = RotaryEmbedding(16, rotary_dim=rotary_dim, interleaved=interleaved)
     block = Block(64, 4, n_kv_heads=2, rope=rope, norm="rms", activation="swiglu", bias=False).eval()
-    _memory.pack_parameters(block)
+    hugepages.pack_parameters(block)
     block64 = Block(64, 4, n_kv_heads=2, rope=RotaryEmbedding(16, rotary_dim=rotary_dim, interleaved=interleaved),
                     norm="rms", activation="swiglu", bias=False, dtype=torch.float64).eval()
     block64.load_state_dict({k: v.double() for k, v in block.state_dict().items()})

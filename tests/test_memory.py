@@ -1,4 +1,4 @@
-"""qkv._memory: huge-page buffers, the parameter arena and joined views.
+"""qkv._util.hugepages: huge-page buffers, the parameter arena and joined views.
 
 Packing moves storage only: values, Parameter objects, gradients, state dicts
 and checkpoints are unchanged, and the decode path's joint q/k/v (gate/up)
@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import assert_error_ratio
-from qkv import _memory, _numba
+from qkv import kernels
+from qkv._util import hugepages
 from qkv.models import Decoder, DecoderConfig
 
 
@@ -30,16 +31,16 @@ def _tiny(arch="gpt2", **kw):
 def test_joined_spans_adjacent_rows_only():
     buf = torch.arange(24.0)
     a, b, c = buf[:6].view(2, 3), buf[6:15].view(3, 3), buf[15:24].view(3, 3)
-    j = _memory.joined(a, b, c)
+    j = hugepages.joined(a, b, c)
     assert j.shape == (8, 3) and torch.equal(j, buf.view(8, 3))
     assert j.data_ptr() == a.data_ptr()
-    assert _memory.joined(a, c) is None                             # a gap between them
-    assert _memory.joined(b, a) is None                             # wrong order
-    assert _memory.joined(a, buf[6:14].view(2, 4)) is None          # another width
-    assert _memory.joined(a, torch.arange(6.0, 15.0).view(3, 3)) is None  # another storage
-    assert _memory.joined(a, None) is None
-    assert _memory.joined(buf.view(4, 6)[:, :3], buf.view(4, 6)[:, 3:]) is None  # not contiguous
-    vec = _memory.joined(buf[:4], buf[4:10])
+    assert hugepages.joined(a, c) is None                             # a gap between them
+    assert hugepages.joined(b, a) is None                             # wrong order
+    assert hugepages.joined(a, buf[6:14].view(2, 4)) is None          # another width
+    assert hugepages.joined(a, torch.arange(6.0, 15.0).view(3, 3)) is None  # another storage
+    assert hugepages.joined(a, None) is None
+    assert hugepages.joined(buf.view(4, 6)[:, :3], buf.view(4, 6)[:, 3:]) is None  # not contiguous
+    vec = hugepages.joined(buf[:4], buf[4:10])
     assert vec.shape == (10,) and torch.equal(vec, buf[:10])
 
 
@@ -47,7 +48,7 @@ def test_pack_parameters_moves_storage_not_values():
     m = _tiny()
     before = {k: v.clone() for k, v in m.state_dict().items()}
     params = list(m.parameters())
-    assert _memory.pack_parameters(m) == len(params)                # again: a second arena, same values
+    assert hugepages.pack_parameters(m) == len(params)                # again: a second arena, same values
     assert list(m.parameters()) == params                           # same Parameter objects
     for k, v in m.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -55,8 +56,8 @@ def test_pack_parameters_moves_storage_not_values():
     assert len(storages) == 1                                        # one arena (one dtype)
     assert m.embed.weight.data_ptr() == m.head_weight.data_ptr()    # the tie survives
     attn = m.layers[0].self_attn
-    assert _memory.joined(attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight) is not None
-    assert _memory.joined(attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias) is not None
+    assert hugepages.joined(attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight) is not None
+    assert hugepages.joined(attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias) is not None
 
 
 def test_packed_model_still_trains_and_saves(tmp_path):
@@ -81,7 +82,7 @@ def test_packed_model_still_trains_and_saves(tmp_path):
         assert torch.equal(back[k], v), k
 
 
-@pytest.mark.skipif(not _numba.available(), reason="numba is not installed")
+@pytest.mark.skipif(not kernels.available(), reason="numba is not installed")
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_joint_projection_matches_separate_ones(arch, monkeypatch):
     from qkv import layers
@@ -125,13 +126,13 @@ def test_joint_projection_declines_unpacked_or_recording():
                     or not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"),
                     reason="transparent huge pages are a Linux feature")
 def test_large_buffers_are_advised_small_ones_untouched():
-    assert _memory.advise_huge(torch.empty(4 << 20)) is True        # 16 MiB: a 2 MiB-aligned interior
-    assert _memory.advise_huge(torch.empty(1000)) is False           # no whole huge page inside
-    z = _memory.zeros((3, 1 << 20))
+    assert hugepages.advise_huge(torch.empty(4 << 20)) is True        # 16 MiB: a 2 MiB-aligned interior
+    assert hugepages.advise_huge(torch.empty(1000)) is False           # no whole huge page inside
+    z = hugepages.zeros((3, 1 << 20))
     assert z.shape == (3, 1 << 20) and not z.any()
 
 
 def test_advice_skips_other_devices_and_empty():
-    assert _memory.advise_huge(torch.empty(0)) is False
-    assert _memory.advise_huge(torch.empty(1 << 22, device="meta")) is False
-    assert _memory.empty((2, 3), dtype=torch.float64).dtype == torch.float64
+    assert hugepages.advise_huge(torch.empty(0)) is False
+    assert hugepages.advise_huge(torch.empty(1 << 22, device="meta")) is False
+    assert hugepages.empty((2, 3), dtype=torch.float64).dtype == torch.float64

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import assert_error_ratio
-from qkv import _numba
+from qkv import kernels
 from qkv.models import Decoder, DecoderConfig
 
-pytestmark = pytest.mark.skipif(not _numba.available(), reason="numba is not installed")
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba is not installed")
 
 
 def _randn(*shape, seed=0):
@@ -36,8 +36,8 @@ def test_linear_matches_oracle(M, N, K, bias):
     x, w = x64.float(), w64.float()
     b = None if b64 is None else b64.float()
     with torch.no_grad():
-        assert _numba.applies(x, w, b)
-        out = _numba.linear(x, w, b)
+        assert kernels.applies(x, w, b)
+        out = kernels.linear(x, w, b)
         assert_error_ratio(out, F.linear(x, w, b), F.linear(x64, w64, b64), what=f"linear M={M} N={N} K={K}")
 
 
@@ -46,7 +46,7 @@ def test_kernels_leave_torch_threads_alone():
     try:
         torch.set_num_threads(1)
         with torch.no_grad():
-            _numba.linear(_randn(2, 8).float(), _randn(6, 8, seed=1).float())
+            kernels.linear(_randn(2, 8).float(), _randn(6, 8, seed=1).float())
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
@@ -56,7 +56,7 @@ def test_linear_keeps_leading_dims_and_strided_input():
     x = _randn(2, 3, 16).float()[:, :, ::2]                 # (2, 3, 8), not contiguous
     w = _randn(5, 8, seed=1).float()
     with torch.no_grad():
-        out = _numba.linear(x, w)
+        out = kernels.linear(x, w)
     assert out.shape == (2, 3, 5)
     assert_error_ratio(out, F.linear(x, w), F.linear(x.double(), w.double()), what="strided x")
 
@@ -66,7 +66,7 @@ def test_linear_propagates_nan_and_inf():
     x[0, 3] = float("nan")
     x[1, 0] = float("inf")
     with torch.no_grad():
-        out, ref = _numba.linear(x, w), F.linear(x, w)
+        out, ref = kernels.linear(x, w), F.linear(x, w)
     assert torch.equal(torch.isnan(out), torch.isnan(ref))
     assert torch.equal(torch.isinf(out), torch.isinf(ref))
 
@@ -76,7 +76,7 @@ def test_linear_falls_back(case, monkeypatch):
     x, w = _randn(2, 8).float(), _randn(6, 8, seed=1).float()
     grad = False
     if case == "rows":
-        x = _randn(_numba.MAX_ROWS + 1, 8).float()
+        x = _randn(kernels.MAX_ROWS + 1, 8).float()
     elif case == "grad":
         w.requires_grad_(True)
         grad = True
@@ -85,10 +85,10 @@ def test_linear_falls_back(case, monkeypatch):
     elif case == "weight_view":
         w = _randn(8, 6, seed=1).float().t()                # (6, 8), not contiguous
     else:
-        monkeypatch.setattr(_numba, "ENABLED", False)
+        monkeypatch.setattr(kernels, "ENABLED", False)
     with torch.set_grad_enabled(grad):
-        assert not _numba.applies(x, w)
-        out = _numba.linear(x, w)
+        assert not kernels.applies(x, w)
+        out = kernels.linear(x, w)
         torch.testing.assert_close(out, F.linear(x, w), rtol=0, atol=0)
     if grad:
         out.sum().backward()                                # autograd still flows on the fallback
@@ -147,8 +147,8 @@ def test_paged_decode_matches_oracle(Hq, Hkv, D, block_size, window):
     oracle = _oracle_decode(q, kp, vp, tables, lens, block_size, window, scale)
     baseline = _oracle_decode(q.float(), kp.float(), vp.float(), tables, lens, block_size, window, scale)
     with torch.no_grad():
-        assert _numba.paged_decode_applies(q.float(), kp.float())
-        out = _numba.paged_decode(q.float(), kp.float(), vp.float(), tables, lens, block_size=block_size,
+        assert kernels.paged_decode_applies(q.float(), kp.float())
+        out = kernels.paged_decode(q.float(), kp.float(), vp.float(), tables, lens, block_size=block_size,
                                   window=window)
     assert out.shape == (len(lengths), Hq, 1, D)
     assert_error_ratio(out, baseline, oracle, what=f"paged decode Hq={Hq} Hkv={Hkv} D={D} bs={block_size} w={window}")
@@ -164,7 +164,7 @@ def test_paged_decode_per_sequence_buffers(window):
     oracle = _oracle_decode(q, kp, vp, tables, lens, S, window, scale)
     baseline = _oracle_decode(q.float(), kp.float(), vp.float(), tables, lens, S, window, scale)
     with torch.no_grad():
-        out = _numba.paged_decode(q.float(), kp.float(), vp.float(), tables, lens, block_size=S, window=window,
+        out = kernels.paged_decode(q.float(), kp.float(), vp.float(), tables, lens, block_size=S, window=window,
                                   scale=scale)
     assert_error_ratio(out, baseline, oracle, what="per-sequence buffers")
 
@@ -172,9 +172,9 @@ def test_paged_decode_per_sequence_buffers(window):
 def test_paged_decode_rejects_bad_shapes():
     q, kp = torch.randn(2, 3, 1, 8), torch.randn(2, 10, 8)
     with pytest.raises(ValueError, match="multiple of the pool's Hkv"):
-        _numba.paged_decode(q, kp, kp, torch.zeros(2, 1, dtype=torch.long), torch.tensor([1, 2]), block_size=10)
+        kernels.paged_decode(q, kp, kp, torch.zeros(2, 1, dtype=torch.long), torch.tensor([1, 2]), block_size=10)
     with pytest.raises(ValueError, match=r"\(B, Hq, 1, D\)"):
-        _numba.paged_decode(torch.randn(2, 2, 2, 8), kp, kp, torch.zeros(2, 1, dtype=torch.long),
+        kernels.paged_decode(torch.randn(2, 2, 2, 8), kp, kp, torch.zeros(2, 1, dtype=torch.long),
                             torch.tensor([1, 2]), block_size=10)
 
 
@@ -196,11 +196,11 @@ def test_decoder_decode_with_and_without_kernels(arch, kind, monkeypatch):
     steps = torch.randint(0, 61, (3, 8))
 
     launched = []
-    real_launch = _numba._launch
-    monkeypatch.setattr(_numba, "_launch", lambda name, *args: (launched.append(name), real_launch(name, *args)))
+    real_launch = kernels._launch
+    monkeypatch.setattr(kernels, "_launch", lambda name, *args: (launched.append(name), real_launch(name, *args)))
 
     def run(enabled):
-        monkeypatch.setattr(_numba, "ENABLED", enabled)
+        monkeypatch.setattr(kernels, "ENABLED", enabled)
         cache = model.new_cache(3, kind=kind, max_len=32, **({"block_size": 4} if kind == "paged" else {}))
         with torch.no_grad():
             for b, p in enumerate(prompts):

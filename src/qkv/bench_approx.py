@@ -70,7 +70,7 @@ from torch import Tensor
 
 import qkv
 from qkv import masks
-from qkv._files import write_text_atomic
+from qkv._util.files import write_text_atomic
 from qkv.backends.linear import Performer
 from qkv.bench import _reset_peak, _status_bytes, format_table, write_results
 from qkv.cache import ContiguousCache, LinearStateCache

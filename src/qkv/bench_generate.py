@@ -21,7 +21,7 @@ both sides always generate exactly N tokens. What is measured:
    table only one row) plus the K/V cache at the mean decode context
    (2 * layers * Hkv * D * 4 bytes * tokens). floor = bytes / read bandwidth. The
    bandwidth is read (median of three `x.sum()` over a 1 GiB fp32 buffer on huge
-   pages, as the weights and caches are, `qkv._memory`) just before and just after
+   pages, as the weights and caches are, `qkv._util.hugepages`) just before and just after
    each timed batch-1 qkv run, and the higher of the two sets that run's floor: a
    shared machine's bandwidth drifts by tens of percent within seconds, so a reading
    a minute away describes another machine. Goal: the median over the runs of qkv's
@@ -64,7 +64,7 @@ from typing import Sequence
 
 import torch
 
-from qkv import _memory
+from qkv._util import hugepages
 from qkv.bench import format_table, write_results
 from qkv.cache import cache_bytes
 from qkv.demo import _median_ms, format_machine, machine_info
@@ -147,10 +147,10 @@ def _first_mismatch(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]]) -> d
 def memory_bandwidth(nbytes: int = 1 << 30, runs: int = 5) -> dict:
     """Memory bandwidth in GB/s (1e9 bytes): reading an fp32 buffer of `nbytes` (`x.sum()`, median of
     `runs`) and copying it (`y.copy_(x)`, read + write bytes counted). The buffers sit on huge pages,
-    as qkv's weights and caches do (`qkv._memory`): the floor is the fastest reading of the machine."""
+    as qkv's weights and caches do (`qkv._util.hugepages`): the floor is the fastest reading of the machine."""
     n = nbytes // 4
-    x = _memory.empty((n,)).fill_(1.0)                   # written once: every page is touched
-    y = _memory.empty((n,))
+    x = hugepages.empty((n,)).fill_(1.0)                   # written once: every page is touched
+    y = hugepages.empty((n,))
     y.copy_(x)
     read_ms, _ = _median_ms(x.sum, warmup=1, min_runs=runs, max_runs=runs, budget_s=0.0)
     copy_ms, _ = _median_ms(lambda: y.copy_(x), warmup=1, min_runs=runs, max_runs=runs, budget_s=0.0)
@@ -165,7 +165,7 @@ class _BandwidthProbe:
     the median of `runs` `x.sum()` over it (a 1 GiB buffer: ~0.1 s a reading)."""
 
     def __init__(self, nbytes: int, runs: int = 3):
-        self.x = _memory.empty((nbytes // 4,)).fill_(1.0)
+        self.x = hugepages.empty((nbytes // 4,)).fill_(1.0)
         self.runs = runs
 
     def __call__(self) -> float:

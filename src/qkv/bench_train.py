@@ -68,7 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qkv._checks import check_int
+from qkv._util.checks import check_int
 from qkv.bench import format_table, write_results
 from qkv.demo import format_machine, machine_info
 

@@ -45,8 +45,9 @@ import torch
 from torch import Tensor
 
 import qkv
-from qkv import _memory, _numba
-from qkv._checks import check_int
+from qkv import kernels
+from qkv._util import hugepages
+from qkv._util.checks import check_int
 
 __all__ = ["LayerCache", "ContiguousCache", "RingCache", "PagedCache", "BlockPool", "Cache", "CacheFull",
            "UnknownSequence", "RowOutOfRange", "cache_bytes", "split_kv_attention", "split_kv_rule", "LinearStateCache"]
@@ -194,7 +195,7 @@ class LayerCache:
 
     def _fused_ready(self) -> bool:
         """Whether the fused decode block (`qkv.layers.Block`) can write and read this cache:
-        fp32 CPU storage in a layout `qkv._numba.blocks_step` takes. No side effects."""
+        fp32 CPU storage in a layout `qkv.kernels.blocks_step` takes. No side effects."""
         return False
 
     def _claim_fused_slot(self) -> dict:
@@ -310,8 +311,8 @@ class ContiguousCache(LayerCache):
             return
         _check_int("batch", batch, 1)
         shape = (batch, n_kv_heads, max_len, head_dim)
-        self.k = _memory.zeros(shape, dtype=dtype, device=device)               # (B, Hkv, max_len, D), huge pages
-        self.v = _memory.zeros(shape, dtype=dtype, device=device)               # (B, Hkv, max_len, D)
+        self.k = hugepages.zeros(shape, dtype=dtype, device=device)               # (B, Hkv, max_len, D), huge pages
+        self.v = hugepages.zeros(shape, dtype=dtype, device=device)               # (B, Hkv, max_len, D)
         self._lengths = torch.zeros(batch, dtype=torch.long)
 
     def check_room(self, n: int) -> None:
@@ -347,10 +348,10 @@ class ContiguousCache(LayerCache):
         self._lengths += n
 
     def _fast_decode_applies(self, q):
-        return self.k.is_contiguous() and _numba.paged_decode_applies(q, self.k)
+        return self.k.is_contiguous() and kernels.paged_decode_applies(q, self.k)
 
     def _fast_decode(self, q, scale):
-        return _numba.paged_decode(q, self.k, self.v, self._one_block_table(), self._lengths,
+        return kernels.paged_decode(q, self.k, self.v, self._one_block_table(), self._lengths,
                                    block_size=self.max_len, window=self.window, scale=scale)
 
     def _one_block_table(self) -> Tensor:
@@ -402,8 +403,8 @@ class RingCache(LayerCache):
             self.k, self.v, self._lengths = _views
             return
         _check_int("batch", batch, 1)
-        self.k = _memory.zeros((batch, n_kv_heads, window, head_dim), dtype=dtype, device=device)  # (B, Hkv, W, D)
-        self.v = _memory.zeros((batch, n_kv_heads, window, head_dim), dtype=dtype, device=device)
+        self.k = hugepages.zeros((batch, n_kv_heads, window, head_dim), dtype=dtype, device=device)  # (B, Hkv, W, D)
+        self.v = hugepages.zeros((batch, n_kv_heads, window, head_dim), dtype=dtype, device=device)
         self._lengths = torch.zeros(batch, dtype=torch.long)
 
     def check_room(self, n: int) -> None:
@@ -449,10 +450,10 @@ class RingCache(LayerCache):
                              "use a ContiguousCache")
         if n == 1:
             self.append(k, v)
-            if backend == "auto" and self.k.is_contiguous() and _numba.paged_decode_applies(q, self.k):
+            if backend == "auto" and self.k.is_contiguous() and kernels.paged_decode_applies(q, self.k):
                 # every stored key is within the window, and storage order does not matter to softmax
                 filled = torch.clamp(self._lengths, max=self.window)
-                return _numba.paged_decode(q, self.k, self.v, torch.zeros(self.batch, 1, dtype=torch.long), filled,
+                return kernels.paged_decode(q, self.k, self.v, torch.zeros(self.batch, 1, dtype=torch.long), filled,
                                            block_size=self.window, scale=scale)
             keys, values, allowed = self.read()                # every stored key is within the window
             mask = None if allowed is None else allowed[:, None, None, :]
@@ -652,8 +653,8 @@ class PagedCache(LayerCache):
         self.window = None if window is None else _check_int("window", window, 1)
         if _storage is None:
             slots = pool.num_blocks * pool.block_size
-            self.k = _memory.zeros((n_kv_heads, slots, head_dim), dtype=dtype, device=device)  # (Hkv, N, D)
-            self.v = _memory.zeros((n_kv_heads, slots, head_dim), dtype=dtype, device=device)
+            self.k = hugepages.zeros((n_kv_heads, slots, head_dim), dtype=dtype, device=device)  # (Hkv, N, D)
+            self.v = hugepages.zeros((n_kv_heads, slots, head_dim), dtype=dtype, device=device)
             self.slot_pos = torch.full((slots,), -1, dtype=torch.long, device=device)       # (N,)
             self.lengths_by_seq: dict[int, int] = {}
             pool.layers.append(self)
@@ -776,10 +777,10 @@ class PagedCache(LayerCache):
                 outs.append(qkv.attention(q[b:b + 1], keys, values, mask=mask, scale=scale, backend=backend))
             return torch.cat(outs)
         self.append(k, v)
-        if backend == "auto" and _numba.paged_decode_applies(q, self.k):
+        if backend == "auto" and kernels.paged_decode_applies(q, self.k):
             # decode on the CPU: each query reads only its own blocks, through the block table
             tables, lengths = self._tables()
-            return _numba.paged_decode(q, self.k, self.v, tables, lengths, block_size=self.pool.block_size,
+            return kernels.paged_decode(q, self.k, self.v, tables, lengths, block_size=self.pool.block_size,
                                        window=self.window, scale=scale)
         # decode elsewhere: all B queries against the pool prefix at once; GQA groups and batch fold into rows
         keys, values, owned = self.read()                           # (1, Hkv, N, D) x2, (B, N)

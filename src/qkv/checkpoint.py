@@ -43,7 +43,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from qkv._files import read_json
+from qkv._util.files import read_json
 
 __all__ = ["CheckpointError", "Checkpoint", "save", "load", "verify", "latest", "list_checkpoints",
            "step_dir_name"]

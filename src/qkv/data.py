@@ -74,7 +74,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from qkv._checks import check_int
+from qkv._util.checks import check_int
 
 __all__ = ["PAD", "BOS", "EOS", "N_SPECIAL", "TASKS", "EVAL_SEED", "Task", "Batch", "make_task", "batch",
            "ByteTokenizer", "CharTokenizer", "FileTokenizer", "DEFAULT_CORPUS_BYTES", "load_corpus",

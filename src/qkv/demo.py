@@ -59,7 +59,7 @@ def write_atomic(path, text: str) -> Path:
     The text goes to a temporary file in the same directory (same filesystem),
     which then replaces the target in one `os.replace`.
     """
-    from qkv._files import write_text_atomic
+    from qkv._util.files import write_text_atomic
 
     return write_text_atomic(path, text)
 
@@ -93,8 +93,8 @@ def machine_info() -> dict:
 
 def _numba_version() -> str:
     """numba's version, or why qkv's CPU decode kernels are off."""
-    from qkv import _numba
-    if not _numba.ENABLED:
+    from qkv import kernels
+    if not kernels.ENABLED:
         return "off (QKV_NUMBA=0)"
     try:
         import numba
@@ -629,7 +629,7 @@ def _training(quick: bool) -> tuple[dict, str]:
                           progress=True, plot=True, seed=0, **setup)
         curve = _OUT / "loss.png"
         if (Path(tmp) / "loss.png").exists():
-            from qkv._files import write_atomic as _write_atomic
+            from qkv._util.files import write_atomic as _write_atomic
 
             _write_atomic(curve, lambda dst: shutil.copyfile(Path(tmp) / "loss.png", dst))
     h = result.history

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from qkv._files import read_json
+from qkv._util.files import read_json
 from qkv.models import hf as _hf
 from qkv.models.encoder import Encoder, EncoderConfig
 

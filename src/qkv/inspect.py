@@ -59,7 +59,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from qkv._checks import check_int
+from qkv._util.checks import check_int
 from qkv.attention import _make_call
 from qkv.backends import Call
 from qkv.backends.math import safe_softmax

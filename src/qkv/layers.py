@@ -28,8 +28,9 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _torch_module
 
 import qkv
-from qkv import _memory, _numba
-from qkv._checks import check_int
+from qkv import kernels
+from qkv._util import hugepages
+from qkv._util.checks import check_int
 from qkv import scores as _scores
 from qkv.backends import linear as _kernel
 from qkv.inspect import ATTENTION_HOOK
@@ -60,11 +61,11 @@ def _check_dropout(name: str, p) -> float:
 
 class Linear(nn.Linear):
     """`nn.Linear` (same parameters, same state-dict keys) whose forward takes the
-    skinny CPU kernel of `qkv._numba` for decode-sized inputs: at most 16 rows,
+    skinny CPU kernel of `qkv.kernels` for decode-sized inputs: at most 16 rows,
     fp32 on the CPU, no autograd. Everything else is `F.linear`."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return _numba.linear(x, self.weight, self.bias)
+        return kernels.linear(x, self.weight, self.bias)
 
 
 def _hooked(modules) -> bool:
@@ -100,16 +101,16 @@ def _claim(layer: dict) -> dict:
 
 
 def _joinable(layers) -> bool:
-    """Whether these `Linear` layers' weights lie back to back in one storage (`qkv._memory.joined`),
+    """Whether these `Linear` layers' weights lie back to back in one storage (`qkv._util.hugepages.joined`),
     and their biases too, or they have none."""
     biases = [layer.bias for layer in layers]
-    return _memory.joined(*(layer.weight for layer in layers)) is not None and (
-        all(b is None for b in biases) or _memory.joined(*biases) is not None)
+    return hugepages.joined(*(layer.weight for layer in layers)) is not None and (
+        all(b is None for b in biases) or hugepages.joined(*biases) is not None)
 
 
 def _joint_linear(x: Tensor, layers) -> tuple[Tensor, ...] | None:
     """x through several `Linear` layers in one kernel launch, when their weights (and
-    biases) lie back to back in memory (`qkv._memory.pack_parameters`) and the decode
+    biases) lie back to back in memory (`qkv._util.hugepages.pack_parameters`) and the decode
     kernel applies; the outputs are views of one (..., sum of widths) result. None otherwise."""
     weights = [layer.weight for layer in layers]
     biases = [layer.bias for layer in layers]
@@ -119,11 +120,11 @@ def _joint_linear(x: Tensor, layers) -> tuple[Tensor, ...] | None:
         seen = layers[0].__dict__["_qkv_joint"] = (key, _joinable(layers))   # no tensors kept: nothing pinned
     if not seen[1]:
         return None
-    weight = _memory.joined(*weights, trusted=True)
-    bias = None if biases[0] is None else _memory.joined(*biases, trusted=True)
-    if not _numba.applies(x, weight, bias) or not _numba.available():
+    weight = hugepages.joined(*weights, trusted=True)
+    bias = None if biases[0] is None else hugepages.joined(*biases, trusted=True)
+    if not kernels.applies(x, weight, bias) or not kernels.available():
         return None
-    return _numba.linear(x, weight, bias, checked=True).split([w.shape[0] for w in weights], dim=-1)
+    return kernels.linear(x, weight, bias, checked=True).split([w.shape[0] for w in weights], dim=-1)
 
 
 class MultiHeadAttention(nn.Module):
@@ -594,7 +595,7 @@ class Block(nn.Module):
 
     def _fused_decode(self, x: Tensor, positions: Tensor | None, cache) -> Tensor | None:
         """One new token per sequence through the whole block in one kernel launch
-        (`qkv._numba.blocks_step`), or None where it does not apply and the module path runs.
+        (`qkv.kernels.blocks_step`), or None where it does not apply and the module path runs.
 
         It applies to inference (autograd off, eval mode) in fp32 on the CPU, pre-norm, no
         cross-attention, exact attention without ALiBi or an inspection hook, no forward hook
@@ -606,7 +607,7 @@ class Block(nn.Module):
         if layer is None:
             return None
         cache.check_room(1)                                # CacheFull before anything changes
-        return _numba.blocks_step(x, [_claim(layer)])
+        return kernels.blocks_step(x, [_claim(layer)])
 
     def _fused_layer(self, x: Tensor, positions: Tensor | None, cache, rope_tables: dict) -> dict | None:
         """What `blocks_step` needs for this block on this step (the cache not yet touched),
@@ -619,7 +620,7 @@ class Block(nn.Module):
         """The step-independent part of `_fused_layer` (no positions, no cache slots)."""
         if (torch.is_grad_enabled() or self.training or x.shape[1] != 1 or x.dtype != torch.float32 or not x.is_cpu
                 or x.shape[0] != cache.batch or not cache._fused_ready() or ATTENTION_HOOK.get() is not None
-                or not _numba.available()):
+                or not kernels.available()):
             return None
         plan = self._fused_plan()
         if plan is None:

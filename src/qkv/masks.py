@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from qkv._array import is_numpy, like, xp
+from qkv._util.array import is_numpy, like, xp
 
 __all__ = [
     "Mask", "BlockMask", "EMPTY", "PARTIAL", "FULL",

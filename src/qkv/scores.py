@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from qkv._array import is_numpy, like, to_float, xp
+from qkv._util.array import is_numpy, like, to_float, xp
 
 __all__ = ["ScoreMod", "alibi", "softcap", "relative_bias", "t5_bucket", "bias", "chain"]
 

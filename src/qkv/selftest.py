@@ -41,7 +41,7 @@ import torch
 import qkv
 from qkv import masks as M
 from qkv import scores as S
-from qkv._array import to_float
+from qkv._util.array import to_float
 from qkv.backends import BackendError
 
 __all__ = ["EPS", "KNOWN", "max_err", "ratio_check", "Case", "make_case", "CaseResult", "run_case", "run",
@@ -1661,7 +1661,7 @@ def run(minutes: float | None = None, seed: int | None = None, max_cases: int | 
         if stream.isatty():
             print(file=stream)
     if json_path is not None:
-        from qkv._files import write_text_atomic as write_atomic   # temp file, fsync, rename
+        from qkv._util.files import write_text_atomic as write_atomic   # temp file, fsync, rename
 
         write_atomic(json_path, json.dumps(summary, indent=2) + "\n")
     return summary

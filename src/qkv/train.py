@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qkv import data as _data
-from qkv._checks import check_int, check_number
+from qkv._util.checks import check_int, check_number
 
 __all__ = ["History", "TrainResult", "SCHEDULES", "lr_schedule", "seq2seq_loss", "fit", "evaluate_exact",
            "train_task", "train_reversal", "RECIPE", "PRESETS", "decoder_config", "estimate_memory",
@@ -336,7 +336,7 @@ def decoder_config(preset: str | None = "tiny", *, vocab_size: int, context: int
     tokenizer, the context fits, and the model can be saved as a Hugging Face checkpoint."""
     from pathlib import Path
 
-    from qkv._files import read_json
+    from qkv._util.files import read_json
     from qkv.models import DecoderConfig
     from qkv.models.hf import config_to_hf
 
@@ -532,7 +532,7 @@ def _plot(path, history: LMHistory) -> None:
     """The loss curve (training loss per step, validation loss) as a PNG, written atomically."""
     import warnings
 
-    from qkv._files import write_atomic
+    from qkv._util.files import write_atomic
 
     try:
         import matplotlib

@@ -37,8 +37,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from qkv._checks import check_int
-from qkv._files import write_atomic
+from qkv._util.checks import check_int
+from qkv._util.files import write_atomic
 
 __all__ = ["heatmap", "grid", "mask_picture", "html", "trace_picture", "attention_report", "format_focus",
            "token_label", "find_token", "heatmap_figsize", "grid_figsize",

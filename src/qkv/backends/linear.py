@@ -60,7 +60,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from qkv._checks import check_int
+from qkv._util.checks import check_int
 from qkv.backends import _FLOATS, Backend, Call, Capabilities
 
 __all__ = ["elu_features", "Performer", "kernel_attention", "implied_weights", "use_feature_map",

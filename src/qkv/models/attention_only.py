@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from qkv._checks import check_int
+from qkv._util.checks import check_int
 from qkv.layers import NORMS, MultiHeadAttention, RMSNorm
 from qkv.positional import RotaryEmbedding
 

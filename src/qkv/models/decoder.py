@@ -25,8 +25,9 @@ import torch
 from torch import Tensor, nn
 
 import qkv
-from qkv import _memory, _numba
-from qkv._checks import check_int as _check_int
+from qkv import kernels
+from qkv._util import hugepages
+from qkv._util.checks import check_int as _check_int
 from qkv.backends.linear import Performer
 from qkv.cache import Cache, LinearStateCache, _Spec
 from qkv.layers import Block, RMSNorm, _claim, _hooked, _with_rope
@@ -58,7 +59,7 @@ class Decoder(nn.Module):
     Parameters (names follow the Block/MultiHeadAttention ones, which follow Llama's):
     `embed`, `pos_embed` (learned positions only), `layers.{i}.{norm1, self_attn.{q,k,v,o}_proj,
     norm2, ffn.*}`, `norm`, `lm_head` (untied only). On the CPU they share one buffer on
-    transparent huge pages (`qkv._memory.pack_parameters`): a decode step streams them all.
+    transparent huge pages (`qkv._util.hugepages.pack_parameters`): a decode step streams them all.
     """
 
     def __init__(self, config: DecoderConfig, *, backend: str = "auto", device=None, dtype=None):
@@ -93,7 +94,7 @@ class Decoder(nn.Module):
         self.lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False, **factory)
         self.reset_parameters()
         # one huge-page arena for the weights a decode step streams, q/k/v (and gate/up) back to back
-        _memory.pack_parameters(self)
+        hugepages.pack_parameters(self)
 
     def reset_parameters(self) -> None:
         """GPT-2's initialisation: N(0, 0.02) weights, zero biases, residual projections / sqrt(2 n_layers)."""
@@ -170,7 +171,7 @@ class Decoder(nn.Module):
         h = self.hidden(tokens, cache=cache, positions=positions, mask=mask, _reuse=_reuse)  # (B, L, d_model)
         if last_only:
             h = h[:, -1:]                                                   # (B, 1, d_model)
-        return _numba.linear(h, self.head_weight)                          # (B, L, V)
+        return kernels.linear(h, self.head_weight)                          # (B, L, V)
 
     def hidden(self, tokens: Tensor, *, cache: Cache | None = None, positions: Tensor | None = None,
                mask=None, _reuse: dict | None = None) -> Tensor:
@@ -235,7 +236,7 @@ class Decoder(nn.Module):
 
     def _fused_layers(self, x: Tensor, positions: Tensor | None, cache: Cache, reuse: dict | None = None
                       ) -> Tensor | None:
-        """Every block's one-token step in one kernel launch (`qkv._numba.blocks_step`), when each
+        """Every block's one-token step in one kernel launch (`qkv.kernels.blocks_step`), when each
         block's fused step applies (`Block._fused_decode`) and no forward hook would miss a block
         running; else None, and the blocks run one by one. `reuse` (see `_decode_step`): the
         blocks' step-independent layouts, worked out here when it holds none."""
@@ -250,7 +251,7 @@ class Decoder(nn.Module):
         layers = [_with_rope(layer, positions, layer_cache, rope_tables)
                   for layer, layer_cache in zip(statics, cache.layers)]
         # check_room(1) has passed: claiming a slot in every layer cannot fail
-        return _numba.blocks_step(x, [_claim(layer) for layer in layers])
+        return kernels.blocks_step(x, [_claim(layer) for layer in layers])
 
     def _fused_statics(self, x: Tensor, cache: Cache) -> list | None:
         blocks = list(self.layers)
@@ -286,7 +287,7 @@ class Decoder(nn.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
         h = self._fused_layers(x, positions if self.rope is not None else None, cache, reuse)
-        return _numba.linear(self.norm(h), self.head_weight)                   # (B, 1, V)
+        return kernels.linear(self.norm(h), self.head_weight)                   # (B, 1, V)
 
     def extra_repr(self) -> str:
         c = self.config

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 import qkv
-from qkv._checks import check_int
+from qkv._util.checks import check_int
 from qkv.layers import ACTIVATIONS, Block
 
 __all__ = ["EncoderConfig", "Encoder", "EncoderOutput", "PACK_MIN_PADDING", "ENCODER_ACTIVATIONS"]

@@ -65,7 +65,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from qkv._files import read_json, write_atomic, write_text_atomic
+from qkv._util.files import read_json, write_atomic, write_text_atomic
 from qkv.models.config import DecoderConfig
 from qkv.models.decoder import Decoder
 from qkv.models.encoder import Encoder, EncoderConfig

@@ -35,8 +35,8 @@ import torch
 from torch import Tensor, nn
 
 import qkv
-from qkv import _numba
-from qkv._checks import check_int
+from qkv import kernels
+from qkv._util.checks import check_int
 from qkv.cache import Cache, _Spec
 from qkv.layers import ACTIVATIONS, Block
 from qkv.positional import sinusoidal
@@ -266,7 +266,7 @@ class Seq2Seq(nn.Module):
     def _logits(self, x: Tensor) -> Tensor:
         if self.decoder_norm is not None:
             x = self.decoder_norm(x)
-        return _numba.linear(x, self.head_weight)                                         # (B, Lt, V)
+        return kernels.linear(x, self.head_weight)                                         # (B, Lt, V)
 
     def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Tensor:
         """Teacher forcing: src (B, Ls), src_lengths (B,), tgt_in (B, Lt) -> logits (B, Lt, V)."""

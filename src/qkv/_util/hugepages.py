@@ -6,7 +6,7 @@ Read through 4 KiB pages, a stream of hundreds of MiB misses the TLB every
 it is advised so (`madvise(MADV_HUGEPAGE)`) before its pages are first
 touched, unless the system has them switched off
 (/sys/kernel/mm/transparent_hugepage/enabled = never). numpy advises its own
-large arrays; torch does not, so the kernels of `qkv._numba` read a torch
+large arrays; torch does not, so the kernels of `qkv.kernels` read a torch
 weight more slowly than the same bytes held by numpy (GPT-2-small's tied
 LM head, 154 MB, one row of x: 16.4 against 19.6 GB/s, measured).
 
