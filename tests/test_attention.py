@@ -334,7 +334,7 @@ def test_large_logits_half_precision_do_not_overflow():
 
 def test_auto_selection_and_use_backend():
     q, k, v = rand_qkv(1, 2, 2, 4, 4, 8)
-    call = qkv.attention.__globals__["_make_call"](q, k, v, mask=None, causal=True, score_mod=None, scale=None,
+    call = qkv.backends.make_call(q, k, v, mask=None, causal=True, score_mod=None, scale=None,
                                                    dropout_p=0.0, return_lse=False, return_weights=False,
                                                    q_offset=None)
     assert qkv.backends.select(call).name == "sdpa"
@@ -377,7 +377,7 @@ def test_capability_table_lists_every_backend():
 def test_math_refuses_what_cannot_fit_in_memory():
     q = torch.empty(1, 1, 1, 8).expand(64, 64, 1 << 20, 8)  # no real memory behind this view
     k = v = torch.empty(1, 1, 1, 8).expand(64, 64, 1 << 20, 8)
-    call = qkv.attention.__globals__["_make_call"](q, k, v, mask=M.causal(), causal=False, score_mod=None,
+    call = qkv.backends.make_call(q, k, v, mask=M.causal(), causal=False, score_mod=None,
                                                    scale=None, dropout_p=0.0, return_lse=False,
                                                    return_weights=True, q_offset=None)
     why = qkv.backends.get("math").refusal(call)

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import qkv
+import qkv._util.budget
 from qkv import masks as M
 from qkv import scores as S
 from qkv.backends import BackendError, MemoryNeedError
@@ -556,7 +557,7 @@ def huge(L, *, B=1, H=1, D=1):
 @pytest.fixture
 def eight_gib_free(monkeypatch):
     """As if the machine had 8 GiB available, whatever it has: refusals do not depend on the runner."""
-    monkeypatch.setattr(qkv.backends, "available_bytes", lambda device: 8 * 2**30)
+    monkeypatch.setattr(qkv._util.budget, "available_bytes", lambda device: 8 * 2**30)
 
 
 def _needs(exc_info) -> int:
@@ -652,10 +653,10 @@ def test_regression_block_mask_huge_unchecked(eight_gib_free):
 def test_to_dense_refusal_uses_the_available_memory(monkeypatch):
     """At 2^14 x 2^14 (256 MiB) to_dense refuses exactly when less than that is available."""
     L = 2**14
-    monkeypatch.setattr(qkv.backends, "available_bytes", lambda device: 2**20)
+    monkeypatch.setattr(qkv._util.budget, "available_bytes", lambda device: 2**20)
     with pytest.raises(MemoryNeedError, match=r"\(268435456 bytes\) and only 1.0 MiB"):
         M.causal().to_dense(L, L)
-    monkeypatch.setattr(qkv.backends, "available_bytes", lambda device: 2**30)
+    monkeypatch.setattr(qkv._util.budget, "available_bytes", lambda device: 2**30)
     assert M.causal().to_dense(2**13, 2**13).shape == (1, 1, 2**13, 2**13)   # 64 MiB: never refused
 
 

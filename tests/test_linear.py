@@ -150,7 +150,7 @@ def test_chunked_memory_is_linear_in_length():
 
 def test_auto_never_picks_an_approximate_backend():
     q, k, v = rand_qkv(1, 2, 2, 16, 16, 8)
-    call = qkv.attention.__globals__["_make_call"](q, k, v, mask=None, causal=True, score_mod=None, scale=None,
+    call = qkv.backends.make_call(q, k, v, mask=None, causal=True, score_mod=None, scale=None,
                                                    dropout_p=0.0, return_lse=False, return_weights=False,
                                                    q_offset=None)
     assert qkv.backends.select(call).capabilities.exact

@@ -1,18 +1,15 @@
-"""Packed documents run as a padded batch (`qkv.attention`'s segment path for `document` masks).
+"""Packed documents run as a padded batch (the hidden `segments` backend auto takes for `document` masks).
 
 Legend: B batch, Hq/Hkv heads, L packed length, D head dim.
 """
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 
 import qkv
-
-_attention_module = sys.modules["qkv.attention"]        # the module (qkv.attention is the function)
+from qkv.backends import segments as _segments
 from conftest import assert_error_ratio, rand_qkv
 
 
@@ -29,8 +26,8 @@ def test_segments_match_oracle_with_grads(lengths, causal, Hq, Hkv, monkeypatch)
     if causal:
         mask = mask & qkv.masks.causal()
     used = []
-    real = _attention_module._by_segments
-    monkeypatch.setattr(_attention_module, "_by_segments", lambda *a: used.append(1) or real(*a))
+    real = _segments.by_segments
+    monkeypatch.setattr(_segments, "by_segments", lambda *a: used.append(1) or real(*a))
     q, k, v = rand_qkv(2, Hq, Hkv, L, L, 16, Dv=8, requires_grad=True, seed=L)
     q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
     qm, km, vm = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
@@ -51,8 +48,8 @@ def test_segments_match_oracle_with_grads(lengths, causal, Hq, Hkv, monkeypatch)
                                   "batched_ids", "lse"])
 def test_segment_path_only_where_exact(case, monkeypatch):
     used = []
-    real = _attention_module._by_segments
-    monkeypatch.setattr(_attention_module, "_by_segments", lambda *a: used.append(1) or real(*a))
+    real = _segments.by_segments
+    monkeypatch.setattr(_segments, "by_segments", lambda *a: used.append(1) or real(*a))
     q, k, v = rand_qkv(2, 2, 2, 12, 12, 8)
     ids, kwargs = _ids([3, 4, 5]), {}
     if case == "unsorted_runs":

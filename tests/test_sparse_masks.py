@@ -145,7 +145,7 @@ def test_sparse_patterns_have_analytic_tiles_that_tiled_skips(name):
     assert torch.equal(bm.to_dense()[0, 0], dense)
     # and the tiled backend's plan reads only the keys of non-empty tiles
     q, k, v = rand_qkv(1, 1, 1, 128, 128, 4)
-    call = qkv.attention.__globals__["_make_call"](q, k, v, mask=mask, causal=False, score_mod=None, scale=None,
+    call = qkv.backends.make_call(q, k, v, mask=mask, causal=False, score_mod=None, scale=None,
                                                    dropout_p=0.0, return_lse=False, return_weights=False,
                                                    q_offset=None)
     groups, _ = make_plan(call, (16, 16))

@@ -68,7 +68,7 @@ def make_call(q, k, v, **kw):
     args = dict(mask=None, causal=False, score_mod=None, scale=None, dropout_p=0.0, return_lse=False,
                 return_weights=False, q_offset=None)
     args.update(kw)
-    return qkv.attention.__globals__["_make_call"](q, k, v, **args)
+    return qkv.backends.make_call(q, k, v, **args)
 
 
 def grads_of(backend, q0, k0, v0, dout, dtype, extra=(), **kw):

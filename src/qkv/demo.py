@@ -556,7 +556,7 @@ q, k, v = (torch.randn(1, H, L, D) for _ in range(3))
 mask = qkv.masks.causal() & qkv.masks.sliding_window(W)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 refusal = qkv.backends.get("math").refusal(
-    qkv.attention.__globals__["_make_call"](q, k, v, mask=mask, causal=False, score_mod=None, scale=None,
+    qkv.backends.make_call(q, k, v, mask=mask, causal=False, score_mod=None, scale=None,
                                             dropout_p=0.0, return_lse=False, return_weights=False, q_offset=None))
 t0 = time.perf_counter()
 with torch.no_grad():

@@ -60,10 +60,10 @@ import torch
 from torch import Tensor, nn
 
 from qkv._util.checks import check_int
-from qkv.attention import _make_call
+from qkv.backends import make_call
 from qkv.backends import Call
 from qkv.backends.math import safe_softmax
-from qkv.masks import _check_bool
+from qkv.masks import check_bool
 
 __all__ = ["capture", "attention_maps", "attention_modules", "head_stats", "AttentionMaps", "Capture",
            "DEFAULT_MAX_CELLS"]
@@ -218,7 +218,7 @@ def _row_weights(call: Call, rows: Tensor, heads: Tensor, step_cells: int | None
                                          f"got {got}")
                     s = modded
                 if call.mask is not None:
-                    allowed = _check_bool(call.mask(b_idx, h_idx, q_idx, kv_idx), call.mask, q_idx)
+                    allowed = check_bool(call.mask(b_idx, h_idx, q_idx, kv_idx), call.mask, q_idx)
                     s = s.masked_fill(~allowed, float("-inf"))
                 out[:, sel.to(dev), r0:r0 + len(r)] = safe_softmax(s)[0]
     return out
@@ -386,7 +386,7 @@ class Capture:
             raise ValueError(f"{name!r} runs {kind} attention, which has no softmax weights to capture; "
                              f"qkv.backends.linear.implied_weights(q, k, feature_map=..., causal=...) gives the "
                              f"Lq x Lk weights its kernel implies, or leave this layer out with layers=")
-        call = _make_call(q, k, k, mask=mask, causal=causal, score_mod=score_mod, scale=scale, dropout_p=0.0,
+        call = make_call(q, k, k, mask=mask, causal=causal, score_mod=score_mod, scale=scale, dropout_p=0.0,
                           return_lse=False, return_weights=False, q_offset=q_offset)
         heads = self._heads[id(module)]
         layout = next((lay for lay in reversed(self._layouts) if id(module) in lay[0]), None)

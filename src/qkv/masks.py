@@ -42,12 +42,14 @@ import torch
 import torch.nn.functional as F
 
 from qkv._util.array import is_numpy, like, xp
+from qkv._util.budget import require_memory
 
 __all__ = [
     "Mask", "BlockMask", "EMPTY", "PARTIAL", "FULL",
     "causal", "sliding_window", "prefix_lm", "document", "padding", "global_tokens",
     "dilated", "block_sparse", "from_dense", "as_mask", "evaluate",
     "longformer", "bigbird", "dilated_window",
+    "is_causal", "documents", "pick", "check_bool", "broadcast_indices",
 ]
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
@@ -96,7 +98,7 @@ class TileGrid:
         return start[None, :], end[None, :]  # (1, nK)
 
 
-def _index_grids(B, H, q_pos, Lk, like_arr):
+def broadcast_indices(B, H, q_pos, Lk, like_arr):
     """Broadcast index arrays (b, h, q_idx, kv_idx) in torch or NumPy."""
     if is_numpy(like_arr):
         b = np.arange(B).reshape(B, 1, 1, 1)
@@ -122,24 +124,23 @@ def evaluate(mask, B: int, H: int, Lq: int, Lk: int, *, q_offset: int | None = N
     q_offset = Lk - Lq if q_offset is None else q_offset
     if numpy:
         q_pos = q_offset + np.arange(Lq)
-        return _check_bool(mask(*_index_grids(B, H, q_pos, Lk, q_pos)), mask, q_pos)
+        return check_bool(mask(*broadcast_indices(B, H, q_pos, Lk, q_pos)), mask, q_pos)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if isinstance(mask, _FromDense) and mask.aligned(Lq, Lk, q_offset) and mask.t.device == dev:
         return mask.t                         # the tensor already is the answer (size-1 dims broadcast)
     q_pos = q_offset + torch.arange(Lq, device=dev)
     rows = max(1, _CHUNK_ELEMENTS // max(1, Lk))
     if Lq <= rows:
-        return _check_bool(mask(*_index_grids(B, H, q_pos, Lk, q_pos)), mask, q_pos)
+        return check_bool(mask(*broadcast_indices(B, H, q_pos, Lk, q_pos)), mask, q_pos)
     # Long sequences: evaluate a band of rows at a time into the bool result, so the
     # temporaries (int64 differences, comparisons) never reach Lq x Lk.
     out = None
     for r0 in range(0, Lq, rows):
         part = q_pos[r0:r0 + rows]
-        m = _check_bool(mask(*_index_grids(B, H, part, Lk, part)), mask, part)
+        m = check_bool(mask(*broadcast_indices(B, H, part, Lk, part)), mask, part)
         while m.dim() < 4:
             m = m.unsqueeze(0)
         if out is None:
-            from qkv.backends import require_memory  # (qkv.backends imports this module)
 
             require_memory(dev, m.shape[0] * m.shape[1] * Lq * Lk, f"the dense mask ({Lq} x {Lk} booleans)",
                            "; qkv.attention never needs it (its tiled backend skips masked tiles)")
@@ -148,7 +149,7 @@ def evaluate(mask, B: int, H: int, Lq: int, Lk: int, *, q_offset: int | None = N
     return out
 
 
-def _check_bool(out, mask, ref):
+def check_bool(out, mask, ref):
     if is_numpy(ref):
         out = np.asarray(out)
         if out.dtype != np.bool_:
@@ -256,7 +257,6 @@ class Mask:
             cache.move_to_end(key)
             return cache[key]
         self.validate(B, H, Lq, Lk, q_offset)
-        from qkv.backends import require_memory  # (qkv.backends imports this module)
 
         tiles = -(-Lq // bq) * -(-Lk // bk) * (self.batch_hint or 1) * (self.head_hint or 1)
         require_memory(dev, tiles * BLOCK_MASK_BYTES_PER_TILE, f"classifying {tiles} tiles",
@@ -300,8 +300,8 @@ def _chunked_bounds(mask: Mask, grid: TileGrid):
         i1 = min(nq, i0 + tiles_per_chunk)
         r0, r1 = i0 * bq, min(grid.Lq, i1 * bq)
         q_pos = grid.q_offset + torch.arange(r0, r1, device=grid.device)
-        grids = _index_grids(grid.B, grid.H, q_pos, grid.Lk, q_pos)
-        m = _check_bool(mask(*grids), mask, q_pos)
+        grids = broadcast_indices(grid.B, grid.H, q_pos, grid.Lk, q_pos)
+        m = check_bool(mask(*grids), mask, q_pos)
         m = m.expand(*m.shape[:-2], r1 - r0, grid.Lk)
         while m.dim() < 4:
             m = m.unsqueeze(0)
@@ -316,7 +316,7 @@ def _chunked_bounds(mask: Mask, grid: TileGrid):
     return torch.cat(cans, dim=2), torch.cat(musts, dim=2)
 
 
-def _pick(i, n):
+def pick(i, n):
     """Index array `i` reduced modulo a data dimension of size `n` (size 1 stays broadcastable)."""
     if n > 1:
         return i % n
@@ -585,7 +585,7 @@ class _Document(Mask):
 
     def __call__(self, b, h, q, kv):
         ids = like(self.ids, q)
-        bi = _pick(b, ids.shape[0])
+        bi = pick(b, ids.shape[0])
         return ids[bi, q] == ids[bi, kv]
 
     def tile_bounds(self, g):
@@ -709,7 +709,7 @@ class _BlockSparse(Mask):
 
     def __call__(self, b, h, q, kv):
         lay = like(self.layout, q)
-        return lay[_pick(b, lay.shape[0]), _pick(h, lay.shape[1]), q // self.bq, kv // self.bk]
+        return lay[pick(b, lay.shape[0]), pick(h, lay.shape[1]), q // self.bq, kv // self.bk]
 
     def tile_bounds(self, g):
         lay = self.layout.to(g.device).long()
@@ -923,7 +923,7 @@ class _FromDense(Mask):
         col = kv if cols > 1 else kv * 0
         ok = (row >= 0) & (row < rows) & (col < cols)
         row, col = xp(q).clip(row, 0, rows - 1), xp(q).clip(col, 0, cols - 1)
-        return t[_pick(b, t.shape[0]), _pick(h, t.shape[1]), row, col] & ok
+        return t[pick(b, t.shape[0]), pick(h, t.shape[1]), row, col] & ok
 
     def __repr__(self):
         return f"from_dense(shape {tuple(self.t.shape)})"
@@ -1014,3 +1014,30 @@ class BlockMask:
 
     def __str__(self):
         return repr(self) + "\n" + self.picture()
+
+
+# -----------------------------------------------------------------------------
+# Recognisers: the only code outside the mask classes that knows them. Backends ask these
+# (sdpa: is the mask plain causal? segments: is it packed documents?), so a new mask type
+# never silently misses a fast path by failing someone else's isinstance check.
+
+
+def is_causal(mask, *, nested: bool = False) -> bool:
+    """Whether `mask` is `causal()` itself; with nested=True also an `&` or `|` of masks that each
+    are (`causal() & causal()` allows exactly what `causal()` does)."""
+    if isinstance(mask, _Causal):
+        return True
+    return nested and isinstance(mask, _And) and is_causal(mask.a, nested=True) and is_causal(mask.b, nested=True)
+
+
+def documents(mask) -> tuple[torch.Tensor, bool] | None:
+    """(ids, causal) when `mask` is `document(ids)` (causal False) or `document(ids) & causal()`
+    in either order (causal True); None for every other mask. ids is (B' in {1, B}, L)."""
+    causal = False
+    if type(mask) is _And:                  # not isinstance: `|` (_Or) subclasses _And
+        if {type(mask.a), type(mask.b)} != {_Document, _Causal}:
+            return None
+        mask, causal = (mask.a if isinstance(mask.a, _Document) else mask.b), True
+    if not isinstance(mask, _Document):
+        return None
+    return mask.ids, causal

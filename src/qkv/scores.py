@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 
 from qkv._util.array import is_numpy, like, to_float, xp
+from qkv.masks import pick
 
 __all__ = ["ScoreMod", "alibi", "softcap", "relative_bias", "t5_bucket", "bias", "chain"]
 
@@ -194,14 +195,12 @@ class _Bias(ScoreMod):
         self.t, self.q_offset = t, q_offset  # (B', H', rows, cols)
 
     def __call__(self, score, b, h, q, kv):
-        from qkv.masks import _pick
-
         t = _at_score(self.t, score)
         rows, cols = t.shape[-2:]
         offset = cols - rows if self.q_offset is None else self.q_offset
         row = q - offset if rows > 1 else q * 0
         col = kv if cols > 1 else kv * 0
-        return score + _as_score(t[_pick(b, t.shape[0]), _pick(h, t.shape[1]), row, col], score)
+        return score + _as_score(t[pick(b, t.shape[0]), pick(h, t.shape[1]), row, col], score)
 
     def validate(self, B, H, Lq, Lk, q_offset):
         nb, nh, rows, cols = self.t.shape

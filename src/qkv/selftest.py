@@ -851,17 +851,15 @@ def _baseline(p: dict, qkv_in, dtype, mask, math_run: "_Run", oracle: "_Oracle")
 def _served_by(p: dict, qkv_in, mask, grad: bool, backend: str) -> str:
     """Which code ran the call: the backend `auto` chose, "segments" (packed documents as a batch
     through torch's kernel), "tiled:fused" (tiled on torch's CPU flash kernel), or the name."""
-    from qkv.attention import _document_segments, _make_call
+    from qkv.backends import make_call
     from qkv.backends.tiled import fused_applies
 
     q, k, v = (t.detach().clone().requires_grad_(grad) for t in qkv_in)
     score_mod, _ = build_score_mod(p["score_mod"], F64 if q.dtype == F64 else torch.float32)
-    call = _make_call(q, k, v, mask=mask, causal=p["causal"], score_mod=score_mod, scale=p["scale"], dropout_p=0.0,
+    call = make_call(q, k, v, mask=mask, causal=p["causal"], score_mod=score_mod, scale=p["scale"], dropout_p=0.0,
                       return_lse=p["return_lse"], return_weights=p["return_weights"], q_offset=p["q_offset"])
     if call.Lk == 0 or q.numel() == 0 or v.shape[-1] == 0:
         return "none"
-    if backend == "auto" and _document_segments(call) is not None:
-        return "segments"
     name = qkv.backends.select(call, backend).name
     if name == "tiled" and qkv.backends.get("tiled").engine == "auto" and fused_applies(call):
         return "tiled:fused"

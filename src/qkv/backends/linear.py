@@ -61,7 +61,8 @@ import torch
 import torch.nn.functional as F
 
 from qkv._util.checks import check_int
-from qkv.backends import _FLOATS, Backend, Call, Capabilities
+from qkv.backends.base import FLOATS, Backend, Call, Capabilities
+from qkv.masks import is_causal
 
 __all__ = ["elu_features", "Performer", "kernel_attention", "implied_weights", "use_feature_map",
            "current_feature_map", "LinearBackend", "PerformerBackend", "DEFAULT_CHUNK"]
@@ -338,14 +339,6 @@ def implied_weights(q: torch.Tensor, k: torch.Tensor, *, feature_map="linear", c
 # The backends
 # ----------------------------------------------------------------------------
 
-def _is_causal(mask) -> bool:
-    from qkv.masks import _And, _Causal
-
-    if isinstance(mask, _Causal):
-        return True
-    return isinstance(mask, _And) and _is_causal(mask.a) and _is_causal(mask.b)
-
-
 class _KernelBackend(Backend):
     """What `linear` and `performer` share: the refusals and the chunked computation."""
 
@@ -355,7 +348,7 @@ class _KernelBackend(Backend):
         if call.D == 0:
             return ("a head dim of 0 leaves kernelised attention no features (its weights would be 0 / 0); "
                     "softmax attention defines it (uniform weights): use an exact backend")
-        if call.mask is not None and not _is_causal(call.mask):
+        if call.mask is not None and not is_causal(call.mask, nested=True):
             return (f"kernelised attention sums over every key or over a causal prefix, so it cannot express "
                     f"the mask {call.mask!r}; pass mask=None or causal=True, or use an exact backend "
                     f"(backend='tiled' skips the masked tiles)")
@@ -384,7 +377,7 @@ class _KernelBackend(Backend):
 class LinearBackend(_KernelBackend):
     name = "linear"
     capabilities = Capabilities(
-        devices=("any",), dtypes=_FLOATS, masks=False, score_mod=False, dropout=False, gqa=True,
+        devices=("any",), dtypes=FLOATS, masks=False, score_mod=False, dropout=False, gqa=True,
         backward=True, return_lse=False, return_weights=False, exact=False, auto=False,
         notes="approximate: elu+1 feature map, O(L); mask None or causal only; scale not used (default only)",
     )
@@ -403,7 +396,7 @@ class LinearBackend(_KernelBackend):
 class PerformerBackend(_KernelBackend):
     name = "performer"
     capabilities = Capabilities(
-        devices=("any",), dtypes=_FLOATS, masks=False, score_mod=False, dropout=False, gqa=True,
+        devices=("any",), dtypes=FLOATS, masks=False, score_mod=False, dropout=False, gqa=True,
         backward=True, return_lse=False, return_weights=False, exact=False, auto=False,
         notes="approximate: FAVOR+ random features estimate softmax, O(L); mask None or causal only",
     )

@@ -14,14 +14,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from qkv.backends import _FLOATS, Backend, Call, Capabilities, memory_refusal
-from qkv.masks import _index_grids, evaluate
+from qkv.backends.base import FLOATS, Backend, Call, Capabilities, memory_refusal
+from qkv.masks import broadcast_indices, evaluate
 
 
 def index_grids(call: Call):
     """Broadcast (b, h, q_idx, kv_idx) index tensors for mask and score functions."""
     q_pos = call.q_offset + torch.arange(call.Lq, device=call.device)
-    return _index_grids(call.B, call.Hq, q_pos, call.Lk, q_pos)
+    return broadcast_indices(call.B, call.Hq, q_pos, call.Lk, q_pos)
 
 
 def safe_softmax(scores: torch.Tensor):
@@ -48,7 +48,7 @@ def scores_bytes(call: Call) -> int:
 class MathBackend(Backend):
     name = "math"
     capabilities = Capabilities(
-        devices=("any",), dtypes=_FLOATS, masks=True, score_mod=True, dropout=True, gqa=True,
+        devices=("any",), dtypes=FLOATS, masks=True, score_mod=True, dropout=True, gqa=True,
         backward=True, return_lse=True, return_weights=True, exact=True, auto=True,
         notes="materialises the (B, Hq, Lq, Lk) scores; refuses calls that would not fit in memory",
     )

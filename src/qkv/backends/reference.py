@@ -12,13 +12,13 @@ from __future__ import annotations
 import torch
 
 from qkv import reference
-from qkv.backends import _FLOATS, Backend, Call, Capabilities, memory_refusal
+from qkv.backends.base import FLOATS, Backend, Call, Capabilities, memory_refusal
 
 
 class ReferenceBackend(Backend):
     name = "reference"
     capabilities = Capabilities(
-        devices=("any",), dtypes=_FLOATS, masks=True, score_mod=True, dropout=False, gqa=True,
+        devices=("any",), dtypes=FLOATS, masks=True, score_mod=True, dropout=False, gqa=True,
         backward=False, return_lse=True, return_weights=True, exact=True, auto=False,
         notes="NumPy float64 oracle; masks/score_mods must accept NumPy arrays (built-ins do)",
     )

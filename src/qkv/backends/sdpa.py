@@ -20,15 +20,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from qkv.backends import _FLOATS, Backend, Call, Capabilities, memory_refusal, zeros_output
-from qkv.masks import FULL, EMPTY, TileGrid, _Causal, bounds, evaluate
+from qkv.backends import registry
+from qkv.backends.base import FLOATS, Backend, Call, Capabilities, memory_refusal, zeros_output
+from qkv.masks import FULL, EMPTY, TileGrid, bounds, evaluate
+from qkv.masks import is_causal as is_causal_mask
 
 
 def tiled_applies(call: Call) -> bool:
-    from qkv.backends import _REGISTRY
-
-    tiled = _REGISTRY.get("tiled")
-    return tiled is not None and tiled.refusal(call) is None
+    return "tiled" in registry.names() and registry.get("tiled").refusal(call) is None
 
 
 def _whole_matrix_kind(call: Call):
@@ -62,13 +61,13 @@ def _needs_dense_mask(call: Call) -> bool:
     kind = _whole_matrix_kind(call)
     if kind in (FULL, EMPTY):
         return False
-    return not (isinstance(call.mask, _Causal) and call.q_offset == 0)
+    return not (is_causal_mask(call.mask) and call.q_offset == 0)
 
 
 class SDPABackend(Backend):
     name = "sdpa"
     capabilities = Capabilities(
-        devices=("any",), dtypes=_FLOATS, masks=True, score_mod=False, dropout=True, gqa=True,
+        devices=("any",), dtypes=FLOATS, masks=True, score_mod=False, dropout=True, gqa=True,
         backward=True, return_lse=False, return_weights=False, exact=True, auto=True,
         notes="torch.nn.functional.scaled_dot_product_attention; masks other than causal are passed densely",
     )
@@ -100,7 +99,7 @@ class SDPABackend(Backend):
                 mask = None
             elif kind == EMPTY:
                 return zeros_output(call), None, None  # nothing may be attended
-            elif isinstance(mask, _Causal) and call.q_offset == 0:
+            elif is_causal_mask(mask) and call.q_offset == 0:
                 mask, is_causal = None, True
         if is_causal and call.scale < 0:
             # torch's CPU kernel returns NaN rows for is_causal=True with a negative scale

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from qkv.backends import _FLOATS, _REGISTRY, Backend, Call, Capabilities, memory_refusal
+from qkv.backends import registry
+from qkv.backends.base import FLOATS, Backend, Call, Capabilities, memory_refusal
 from qkv.masks import BLOCK_MASK_BYTES_PER_TILE, EMPTY, FULL, PARTIAL
 
 DEFAULT_BLOCK = (256, 256)  # measured: on 2 CPU cores 256-row tiles beat 128 by 1.3-1.5x at 16k
@@ -639,7 +640,7 @@ def weights_for_rows(call: Call, lse: torch.Tensor | None, rows: torch.Tensor | 
 class TiledBackend(Backend):
     name = "tiled"
     capabilities = Capabilities(
-        devices=("any",), dtypes=_FLOATS, masks=True, score_mod=True, dropout=False, gqa=True,
+        devices=("any",), dtypes=FLOATS, masks=True, score_mod=True, dropout=False, gqa=True,
         backward=True, return_lse=True, return_weights=True, exact=True, auto=True,
         notes="BlockMask-driven: skips EMPTY tiles, FULL tiles unmasked; O(L) memory, backward recomputes tiles",
     )
@@ -667,7 +668,7 @@ class TiledBackend(Backend):
         return None
 
     def auto_refusal(self, call: Call) -> str | None:
-        if call.return_weights and _REGISTRY["math"].refusal(call) is None:
+        if call.return_weights and registry.get("math").refusal(call) is None:
             return "the weights are materialised anyway: math computes them in one pass"
         return None
 
@@ -682,3 +683,18 @@ class TiledBackend(Backend):
         out, lse = _TiledAttention.apply(call, groups, engine, q, k, v, *params)
         weights = weights_for_rows(call, lse.detach(), block=self.block) if call.return_weights else None
         return out, lse, weights
+
+
+class CarefulBackend(Backend):
+    """`careful_forward` as the dispatcher's hidden route for calls whose inputs hold NaN or Inf
+    (`qkv.attention` recomputes such a call here; see `careful_forward`). Forward only."""
+
+    name = "careful"
+    capabilities = Capabilities(
+        devices=("any",), dtypes=FLOATS, masks=True, score_mod=True, dropout=False, gqa=True,
+        backward=False, return_lse=True, return_weights=True, exact=True, auto=False,
+        notes="the tiled engine that never lets a masked key reach a row (non-finite inputs)",
+    )
+
+    def forward(self, call: Call):
+        return careful_forward(call)
