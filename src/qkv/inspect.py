@@ -50,20 +50,20 @@ captured: its keys live in the cache; run the model without the cache.
 
 from __future__ import annotations
 
-import contextvars
 import sys
 from collections.abc import Iterator, Mapping
-from typing import Callable
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from qkv._util.checks import check_int
-from qkv.backends import make_call
-from qkv.backends import Call
+from qkv.backends import Call, make_call
 from qkv.backends.math import safe_softmax
+from qkv.hooks import ATTENTION_HOOK
+from qkv.layers import MultiHeadAttention
 from qkv.masks import check_bool
+from qkv.nn import MultiheadAttention
 
 __all__ = ["capture", "attention_maps", "attention_modules", "head_stats", "AttentionMaps", "Capture",
            "DEFAULT_MAX_CELLS"]
@@ -76,11 +76,6 @@ DEFAULT_MAX_CELLS = 4096 * 4096
 # (at least one row of one head): 16 MiB of float32 scores, whatever the sequence length.
 _STEP_CELLS = 1 << 22
 
-#: The hook attention layers call with their attention inputs while a capture is active:
-#: hook(module, q, k, *, mask, causal, score_mod, scale, q_offset, cached=False).
-#: None (the default) when nothing is being captured.
-ATTENTION_HOOK: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("qkv_attention_hook",
-                                                                                  default=None)
 
 
 # -----------------------------------------------------------------------------
@@ -88,9 +83,6 @@ ATTENTION_HOOK: contextvars.ContextVar[Callable | None] = contextvars.ContextVar
 
 
 def _attention_types() -> tuple[type, ...]:
-    from qkv.layers import MultiHeadAttention
-    from qkv.nn import MultiheadAttention
-
     return (MultiHeadAttention, MultiheadAttention)
 
 

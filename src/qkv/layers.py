@@ -33,7 +33,7 @@ from qkv._util import hugepages
 from qkv._util.checks import check_int
 from qkv import scores as _scores
 from qkv.backends import linear as _kernel
-from qkv.inspect import ATTENTION_HOOK
+from qkv.hooks import ATTENTION_HOOK
 from qkv.positional import RotaryEmbedding
 
 __all__ = ["MultiHeadAttention", "Linear", "FeedForward", "RMSNorm", "Block", "ACTIVATIONS", "NORMS"]

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qkv.attention import attention
-from qkv.inspect import ATTENTION_HOOK
+from qkv.hooks import ATTENTION_HOOK
 from qkv.scores import bias as _bias
 
 __all__ = ["MultiheadAttention"]

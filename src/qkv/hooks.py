@@ -1,0 +1,17 @@
+"""What an attention layer hands a capture (floor 0: imports nothing of qkv).
+
+`ATTENTION_HOOK` holds, while `qkv.inspect.capture` is active, the function attention layers
+call with the inputs of their attention call: hook(module, q, k, *, mask, causal, score_mod,
+scale, q_offset, cached=False). None (the default) when nothing is being captured, so a layer
+pays one context-variable lookup per call. `qkv.layers`, `qkv.nn` and `qkv.inspect` share it.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from typing import Callable
+
+__all__ = ["ATTENTION_HOOK"]
+
+ATTENTION_HOOK: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("qkv_attention_hook",
+                                                                                  default=None)
