@@ -80,7 +80,7 @@ def paged(num_blocks=2, block_size=2):
 
 
 def paged_model_cache():
-    return C.Cache.paged([C._Spec(2, 4, None)], 4, block_size=2, batch=1)
+    return C.Cache.paged([C.CacheSpec(2, 4, None)], 4, block_size=2, batch=1)
 
 
 def capture_run(model, args, **kw):

@@ -330,7 +330,7 @@ def test_ring_append_longer_than_window_keeps_last_window():
     assert ring.length.tolist() == [8]
     slots = [p % W for p in range(5, 8)]
     assert torch.equal(ring.k[0][:, slots], k[0, :, 5:8]) and torch.equal(ring.v[0][:, slots], v[0, :, 5:8])
-    kt, vt = ring._time_ordered(0)
+    kt, vt = ring.time_ordered(0)
     assert torch.equal(kt, k[0, :, 5:]) and torch.equal(vt, v[0, :, 5:])
 
 

@@ -67,7 +67,7 @@ def _decode(model, prompts, steps, *, kind, path, monkeypatch):
 def _stored(layer, b, n):
     """Sequence b's first n keys and values, in position order, from either cache kind."""
     if hasattr(layer, "pool"):
-        slots = layer._slots(layer.seqs[b], 0, n)
+        slots = layer.slots(layer.seqs[b], 0, n)
         return layer.k[:, slots], layer.v[:, slots]
     return layer.k[b, :, :n], layer.v[b, :, :n]
 

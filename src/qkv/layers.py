@@ -97,7 +97,7 @@ def _with_rope(layer: dict, positions: Tensor | None, cache, rope_tables: dict) 
 def _claim(layer: dict) -> dict:
     """A `_with_rope` entry made ready for `blocks_step`: the new token's cache slot claimed."""
     cache = layer["cache"]
-    return {**{k: v for k, v in layer.items() if k != "cache"}, **cache._claim_fused_slot()}
+    return {**{k: v for k, v in layer.items() if k != "cache"}, **cache.claim_decode_slot()}
 
 
 def _joinable(layers) -> bool:
@@ -619,7 +619,7 @@ class Block(nn.Module):
     def _fused_static(self, x: Tensor, cache) -> dict | None:
         """The step-independent part of `_fused_layer` (no positions, no cache slots)."""
         if (torch.is_grad_enabled() or self.training or x.shape[1] != 1 or x.dtype != torch.float32 or not x.is_cpu
-                or x.shape[0] != cache.batch or not cache._fused_ready() or ATTENTION_HOOK.get() is not None
+                or x.shape[0] != cache.batch or not cache.fused_ready() or ATTENTION_HOOK.get() is not None
                 or not kernels.available()):
             return None
         plan = self._fused_plan()

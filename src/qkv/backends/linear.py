@@ -233,7 +233,7 @@ def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return _Ratio.apply(num, den)
 
 
-def _apply_state(fq: torch.Tensor, S: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+def apply_state(fq: torch.Tensor, S: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """fq (B, Hkv, G, n, M) against one state S (B, Hkv, M, Dv), z (B, Hkv, M): (B, Hkv, G, n, Dv)."""
     B, Hkv, G, n, M = fq.shape
     rows = fq.reshape(B, Hkv, G * n, M)
@@ -259,7 +259,7 @@ def kernel_attention(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, *, cau
         z = fk.sum(2)                                                        # (B, Hkv, M)
         if S0 is not None:
             S, z = S + S0, z + z0
-        out = _apply_state(fq, S, z)
+        out = apply_state(fq, S, z)
         return (out, (S, z)) if return_state else out
 
     C = max(1, min(int(chunk), Lk))               # a short call needs no padding to a whole chunk
@@ -282,7 +282,7 @@ def kernel_attention(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, *, cau
     hi = min(Lq, max(lo, Lk - q_offset))          # rows [lo, hi): 0 <= position < Lk; [hi, Lq): every key
     parts = []
     if lo:
-        parts.append(_apply_state(fq[:, :, :, :lo], S0, z0) if S0 is not None
+        parts.append(apply_state(fq[:, :, :, :lo], S0, z0) if S0 is not None
                      else fq.new_zeros(B, Hkv, G, lo, Dv))
     if hi > lo:
         s, e = q_offset + lo, q_offset + hi       # positions of the middle rows
@@ -301,7 +301,7 @@ def kernel_attention(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, *, cau
         mid = mid.reshape(B, Hkv, G, nc * C, Dv)[:, :, :, s - cs * C: e - cs * C]
         parts.append(mid)
     if Lq > hi:
-        parts.append(_apply_state(fq[:, :, :, hi:], S_tot, z_tot))
+        parts.append(apply_state(fq[:, :, :, hi:], S_tot, z_tot))
     out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=3)
     return (out, (S_tot, z_tot)) if return_state else out
 

@@ -29,7 +29,7 @@ from qkv import kernels
 from qkv._util import hugepages
 from qkv._util.checks import check_int as _check_int
 from qkv.backends.linear import Performer
-from qkv.cache import Cache, LinearStateCache, _Spec
+from qkv.cache import Cache, LinearStateCache, CacheSpec
 from qkv.layers import Block, RMSNorm, _claim, _hooked, _with_rope
 from qkv.models.config import DecoderConfig
 from qkv.positional import RotaryEmbedding
@@ -116,8 +116,8 @@ class Decoder(nn.Module):
 
     # -- caches ----------------------------------------------------------------
 
-    def cache_specs(self) -> list[_Spec]:
-        return [_Spec(self.config.n_kv_heads, self.config.head_dim, w) for w in self.windows]
+    def cache_specs(self) -> list[CacheSpec]:
+        return [CacheSpec(self.config.n_kv_heads, self.config.head_dim, w) for w in self.windows]
 
     def new_cache(self, batch: int = 1, *, kind: str = "contiguous", max_len: int | None = None,
                   block_size: int = 16, num_blocks: int | None = None, ring: bool = True) -> Cache:

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 import qkv
 from qkv import kernels
 from qkv._util.checks import check_int
-from qkv.cache import Cache, _Spec
+from qkv.cache import Cache, CacheSpec
 from qkv.layers import ACTIVATIONS, Block
 from qkv.positional import sinusoidal
 
@@ -326,7 +326,7 @@ class Seq2Seq(nn.Module):
         mask = qkv.masks.padding(src_lengths)
         context_kv = [block.cross_attn.project_context(memory) for block in self.decoder]  # (B, H, Ls, D) x2 each
         p = self.head_weight
-        kv = Cache.contiguous([_Spec(c.n_heads, c.head_dim, None)] * c.decoder_layers, src.shape[0],
+        kv = Cache.contiguous([CacheSpec(c.n_heads, c.head_dim, None)] * c.decoder_layers, src.shape[0],
                               max_new_tokens, dtype=p.dtype, device=p.device)
 
         def step(token: Tensor, t: int) -> Tensor:
