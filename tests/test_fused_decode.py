@@ -16,6 +16,7 @@ import torch
 
 from conftest import assert_error_ratio
 from qkv import inspect as qkv_inspect, kernels
+from qkv.fused import DecodeSession
 from qkv.layers import Block
 from qkv.models import Decoder, DecoderConfig
 
@@ -51,7 +52,7 @@ def _launches(monkeypatch):
 def _decode(model, prompts, steps, *, kind, path, monkeypatch):
     """path: "stack" (all layers in one launch), "block" (a launch per layer) or "module" (no fusion)."""
     if path == "module":
-        monkeypatch.setattr(Block, "_fused_static", lambda self, *a: None)
+        monkeypatch.setattr(Block, "fused_layout", lambda self, *a: None)
     elif path == "block":
         monkeypatch.setattr(Decoder, "_fused_layers", lambda self, *a: None)
     extra = {"ring": False} if kind == "contiguous" else {"block_size": 4}
@@ -243,7 +244,7 @@ def test_fused_block_interleaved_and_partial_rope(interleaved, rotary_dim, monke
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_generate_reuses_the_first_steps_checks_and_matches_stream(name, kind, monkeypatch):
     """`generate` checks the blocks on its first decode step and reuses the layouts after
-    (`Decoder._decode_step`); `stream`, which hands control out between steps, checks every
+    (`Decoder.decode_step`); `stream`, which hands control out between steps, checks every
     step. Same tokens, ragged prompts, sequences stopping early (the paged batch shrinks)."""
     from qkv.generate import generate, stream
 
@@ -256,8 +257,8 @@ def test_generate_reuses_the_first_steps_checks_and_matches_stream(name, kind, m
     first = [list(step) for step in stream(model, prompts, stop_tokens=[stop], **args)]
     expected = [[step[b] for step in first if step[b] is not None] for b in range(3)]
     checks = []
-    real = Block._fused_static
-    monkeypatch.setattr(Block, "_fused_static",                     # counts the one-token checks
+    real = Block.fused_layout
+    monkeypatch.setattr(Block, "fused_layout",                     # counts the one-token checks
                         lambda self, x, cache: (checks.extend([1] * (x.shape[1] == 1)), real(self, x, cache))[1])
     launched = _launches(monkeypatch)
     got = generate(model, prompts, stop_tokens=[stop], **args)
@@ -285,15 +286,15 @@ def test_generate_runs_the_models_hooks_every_step():
 
 def test_decode_step_reuses_nothing_outside_its_loops_conditions(monkeypatch):
     """With autograd on, a reused layout would skip the checks that send the step down the
-    module path: `_decode_step` then takes the plain forward (no kernel, a graph recorded)."""
+    module path: `decode_step` then takes the plain forward (no kernel, a graph recorded)."""
     model, _ = _models("gpt2")
-    cache, reuse = model.new_cache(1), {}
+    cache, session = model.new_cache(1), DecodeSession()
     with torch.no_grad():
         model(torch.tensor([[1, 2, 3]]), cache=cache)
-        model._decode_step(torch.tensor([[4]]), cache, reuse)
-    assert "statics" in reuse
+        model.decode_step(torch.tensor([[4]]), cache, session)
+    assert session.statics is not None
     launched = _launches(monkeypatch)
-    out = model._decode_step(torch.tensor([[5]]), cache, reuse)
+    out = model.decode_step(torch.tensor([[5]]), cache, session)
     assert "block" not in launched and out.requires_grad
 
 

@@ -85,12 +85,12 @@ def test_packed_model_still_trains_and_saves(tmp_path):
 @pytest.mark.skipif(not kernels.available(), reason="numba is not installed")
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_joint_projection_matches_separate_ones(arch, monkeypatch):
-    from qkv import layers
+    from qkv import fused
 
     m = _tiny(arch)
     calls = []
-    real = layers._joint_linear
-    monkeypatch.setattr(layers, "_joint_linear", lambda x, ls: calls.append(len(ls)) or real(x, ls))
+    real = fused.joint_linear
+    monkeypatch.setattr(fused, "joint_linear", lambda x, ls: calls.append(len(ls)) or real(x, ls))
     x = torch.randn(3, 1, 32, generator=torch.Generator().manual_seed(2))
     block = m.layers[0]
     with torch.no_grad():
@@ -110,16 +110,16 @@ def test_joint_projection_matches_separate_ones(arch, monkeypatch):
 
 
 def test_joint_projection_declines_unpacked_or_recording():
-    from qkv import layers
+    from qkv import fused
 
     q, k, v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)     # separate allocations
     x = torch.randn(1, 8)
     with torch.no_grad():
-        assert layers._joint_linear(x, (q, k, v)) is None
+        assert fused.joint_linear(x, (q, k, v)) is None
     m = _tiny()
     attn = m.layers[0].self_attn
     x = torch.randn(1, 1, 32, requires_grad=True)
-    assert layers._joint_linear(x, (attn.q_proj, attn.k_proj, attn.v_proj)) is None   # autograd records
+    assert fused.joint_linear(x, (attn.q_proj, attn.k_proj, attn.v_proj)) is None   # autograd records
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux")

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from qkv import fused
 from qkv.models.config import DecoderConfig
 
 __all__ = ["generate", "stream", "sample", "SamplingError"]
@@ -152,7 +153,7 @@ def stream(model, prompts, *, max_new_tokens: int = 32, temperature: float = 0.0
     Arguments as in `generate`. Stopping: a sequence stops after emitting a stop
     token (which is yielded) or max_new_tokens tokens. (`_own_loop`: `generate`'s
     own consumer, which runs no other code between steps: the decode steps may then
-    reuse what the first step checked, `Decoder._decode_step`.)
+    reuse what the first step checked, `Decoder.decode_step`.)
     """
     if not (isinstance(getattr(model, "config", None), DecoderConfig) and callable(getattr(model, "new_cache", None))):
         raise TypeError(f"model must be a qkv.models.Decoder (a causal language model with a KV cache), got "
@@ -216,7 +217,7 @@ def _run(model, batch, single, max_new_tokens, temperature, top_k, top_p, genera
             token = pick(torch.stack(last))                                                 # (B,)
             if stats is not None:
                 stats["prefill_s"] = time.perf_counter() - t0
-            reuse = {} if own_loop and callable(getattr(model, "_decode_step", None)) else None
+            session = fused.DecodeSession() if own_loop and callable(getattr(model, "decode_step", None)) else None
             active = list(range(B))                           # prompts still generating, by index
             done = [False] * B
             for step in range(max_new_tokens):
@@ -243,8 +244,8 @@ def _run(model, batch, single, max_new_tokens, temperature, top_k, top_p, genera
                     inputs = token[active][:, None]                      # (B', 1)
                 else:
                     step_cache, inputs = kv, token[:, None]              # contiguous: every row steps
-                if reuse is not None:
-                    logits = model._decode_step(inputs.to(device), step_cache, reuse)[:, -1]
+                if session is not None:
+                    logits = model.decode_step(inputs.to(device), step_cache, session)[:, -1]
                 else:
                     logits = model(inputs.to(device), cache=step_cache, last_only=True)[:, -1]   # (B' or B, V)
                 nxt = pick(logits)

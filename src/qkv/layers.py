@@ -25,11 +25,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules import module as _torch_module
 
 import qkv
-from qkv import kernels
-from qkv._util import hugepages
+from qkv import fused, kernels
 from qkv._util.checks import check_int
 from qkv import scores as _scores
 from qkv.backends import linear as _kernel
@@ -66,65 +64,6 @@ class Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         return kernels.linear(x, self.weight, self.bias)
-
-
-def _hooked(modules) -> bool:
-    """Whether a forward hook (or pre-hook) would see one of these modules run: the fused
-    decode step runs no module's forward, so it steps aside when one is registered."""
-    return bool(_torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks or any(
-        m._forward_hooks or m._forward_pre_hooks for m in modules))
-
-
-def _with_rope(layer: dict, positions: Tensor | None, cache, rope_tables: dict) -> dict:
-    """A `Block._fused_static` entry for this step: cos, sin (B, rd) of its RoPE at each sequence's
-    new position (None without RoPE; `positions` None: the cache's lengths), memoised per RoPE
-    module in `rope_tables`, and the layer's cache."""
-    rope, cos, sin = layer["rope"], None, None
-    if rope is not None:
-        tables = rope_tables.get(id(rope))
-        if tables is None:
-            if positions is None:
-                positions = cache.length[:, None]
-            pos = positions.reshape(-1, 1)[:, 0] if positions.dim() == 2 else positions.reshape(-1)
-            if pos.numel() == 1:
-                pos = pos.expand(cache.batch)
-            cos_t, sin_t = rope._table(int(pos.max()) + 1, pos.device, torch.float32)         # (N, rd)
-            tables = rope_tables[id(rope)] = (cos_t[pos].contiguous(), sin_t[pos].contiguous())   # (B, rd)
-        cos, sin = tables
-    return {**layer, "cos": cos, "sin": sin, "cache": cache}
-
-
-def _claim(layer: dict) -> dict:
-    """A `_with_rope` entry made ready for `blocks_step`: the new token's cache slot claimed."""
-    cache = layer["cache"]
-    return {**{k: v for k, v in layer.items() if k != "cache"}, **cache.claim_decode_slot()}
-
-
-def _joinable(layers) -> bool:
-    """Whether these `Linear` layers' weights lie back to back in one storage (`qkv._util.hugepages.joined`),
-    and their biases too, or they have none."""
-    biases = [layer.bias for layer in layers]
-    return hugepages.joined(*(layer.weight for layer in layers)) is not None and (
-        all(b is None for b in biases) or hugepages.joined(*biases) is not None)
-
-
-def _joint_linear(x: Tensor, layers) -> tuple[Tensor, ...] | None:
-    """x through several `Linear` layers in one kernel launch, when their weights (and
-    biases) lie back to back in memory (`qkv._util.hugepages.pack_parameters`) and the decode
-    kernel applies; the outputs are views of one (..., sum of widths) result. None otherwise."""
-    weights = [layer.weight for layer in layers]
-    biases = [layer.bias for layer in layers]
-    key = tuple((t.data_ptr(), t.shape) if t is not None else None for t in weights + biases)
-    seen = layers[0].__dict__.get("_qkv_joint")            # (key, joinable): the layout check once, not per step
-    if seen is None or seen[0] != key:
-        seen = layers[0].__dict__["_qkv_joint"] = (key, _joinable(layers))   # no tensors kept: nothing pinned
-    if not seen[1]:
-        return None
-    weight = hugepages.joined(*weights, trusted=True)
-    bias = None if biases[0] is None else hugepages.joined(*biases, trusted=True)
-    if not kernels.applies(x, weight, bias) or not kernels.available():
-        return None
-    return kernels.linear(x, weight, bias, checked=True).split([w.shape[0] for w in weights], dim=-1)
 
 
 class MultiHeadAttention(nn.Module):
@@ -303,7 +242,7 @@ class MultiHeadAttention(nn.Module):
         if hook is not None:  # qkv.inspect.capture cannot see the cached keys: it refuses
             hook(self, None, None, cached=True)
         B, n, _ = x.shape
-        qkv_ = _joint_linear(x, (self.q_proj, self.k_proj, self.v_proj))                 # one launch when packed
+        qkv_ = fused.joint_linear(x, (self.q_proj, self.k_proj, self.v_proj))                 # one launch when packed
         q, k, v = qkv_ if qkv_ is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
         q = q.view(B, n, self.n_heads, self.head_dim).transpose(1, 2)                    # (B, Hq, n, D)
         k = k.view(B, n, self.n_kv_heads, self.head_dim).transpose(1, 2)                 # (B, Hkv, n, D)
@@ -421,7 +360,7 @@ class FeedForward(nn.Module):
             raise ValueError(f"x must be (..., d_model={w.shape[1]}), got {shape}")
         _check_dtype("x", x, w)
         if self.gated:
-            both = _joint_linear(x, (self.gate_proj, self.up_proj))                      # one launch when packed
+            both = fused.joint_linear(x, (self.gate_proj, self.up_proj))                      # one launch when packed
             gate, up = both if both is not None else (self.gate_proj(x), self.up_proj(x))
             return self.down_proj(_dropout(self.drop, self._act(gate) * up))
         return self.fc2(_dropout(self.drop, self._act(self.fc1(x))))
@@ -591,11 +530,9 @@ class Block(nn.Module):
         x, _ = self._sublayer(x, self.norm2, self.ffn, False)
         return (x, weights) if return_weights else x
 
-    _FUSED_ACTIVATIONS = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "swiglu": 3, "geglu": 0}
-
     def _fused_decode(self, x: Tensor, positions: Tensor | None, cache) -> Tensor | None:
         """One new token per sequence through the whole block in one kernel launch
-        (`qkv.kernels.blocks_step`), or None where it does not apply and the module path runs.
+        (`qkv.fused.block_step`), or None where it does not apply and the module path runs.
 
         It applies to inference (autograd off, eval mode) in fp32 on the CPU, pre-norm, no
         cross-attention, exact attention without ALiBi or an inspection hook, no forward hook
@@ -603,21 +540,17 @@ class Block(nn.Module):
         path), packed weights (q/k/v and gate/up back to back), biases everywhere or nowhere.
         The module path computes the same function; tests hold the two together.
         """
-        layer = self._fused_layer(x, positions, cache, {})
+        layer = self.fused_layout(x, cache)
         if layer is None:
             return None
+        layer = fused.with_rope(layer, positions, cache, {})
         cache.check_room(1)                                # CacheFull before anything changes
-        return kernels.blocks_step(x, [_claim(layer)])
+        return fused.block_step(x, layer)
 
-    def _fused_layer(self, x: Tensor, positions: Tensor | None, cache, rope_tables: dict) -> dict | None:
-        """What `blocks_step` needs for this block on this step (the cache not yet touched),
-        or None where the fused step does not apply (see `_fused_decode`). `rope_tables`
-        memoises cos/sin per RoPE module across the layers of one step."""
-        layer = self._fused_static(x, cache)
-        return None if layer is None else _with_rope(layer, positions, cache, rope_tables)
-
-    def _fused_static(self, x: Tensor, cache) -> dict | None:
-        """The step-independent part of `_fused_layer` (no positions, no cache slots)."""
+    def fused_layout(self, x: Tensor, cache) -> dict | None:
+        """This block's step-independent layout for `qkv.fused` (no positions, no cache slots), or
+        None where the fused step does not apply to x (B, 1, d_model) and this layer's cache
+        (see `_fused_decode`)."""
         if (torch.is_grad_enabled() or self.training or x.shape[1] != 1 or x.dtype != torch.float32 or not x.is_cpu
                 or x.shape[0] != cache.batch or not cache.fused_ready() or ATTENTION_HOOK.get() is not None
                 or not kernels.available()):
@@ -629,10 +562,9 @@ class Block(nn.Module):
         return dict(static=static, dims=dims, floats=floats, rope=rope, window=cache.window)
 
     def _fused_plan(self):
-        """(parameter addresses, sizes and kinds, (eps1, eps2, scale), RoPE module) for
-        `blocks_step`, or None when this block cannot be fused now. The layout is worked out
-        once per set of modules and parameter addresses (no tensor is kept); modules and
-        parameters are read from their dicts, and forward hooks are looked for every step."""
+        """`qkv.fused.plan` for this block's parts, or None when this block cannot be fused now. The
+        layout is worked out once per set of modules and parameter addresses (no tensor is kept);
+        modules and parameters are read from their dicts, and forward hooks are looked for every step."""
         mods = self._modules
         attn, ffn, n1, n2 = mods["self_attn"], mods["ffn"], mods["norm1"], mods["norm2"]
         if type(attn) is not MultiHeadAttention or type(ffn) is not FeedForward:
@@ -642,7 +574,7 @@ class Block(nn.Module):
         ups = (fm["gate_proj"], fm["up_proj"]) if gated else (fm["fc1"],)
         down = fm["down_proj"] if gated else fm["fc2"]
         linears = (am["q_proj"], am["k_proj"], am["v_proj"], am["o_proj"], *ups, down)
-        if _hooked((attn, ffn, n1, n2, *linears)):
+        if fused.hooked((attn, ffn, n1, n2, *linears)):
             return None
         params = [layer._parameters.get(name) for layer in linears for name in ("weight", "bias")] + [
             n._parameters.get(name) for n in (n1, n2) for name in ("weight", "bias")]
@@ -654,44 +586,25 @@ class Block(nn.Module):
         cached = self.__dict__.get("_qkv_fused_plan")
         if cached is not None and cached[0] == key:
             return cached[1]
-        plan = self._work_out_fused_plan(attn, ffn, n1, n2, ups, down, linears)
+        norm_kind = self._fused_norm_kind(n1, n2)
+        if (norm_kind is None or self.cross_attention or self.norm_position != "pre" or attn.alibi_slopes is not None
+                or attn.feature_map is not None or attn.attention != "exact" or attn.backend != "auto"):
+            plan = None
+        else:
+            plan = fused.plan(attn, ffn, n1, n2, ups, down, linears, norm_kind)
         self.__dict__["_qkv_fused_plan"] = (key, plan)
         return plan
 
-    def _work_out_fused_plan(self, attn, ffn, n1, n2, ups, down, linears):
-        if (self.cross_attention or self.norm_position != "pre" or attn.alibi_slopes is not None
-                or attn.feature_map is not None or attn.attention != "exact" or attn.backend != "auto"):
-            return None
-        projections = linears[:3]
-        params = [layer.weight for layer in linears] + [layer.bias for layer in linears] + [
-            getattr(n, name, None) for n in (n1, n2) for name in ("weight", "bias")]
-        has_bias = linears[0].bias is not None
+    @staticmethod
+    def _fused_norm_kind(n1, n2) -> int | None:
+        """`qkv.fused.NORM_LAYER` for two LayerNorms with weights and biases, `NORM_RMS` for two
+        RMSNorms with weights, None for any other pair (the module path runs)."""
         if type(n1) is nn.LayerNorm and type(n2) is nn.LayerNorm:
-            norm_kind = 0 if all(t is not None for t in (n1.weight, n1.bias, n2.weight, n2.bias)) else None
-        elif type(n1) is RMSNorm and type(n2) is RMSNorm:
-            norm_kind = 1 if n1.weight is not None and n2.weight is not None else None
-        else:
-            norm_kind = None
-        ok = (norm_kind is not None and ffn.activation in self._FUSED_ACTIVATIONS
-              and all(t is None or (t.dtype == torch.float32 and t.is_cpu and t.is_contiguous()) for t in params)
-              and all((layer.bias is not None) == has_bias for layer in linears)
-              and _joinable(projections) and _joinable(ups))
-        if not ok:
-            return None
-
-        def ptr(t):
-            return 0 if t is None else t.data_ptr()
-        norm_b1, norm_b2 = (n1.bias, n2.bias) if norm_kind == 0 else (None, None)
-        static = [ptr(n1.weight), ptr(norm_b1), ptr(n2.weight), ptr(norm_b2), ptr(attn.q_proj.weight),
-                  ptr(attn.q_proj.bias), ptr(attn.o_proj.weight), ptr(attn.o_proj.bias), ptr(ups[0].weight),
-                  ptr(ups[0].bias), ptr(down.weight), ptr(down.bias)]
-        D = attn.head_dim
-        dims = [sum(layer.weight.shape[0] for layer in projections), attn.n_heads, attn.n_kv_heads, D,
-                down.weight.shape[1], sum(layer.weight.shape[0] for layer in ups), norm_kind,
-                self._FUSED_ACTIVATIONS[ffn.activation], int(ffn.gated), int(has_bias),
-                int(attn.rope.interleaved) if attn.rope is not None else 0]
-        scale = attn.scale if attn.scale is not None else 1.0 / math.sqrt(D)
-        return static, dims, [float(n1.eps), float(n2.eps), float(scale)], attn.rope
+            ok = all(t is not None for t in (n1.weight, n1.bias, n2.weight, n2.bias))
+            return fused.NORM_LAYER if ok else None
+        if type(n1) is RMSNorm and type(n2) is RMSNorm:
+            return fused.NORM_RMS if n1.weight is not None and n2.weight is not None else None
+        return None
 
     def _sublayer(self, x: Tensor, norm: nn.Module, fn, returns_weights: bool):
         """One residual sublayer, pre- or post-norm; returns (x, fn's weights or None)."""

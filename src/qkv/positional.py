@@ -427,7 +427,7 @@ class RotaryEmbedding(nn.Module):
 
     # -- cos/sin ---------------------------------------------------------------
 
-    def _table(self, needed: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    def table(self, needed: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """cos/sin (N, rd) for positions 0..N-1 with N >= needed, cached."""
         if self._cache is not None:
             length, cached_device, cached_dtype, cos, sin = self._cache
@@ -465,7 +465,7 @@ class RotaryEmbedding(nn.Module):
             # arbitrary positions (packed sequences, left padding): compute directly, no cache
             return rope_cos_sin(positions.to(device), self._inv_freq64, interleaved=self.interleaved, dtype=dtype)
         _check_int("offset", offset, minimum=0)
-        cos, sin = self._table(offset + length, device, dtype)  # (N, rd)
+        cos, sin = self.table(offset + length, device, dtype)  # (N, rd)
         return cos[offset : offset + length], sin[offset : offset + length]  # (L, rd)
 
     # -- application -----------------------------------------------------------

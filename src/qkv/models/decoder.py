@@ -25,12 +25,12 @@ import torch
 from torch import Tensor, nn
 
 import qkv
-from qkv import kernels
+from qkv import fused, kernels
 from qkv._util import hugepages
 from qkv._util.checks import check_int as _check_int
 from qkv.backends.linear import Performer
 from qkv.cache import Cache, LinearStateCache, CacheSpec
-from qkv.layers import Block, RMSNorm, _claim, _hooked, _with_rope
+from qkv.layers import Block, RMSNorm
 from qkv.models.config import DecoderConfig
 from qkv.positional import RotaryEmbedding
 
@@ -47,10 +47,6 @@ def _check_positions(positions, B: int, L: int) -> None:
                          f"got {tuple(positions.shape)}")
     if positions.numel() and int(positions.min()) < 0:
         raise ValueError(f"positions must be >= 0, got {int(positions.min())}; positions count from 0")
-
-
-def _hooked_call(module: nn.Module) -> bool:
-    return _hooked((module,)) or bool(module._backward_hooks or module._backward_pre_hooks)
 
 
 class Decoder(nn.Module):
@@ -157,7 +153,7 @@ class Decoder(nn.Module):
     # -- forward ---------------------------------------------------------------
 
     def forward(self, tokens: Tensor, *, cache: Cache | None = None, positions: Tensor | None = None,
-                last_only: bool = False, mask=None, _reuse: dict | None = None) -> Tensor:
+                last_only: bool = False, mask=None) -> Tensor:
         """tokens (B, L) int -> logits (B, L, V), or (B, 1, V) with last_only.
 
         Without a cache: a full causal forward; `positions` (B, L) or (L,) default
@@ -168,14 +164,19 @@ class Decoder(nn.Module):
         such as `qkv.masks.longformer(64)` or `qkv.masks.bigbird(64)`, ANDed with
         every layer's causal (or window) mask, so no token ever sees a later one.
         """
-        h = self.hidden(tokens, cache=cache, positions=positions, mask=mask, _reuse=_reuse)  # (B, L, d_model)
+        h = self.hidden(tokens, cache=cache, positions=positions, mask=mask)  # (B, L, d_model)
         if last_only:
             h = h[:, -1:]                                                   # (B, 1, d_model)
         return kernels.linear(h, self.head_weight)                          # (B, L, V)
 
     def hidden(self, tokens: Tensor, *, cache: Cache | None = None, positions: Tensor | None = None,
-               mask=None, _reuse: dict | None = None) -> Tensor:
+               mask=None) -> Tensor:
         """The final-norm hidden states (B, L, d_model); arguments as in `forward`."""
+        return self._hidden(tokens, cache, positions, mask, None)
+
+    def _hidden(self, tokens: Tensor, cache: Cache | None, positions: Tensor | None, mask,
+                session: fused.DecodeSession | None) -> Tensor:
+        """`hidden`, keeping the blocks' fused layouts in `session` (see `decode_step`) when given."""
         c = self.config
         if mask is not None:
             if cache is not None:
@@ -220,9 +221,9 @@ class Decoder(nn.Module):
             x = x + self.pos_embed(positions)                                  # (B or 1, L, d_model) broadcast
         rope_positions = positions if self.rope is not None else None
         if cache is not None and L == 1:
-            fused = self._fused_layers(x, rope_positions, cache, _reuse)
-            if fused is not None:
-                return self.norm(fused)
+            h = self._fused_layers(x, rope_positions, cache, session)
+            if h is not None:
+                return self.norm(h)
         for i, block in enumerate(self.layers):
             if cache is not None:
                 x = block(x, positions=rope_positions, cache=cache.layers[i])
@@ -234,24 +235,21 @@ class Decoder(nn.Module):
                 x = block(x, mask=layer_mask, positions=rope_positions)
         return self.norm(x)
 
-    def _fused_layers(self, x: Tensor, positions: Tensor | None, cache: Cache, reuse: dict | None = None
-                      ) -> Tensor | None:
-        """Every block's one-token step in one kernel launch (`qkv.kernels.blocks_step`), when each
-        block's fused step applies (`Block._fused_decode`) and no forward hook would miss a block
-        running; else None, and the blocks run one by one. `reuse` (see `_decode_step`): the
+    def _fused_layers(self, x: Tensor, positions: Tensor | None, cache: Cache,
+                      session: fused.DecodeSession | None = None) -> Tensor | None:
+        """Every block's one-token step in one kernel launch (`qkv.fused.step`), when each
+        block's fused step applies (`Block.fused_layout`) and no forward hook would miss a block
+        running; else None, and the blocks run one by one. `session` (see `decode_step`): the
         blocks' step-independent layouts, worked out here when it holds none."""
-        statics = None if reuse is None else reuse.get("statics")
+        statics = None if session is None else session.statics
         if statics is None:
             statics = self._fused_statics(x, cache)
             if statics is None:
                 return None
-            if reuse is not None:
-                reuse["statics"] = statics
-        rope_tables: dict = {}
-        layers = [_with_rope(layer, positions, layer_cache, rope_tables)
-                  for layer, layer_cache in zip(statics, cache.layers)]
+            if session is not None:
+                session.statics = statics
         # check_room(1) has passed: claiming a slot in every layer cannot fail
-        return kernels.blocks_step(x, [_claim(layer) for layer in layers])
+        return fused.step(statics, x, positions, cache)
 
     def _fused_statics(self, x: Tensor, cache: Cache) -> list | None:
         blocks = list(self.layers)
@@ -260,25 +258,26 @@ class Decoder(nn.Module):
             return None
         statics = []
         for block, layer_cache in zip(blocks, cache.layers):
-            layer = block._fused_static(x, layer_cache)
+            layer = block.fused_layout(x, layer_cache)
             if layer is None:                                 # the blocks run one by one, each checking itself
                 return None
             statics.append(layer)
         return statics
 
-    def _decode_step(self, tokens: Tensor, cache: Cache, reuse: dict) -> Tensor:
+    def decode_step(self, tokens: Tensor, cache: Cache, session: fused.DecodeSession) -> Tensor:
         """logits (B, 1, V) of one new token per sequence: `self(tokens, cache=cache, last_only=True)`
         for a decoding loop that runs no other code between its steps (`qkv.generate`), whose
         tokens come from its own sampling (ids in range) and whose cache it built for the whole
-        run. The first step takes `forward`, which checks everything and, where the fused step
-        applies, keeps the blocks' layouts in `reuse` (a dict the loop holds); later steps reuse
-        them instead of checking each block again. Nothing changes the model inside such a loop;
-        a loop that hands control to other code between steps (`qkv.generate.stream`) must not
-        pass `reuse`."""
-        if _hooked_call(self):                                                # hooks see every call
+        run. The first step checks everything, as `forward` does, and, where the fused step
+        applies, keeps the blocks' layouts in `session` (a `qkv.fused.DecodeSession` the loop
+        holds); later steps reuse them instead of checking each block again. Nothing changes the
+        model inside such a loop; a loop that hands control to other code between steps
+        (`qkv.generate.stream`) calls the model instead."""
+        if fused.hooked_call(self):                                           # hooks see every call
             return self(tokens, cache=cache, last_only=True)
-        if "statics" not in reuse:                                             # the first step: everything checked
-            return self.forward(tokens, cache=cache, last_only=True, _reuse=reuse)
+        if session.statics is None:                                            # the first step: everything checked
+            h = self._hidden(tokens, cache, None, None, session)[:, -1:]
+            return kernels.linear(h, self.head_weight)                         # (B, 1, V)
         if torch.is_grad_enabled() or tokens.shape[0] != cache.batch:         # not the loop's steps: no reuse
             return self.forward(tokens, cache=cache, last_only=True)
         cache.check_room(1)                                                    # CacheFull: nothing changes
@@ -286,7 +285,7 @@ class Decoder(nn.Module):
         x = self.embed(tokens)                                                 # (B, 1, d_model)
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
-        h = self._fused_layers(x, positions if self.rope is not None else None, cache, reuse)
+        h = self._fused_layers(x, positions if self.rope is not None else None, cache, session)
         return kernels.linear(self.norm(h), self.head_weight)                   # (B, 1, V)
 
     def extra_repr(self) -> str:
