@@ -406,7 +406,7 @@ def _fails(directory, *fragments, headers_only=False, monkeypatch=None):
     if headers_only:   # the problem must be found from the file headers, before any tensor is read
         def no_read(self, keys):
             raise AssertionError("tensor data was read before the checks passed")
-        monkeypatch.setattr(hf_import._Safetensors, "read", no_read)
+        monkeypatch.setattr(hf_import.Safetensors, "read", no_read)
     with pytest.raises(ValueError) as info:
         hf_import.load(directory)
     msg = str(info.value)

@@ -44,6 +44,8 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from qkv._util.files import read_json
+from qkv._util.safetensors import read_header
+from qkv.models import hf
 
 __all__ = ["CheckpointError", "Checkpoint", "save", "load", "verify", "latest", "list_checkpoints",
            "step_dir_name"]
@@ -135,8 +137,6 @@ def save(run_dir, step: int, model: nn.Module, tensors: dict[str, Tensor], state
     content (str or bytes) to write (e.g. tokenizer.json).
     """
     from safetensors.torch import save_file
-
-    from qkv.models import hf
 
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         raise ValueError(f"keep must be an int >= 1, got {keep!r}")
@@ -258,7 +258,7 @@ def load(path) -> Checkpoint:
     CheckpointError naming the newest valid checkpoint before it (if any)."""
     from safetensors.torch import load_file
 
-    from qkv.models import hf
+
 
     p = Path(path)
     try:
@@ -272,7 +272,7 @@ def load(path) -> Checkpoint:
         model = hf.load(p).train()
         tensors = {}
         if (p / STATE_TENSORS).is_file():
-            hf._read_header(p / STATE_TENSORS)
+            read_header(p / STATE_TENSORS)
             try:
                 tensors = load_file(str(p / STATE_TENSORS))
             except Exception as exc:   # the library's own SafetensorError

@@ -19,7 +19,7 @@ from typing import Iterator
 
 import torch
 
-from qkv.backends.base import Backend, BackendError, Call, Capabilities
+from qkv.backends.base import Backend, BackendError, Call
 
 __all__ = ["register", "get", "internal", "names", "list", "CapabilityTable", "select", "use_backend", "preferred"]
 

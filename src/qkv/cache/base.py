@@ -12,7 +12,6 @@ import torch
 from torch import Tensor
 
 from qkv import backends, decode
-from qkv._util.checks import check_int
 
 __all__ = ["LayerCache", "CacheSpec", "CacheFull", "UnknownSequence", "RowOutOfRange", "element_size"]
 

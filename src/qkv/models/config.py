@@ -1,4 +1,5 @@
-"""`DecoderConfig`: every hyper-parameter of a GPT-2, Llama or Mistral style decoder, as data.
+"""Every model's configuration as data, side by side: `DecoderConfig` (GPT-2, Llama and Mistral style
+decoders), `EncoderConfig` (BERT-style encoders) and `Seq2SeqConfig` (encoder-decoders).
 
 The three families differ in a handful of switches:
 
@@ -8,19 +9,21 @@ The three families differ in a handful of switches:
     Mistral   RoPE            rms     swiglu      GQA            untied    per layer
 
 `DecoderConfig.gpt2()`, `.llama()` and `.mistral()` give the family defaults at a
-small size; every field can be overridden. Configs round-trip through dicts
+small size; every field can be overridden. Every config round-trips through dicts
 (`to_dict` / `from_dict`) so checkpoints can carry them as JSON.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
+from qkv._util.checks import check_int
 from qkv.backends.linear import ATTENTION_KINDS
 from qkv.layers import ACTIVATIONS, NORMS
 
-__all__ = ["DecoderConfig", "ROPE_SCALINGS", "ATTENTION_KINDS"]
+__all__ = ["DecoderConfig", "EncoderConfig", "Seq2SeqConfig", "ROPE_SCALINGS", "ATTENTION_KINDS", "ENCODER_ACTIVATIONS"]
 
 ROPE_SCALINGS = ("linear", "ntk", "llama3")
 
@@ -213,3 +216,181 @@ def _check_rope_scaling(d: dict) -> None:
         if not high > low:
             raise ValueError(f"rope_scaling['high_freq_factor'] must exceed 'low_freq_factor', got {high} <= {low}; "
                              f"Llama 3.1 uses 4.0 and 1.0")
+
+
+# -----------------------------------------------------------------------------
+# Encoders (BERT) and encoder-decoders
+
+# the plain (not gated) MLP activations of qkv.layers: BERT's "gelu" is the exact erf GELU
+ENCODER_ACTIVATIONS = tuple(name for name, (_, gated) in ACTIVATIONS.items() if not gated)
+
+
+@dataclass
+class EncoderConfig:
+    """A BERT-style encoder.
+
+    Attributes:
+        vocab_size, d_model, n_layers, n_heads: the sizes (n_heads must divide d_model).
+        ffn_hidden: hidden width of the MLP (default 4 * d_model).
+        max_positions: rows of the learned position table: the longest input.
+        type_vocab_size: segment (token_type) ids 0..type_vocab_size-1.
+        norm_eps: LayerNorm epsilon (BERT: 1e-12).
+        activation: "gelu" (exact erf GELU, BERT's hidden_act "gelu"), "gelu_tanh" or "relu".
+        dropout: on the embeddings, the attention weights and the residual branches (training only).
+        pad_token_id: the padding token, whose embedding row starts at zero and gets no
+            gradient; None for none.
+    """
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    ffn_hidden: int | None = None
+    max_positions: int = 512
+    type_vocab_size: int = 2
+    norm_eps: float = 1e-12
+    activation: str = "gelu"
+    dropout: float = 0.0
+    pad_token_id: int | None = 0
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_positions", "type_vocab_size"):
+            check_int(name, getattr(self, name))
+        if self.d_model % self.n_heads:
+            divisors = [h for h in range(1, self.d_model + 1) if self.d_model % h == 0 and h <= 64]
+            raise ValueError(f"n_heads={self.n_heads} does not divide d_model={self.d_model}; choose one of "
+                             f"{divisors}")
+        if self.ffn_hidden is None:
+            self.ffn_hidden = 4 * self.d_model
+        check_int("ffn_hidden", self.ffn_hidden)
+        eps = self.norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+            raise ValueError(f"norm_eps must be a finite number > 0, got {eps!r}")
+        self.norm_eps = float(eps)
+        if self.activation not in ENCODER_ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(map(repr, ENCODER_ACTIVATIONS))} "
+                             f"(gated MLPs are for decoders), got {self.activation!r}")
+        p = self.dropout
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout must be a probability in [0, 1), got {p!r}")
+        self.dropout = float(p)
+        if self.pad_token_id is not None:
+            if isinstance(self.pad_token_id, bool) or not isinstance(self.pad_token_id, int):
+                raise TypeError(f"pad_token_id must be an int or None, got {self.pad_token_id!r}")
+            if not 0 <= self.pad_token_id < self.vocab_size:
+                raise ValueError(f"pad_token_id={self.pad_token_id} must lie in [0, vocab_size={self.vocab_size}) "
+                                 f"or be None")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @classmethod
+    def bert(cls, **overrides) -> "EncoderConfig":
+        """BERT style; the defaults are BERT-base (110M): 12 layers, 768 wide, 12 heads, 30522 WordPieces."""
+        base = dict(vocab_size=30522, d_model=768, n_layers=12, n_heads=12, ffn_hidden=3072, max_positions=512,
+                    type_vocab_size=2, norm_eps=1e-12, activation="gelu", dropout=0.1, pad_token_id=0)
+        return cls(**{**base, **overrides})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EncoderConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown EncoderConfig field(s) {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+
+@dataclass
+class Seq2SeqConfig:
+    """An encoder-decoder Transformer.
+
+    Attributes:
+        vocab_size: source vocabulary (and target vocabulary when shared).
+        tgt_vocab_size: None (default): one vocabulary and one embedding table for
+            source and target; an int: a separate target vocabulary and table.
+        d_model, n_heads: width and heads (n_heads must divide d_model).
+        encoder_layers, decoder_layers: stack depths.
+        ffn_hidden: FFN hidden width (default 4 * d_model); activation: one of
+            qkv.layers.ACTIVATIONS ("relu" in the paper).
+        dropout: on embeddings, attention weights and residual branches (training only).
+        max_positions: the longest source, and the most target tokens (BOS included).
+        norm_position: "post" (the paper) or "pre"; norm_eps: LayerNorm epsilon.
+        tie_embeddings: the output projection reuses the target embedding matrix.
+        pad_id, bos_id, eos_id: special ids (distinct, inside the vocabularies).
+    """
+
+    vocab_size: int
+    tgt_vocab_size: int | None = None
+    d_model: int = 128
+    n_heads: int = 4
+    encoder_layers: int = 2
+    decoder_layers: int = 2
+    ffn_hidden: int | None = None
+    activation: str = "relu"
+    dropout: float = 0.1
+    max_positions: int = 256
+    norm_position: str = "post"
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    pad_id: int = 0
+    bos_id: int = 1
+    eos_id: int = 2
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_heads", "encoder_layers", "decoder_layers", "max_positions"):
+            check_int(name, getattr(self, name))
+        if self.tgt_vocab_size is not None:
+            check_int("tgt_vocab_size", self.tgt_vocab_size)
+        if self.d_model % self.n_heads:
+            divisors = [h for h in range(1, self.d_model + 1) if self.d_model % h == 0]
+            raise ValueError(f"n_heads={self.n_heads} must divide d_model={self.d_model}; choose one of "
+                             f"{divisors[:12]}")
+        if self.ffn_hidden is None:
+            self.ffn_hidden = 4 * self.d_model
+        check_int("ffn_hidden", self.ffn_hidden)
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(map(repr, ACTIVATIONS))}; "
+                             f"got {self.activation!r}")
+        if (isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float))
+                or not 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"dropout must be a probability in [0, 1), got {self.dropout!r}")
+        if self.norm_position not in ("post", "pre"):
+            raise ValueError(f"norm_position must be 'post' (the original Transformer) or 'pre', "
+                             f"got {self.norm_position!r}")
+        if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be a number > 0, got {self.norm_eps!r}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise TypeError(f"tie_embeddings must be True or False, got {self.tie_embeddings!r}")
+        ids = {"pad_id": self.pad_id, "bos_id": self.bos_id, "eos_id": self.eos_id}
+        for name, value in ids.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+            if value >= self.target_vocab_size:
+                raise ValueError(f"{name}={value} is outside the target vocabulary of {self.target_vocab_size}")
+        if len(set(ids.values())) != 3:
+            raise ValueError(f"pad_id, bos_id and eos_id must be distinct, got {ids}")
+        if self.pad_id >= self.vocab_size:
+            raise ValueError(f"pad_id={self.pad_id} is outside the source vocabulary of {self.vocab_size}")
+
+    @property
+    def target_vocab_size(self) -> int:
+        return self.vocab_size if self.tgt_vocab_size is None else self.tgt_vocab_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Seq2SeqConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise ValueError(f"unknown Seq2SeqConfig fields {unknown}; known: {sorted(fields)}")
+        return cls(**d)

@@ -26,16 +26,14 @@ one row and padding makes up at least `PACK_MIN_PADDING` of its B * L slots.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 import qkv
-from qkv._util.checks import check_int
-from qkv.layers import ACTIVATIONS, Block
+from qkv.layers import Block
+from qkv.models.config import ENCODER_ACTIVATIONS, EncoderConfig
 
 __all__ = ["EncoderConfig", "Encoder", "EncoderOutput", "PACK_MIN_PADDING", "ENCODER_ACTIVATIONS"]
 
@@ -44,90 +42,6 @@ __all__ = ["EncoderConfig", "Encoder", "EncoderOutput", "PACK_MIN_PADDING", "ENC
 # gathering and scattering the tokens once per call.
 PACK_MIN_PADDING = 0.25
 
-# the plain (not gated) MLP activations of qkv.layers: BERT's "gelu" is the exact erf GELU
-ENCODER_ACTIVATIONS = tuple(name for name, (_, gated) in ACTIVATIONS.items() if not gated)
-
-
-_positive_int = check_int
-
-
-@dataclass
-class EncoderConfig:
-    """A BERT-style encoder.
-
-    Attributes:
-        vocab_size, d_model, n_layers, n_heads: the sizes (n_heads must divide d_model).
-        ffn_hidden: hidden width of the MLP (default 4 * d_model).
-        max_positions: rows of the learned position table: the longest input.
-        type_vocab_size: segment (token_type) ids 0..type_vocab_size-1.
-        norm_eps: LayerNorm epsilon (BERT: 1e-12).
-        activation: "gelu" (exact erf GELU, BERT's hidden_act "gelu"), "gelu_tanh" or "relu".
-        dropout: on the embeddings, the attention weights and the residual branches (training only).
-        pad_token_id: the padding token, whose embedding row starts at zero and gets no
-            gradient; None for none.
-    """
-
-    vocab_size: int
-    d_model: int
-    n_layers: int
-    n_heads: int
-    ffn_hidden: int | None = None
-    max_positions: int = 512
-    type_vocab_size: int = 2
-    norm_eps: float = 1e-12
-    activation: str = "gelu"
-    dropout: float = 0.0
-    pad_token_id: int | None = 0
-
-    def __post_init__(self):
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_positions", "type_vocab_size"):
-            _positive_int(name, getattr(self, name))
-        if self.d_model % self.n_heads:
-            divisors = [h for h in range(1, self.d_model + 1) if self.d_model % h == 0 and h <= 64]
-            raise ValueError(f"n_heads={self.n_heads} does not divide d_model={self.d_model}; choose one of "
-                             f"{divisors}")
-        if self.ffn_hidden is None:
-            self.ffn_hidden = 4 * self.d_model
-        _positive_int("ffn_hidden", self.ffn_hidden)
-        eps = self.norm_eps
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
-            raise ValueError(f"norm_eps must be a finite number > 0, got {eps!r}")
-        self.norm_eps = float(eps)
-        if self.activation not in ENCODER_ACTIVATIONS:
-            raise ValueError(f"activation must be one of {', '.join(map(repr, ENCODER_ACTIVATIONS))} "
-                             f"(gated MLPs are for decoders), got {self.activation!r}")
-        p = self.dropout
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout must be a probability in [0, 1), got {p!r}")
-        self.dropout = float(p)
-        if self.pad_token_id is not None:
-            if isinstance(self.pad_token_id, bool) or not isinstance(self.pad_token_id, int):
-                raise TypeError(f"pad_token_id must be an int or None, got {self.pad_token_id!r}")
-            if not 0 <= self.pad_token_id < self.vocab_size:
-                raise ValueError(f"pad_token_id={self.pad_token_id} must lie in [0, vocab_size={self.vocab_size}) "
-                                 f"or be None")
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
-    @classmethod
-    def bert(cls, **overrides) -> "EncoderConfig":
-        """BERT style; the defaults are BERT-base (110M): 12 layers, 768 wide, 12 heads, 30522 WordPieces."""
-        base = dict(vocab_size=30522, d_model=768, n_layers=12, n_heads=12, ffn_hidden=3072, max_positions=512,
-                    type_vocab_size=2, norm_eps=1e-12, activation="gelu", dropout=0.1, pad_token_id=0)
-        return cls(**{**base, **overrides})
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "EncoderConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown EncoderConfig field(s) {unknown}; known: {sorted(names)}")
-        return cls(**d)
 
 
 @dataclass

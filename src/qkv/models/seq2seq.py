@@ -27,116 +27,19 @@ the reference the cached path must match token for token.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 import qkv
 from qkv import kernels
-from qkv._util.checks import check_int
 from qkv.cache import Cache, CacheSpec
-from qkv.layers import ACTIVATIONS, Block
+from qkv.layers import Block
+from qkv.models.config import Seq2SeqConfig
 from qkv.positional import sinusoidal
 
 __all__ = ["Seq2SeqConfig", "Seq2Seq"]
-
-
-_positive_int = check_int
-
-
-@dataclass
-class Seq2SeqConfig:
-    """An encoder-decoder Transformer.
-
-    Attributes:
-        vocab_size: source vocabulary (and target vocabulary when shared).
-        tgt_vocab_size: None (default): one vocabulary and one embedding table for
-            source and target; an int: a separate target vocabulary and table.
-        d_model, n_heads: width and heads (n_heads must divide d_model).
-        encoder_layers, decoder_layers: stack depths.
-        ffn_hidden: FFN hidden width (default 4 * d_model); activation: one of
-            qkv.layers.ACTIVATIONS ("relu" in the paper).
-        dropout: on embeddings, attention weights and residual branches (training only).
-        max_positions: the longest source, and the most target tokens (BOS included).
-        norm_position: "post" (the paper) or "pre"; norm_eps: LayerNorm epsilon.
-        tie_embeddings: the output projection reuses the target embedding matrix.
-        pad_id, bos_id, eos_id: special ids (distinct, inside the vocabularies).
-    """
-
-    vocab_size: int
-    tgt_vocab_size: int | None = None
-    d_model: int = 128
-    n_heads: int = 4
-    encoder_layers: int = 2
-    decoder_layers: int = 2
-    ffn_hidden: int | None = None
-    activation: str = "relu"
-    dropout: float = 0.1
-    max_positions: int = 256
-    norm_position: str = "post"
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = True
-    pad_id: int = 0
-    bos_id: int = 1
-    eos_id: int = 2
-
-    def __post_init__(self):
-        for name in ("vocab_size", "d_model", "n_heads", "encoder_layers", "decoder_layers", "max_positions"):
-            _positive_int(name, getattr(self, name))
-        if self.tgt_vocab_size is not None:
-            _positive_int("tgt_vocab_size", self.tgt_vocab_size)
-        if self.d_model % self.n_heads:
-            divisors = [h for h in range(1, self.d_model + 1) if self.d_model % h == 0]
-            raise ValueError(f"n_heads={self.n_heads} must divide d_model={self.d_model}; choose one of "
-                             f"{divisors[:12]}")
-        if self.ffn_hidden is None:
-            self.ffn_hidden = 4 * self.d_model
-        _positive_int("ffn_hidden", self.ffn_hidden)
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {', '.join(map(repr, ACTIVATIONS))}; "
-                             f"got {self.activation!r}")
-        if (isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float))
-                or not 0.0 <= self.dropout < 1.0):
-            raise ValueError(f"dropout must be a probability in [0, 1), got {self.dropout!r}")
-        if self.norm_position not in ("post", "pre"):
-            raise ValueError(f"norm_position must be 'post' (the original Transformer) or 'pre', "
-                             f"got {self.norm_position!r}")
-        if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or not self.norm_eps > 0:
-            raise ValueError(f"norm_eps must be a number > 0, got {self.norm_eps!r}")
-        if not isinstance(self.tie_embeddings, bool):
-            raise TypeError(f"tie_embeddings must be True or False, got {self.tie_embeddings!r}")
-        ids = {"pad_id": self.pad_id, "bos_id": self.bos_id, "eos_id": self.eos_id}
-        for name, value in ids.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-            if value >= self.target_vocab_size:
-                raise ValueError(f"{name}={value} is outside the target vocabulary of {self.target_vocab_size}")
-        if len(set(ids.values())) != 3:
-            raise ValueError(f"pad_id, bos_id and eos_id must be distinct, got {ids}")
-        if self.pad_id >= self.vocab_size:
-            raise ValueError(f"pad_id={self.pad_id} is outside the source vocabulary of {self.vocab_size}")
-
-    @property
-    def target_vocab_size(self) -> int:
-        return self.vocab_size if self.tgt_vocab_size is None else self.tgt_vocab_size
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Seq2SeqConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
-        if unknown:
-            raise ValueError(f"unknown Seq2SeqConfig fields {unknown}; known: {sorted(fields)}")
-        return cls(**d)
 
 
 def _check_tokens(name: str, t, vocab: int, *, first_dim: int | None = None) -> Tensor:
