@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import qkv
-from qkv import fused, kernels
-from qkv._util.checks import check_int
+from qkv import backends, fused, kernels, masks
 from qkv import scores as _scores
+from qkv._util.checks import check_int
+from qkv.attention import attention
 from qkv.backends import linear as _kernel
 from qkv.hooks import ATTENTION_HOOK
 from qkv.positional import RotaryEmbedding
@@ -137,7 +137,7 @@ class MultiHeadAttention(nn.Module):
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a string name, got {type(backend).__name__}")
         if backend != "auto":
-            qkv.backends.get(backend)                   # an unknown name: ValueError listing the registered ones
+            backends.get(backend)                   # an unknown name: ValueError listing the registered ones
         self.attention, self.feature_map, self.backend = _kernel.layer_choice(
             attention, backend, dropout=self.dropout, alibi=alibi is not False and alibi is not None)
 
@@ -226,7 +226,7 @@ class MultiHeadAttention(nn.Module):
         if hook is not None:  # qkv.inspect.capture records this call's inputs; the call itself is unchanged
             hook(self, q, k, mask=mask, causal=causal, score_mod=score_mod, scale=self.scale, q_offset=None)
         with _kernel.use_feature_map(self.feature_map):                     # a Performer layer's own features
-            result = qkv.attention(q, k, v, mask=mask, causal=causal, score_mod=score_mod, scale=self.scale,
+            result = attention(q, k, v, mask=mask, causal=causal, score_mod=score_mod, scale=self.scale,
                                    dropout_p=self.dropout if self.training else 0.0, backend=self.backend,
                                    return_weights=return_weights)
         out, weights = result if return_weights else (result, None)         # out (B, Hq, Lq, D)

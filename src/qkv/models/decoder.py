@@ -24,12 +24,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-import qkv
-from qkv import fused, kernels
+from qkv import fused, kernels, masks
 from qkv._util import hugepages
 from qkv._util.checks import check_int as _check_int
 from qkv.backends.linear import Performer
-from qkv.cache import Cache, LinearStateCache, CacheSpec
+from qkv.cache import Cache, CacheSpec, LinearStateCache
 from qkv.layers import Block, RMSNorm
 from qkv.models.config import DecoderConfig
 from qkv.positional import RotaryEmbedding
@@ -185,7 +184,7 @@ class Decoder(nn.Module):
             if c.attention != "exact":
                 raise ValueError(f"attention={c.attention!r} sums over the whole causal prefix and cannot apply "
                                  f"mask={mask!r}; use a model with attention='exact' for sparse masks")
-            mask = qkv.masks.as_mask(mask)
+            mask = masks.as_mask(mask)
         if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             desc = f"{tokens.dtype} {tuple(tokens.shape)}" if isinstance(tokens, Tensor) else type(tokens).__name__
             raise ValueError(f"tokens must be an integer tensor (B, L), got {desc}; for one sequence pass "
@@ -229,7 +228,7 @@ class Decoder(nn.Module):
                 x = block(x, positions=rope_positions, cache=cache.layers[i])
             else:
                 window = self.windows[i]
-                layer_mask = qkv.masks.causal() if window is None else qkv.masks.sliding_window(window)
+                layer_mask = masks.causal() if window is None else masks.sliding_window(window)
                 if mask is not None:
                     layer_mask = layer_mask & mask
                 x = block(x, mask=layer_mask, positions=rope_positions)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-import qkv
+from qkv import masks
 from qkv.layers import Block
 from qkv.models.config import ENCODER_ACTIVATIONS, EncoderConfig
 
@@ -135,7 +135,7 @@ class Encoder(nn.Module):
             ids = input_ids.reshape(-1)[flat][None]                             # (1, T)
             types = token_type_ids.reshape(-1)[flat][None]                      # (1, T)
             positions = (flat % L)[None]                                        # (1, T) original columns
-            attn_mask = qkv.masks.document(flat // L)                           # same row <=> same document
+            attn_mask = masks.document(flat // L)                           # same row <=> same document
         else:
             ids, types = input_ids, token_type_ids
             positions = torch.arange(L, device=input_ids.device)[None]          # (1, L)
@@ -186,8 +186,8 @@ class Encoder(nn.Module):
             return None
         prefix = torch.arange(L, device=mask.device)[None] < lengths[:, None]  # (B, L)
         if bool((prefix == mask).all()):
-            return qkv.masks.padding(lengths)
-        return qkv.masks.from_dense(mask[:, None, None, :])                     # (B, 1, 1, L): keys only
+            return masks.padding(lengths)
+        return masks.from_dense(mask[:, None, None, :])                     # (B, 1, 1, L): keys only
 
     def _check_inputs(self, input_ids, attention_mask, token_type_ids):
         c = self.config

@@ -32,8 +32,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-import qkv
-from qkv import kernels
+from qkv import kernels, masks
 from qkv.cache import Cache, CacheSpec
 from qkv.layers import Block
 from qkv.models.config import Seq2SeqConfig
@@ -144,7 +143,7 @@ class Seq2Seq(nn.Module):
     def encode(self, src: Tensor, src_lengths: Tensor) -> Tensor:
         """src (B, Ls) int, src_lengths (B,) -> memory (B, Ls, d). Rows past a length are padding."""
         self._check_source(src, src_lengths)
-        mask = qkv.masks.padding(src_lengths)
+        mask = masks.padding(src_lengths)
         x = self._embed(self.src_embed, src)                                              # (B, Ls, d)
         for block in self.encoder:
             x = block(x, mask=mask)
@@ -160,7 +159,7 @@ class Seq2Seq(nn.Module):
         if tgt_in.shape[1] > c.max_positions:
             raise ValueError(f"target of {tgt_in.shape[1]} tokens is longer than max_positions="
                              f"{c.max_positions}; shorten it or build the model with a larger max_positions")
-        mask = qkv.masks.padding(src_lengths)
+        mask = masks.padding(src_lengths)
         x = self._embed(self.target_embedding, tgt_in)                                    # (B, Lt, d)
         for block in self.decoder:
             x = block(x, causal=True, context=memory, context_mask=mask)
@@ -226,7 +225,7 @@ class Seq2Seq(nn.Module):
         """step(token (B,), t) -> logits (B, V): one token per layer, caches for everything else."""
         c = self.config
         memory = self.encode(src, src_lengths)                                            # (B, Ls, d), once
-        mask = qkv.masks.padding(src_lengths)
+        mask = masks.padding(src_lengths)
         context_kv = [block.cross_attn.project_context(memory) for block in self.decoder]  # (B, H, Ls, D) x2 each
         p = self.head_weight
         kv = Cache.contiguous([CacheSpec(c.n_heads, c.head_dim, None)] * c.decoder_layers, src.shape[0],
