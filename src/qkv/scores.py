@@ -85,7 +85,7 @@ def alibi(slopes, symmetric: bool = False) -> ScoreMod:
     symmetric=True the bias is `-slope[h] * |q - kv|`, for bidirectional encoders.
     """
     if isinstance(slopes, int) and not isinstance(slopes, bool):
-        from qkv.positional import alibi_slopes
+        from qkv.positional import alibi_slopes   # here, not at the top: `import qkv` stays without positional
 
         slopes = alibi_slopes(slopes)
     try:
