@@ -44,8 +44,8 @@ def _models(name):
 
 def _launches(monkeypatch):
     launched = []
-    real = kernels._launch
-    monkeypatch.setattr(kernels, "_launch", lambda name, *args: (launched.append(name), real(name, *args)))
+    real = kernels.launch
+    monkeypatch.setattr(kernels, "launch", lambda name, *args: (launched.append(name), real(name, *args)))
     return launched
 
 
@@ -177,7 +177,7 @@ def test_fused_block_full_cache_raises_and_changes_nothing():
 def test_fused_activations_match_float64(kind, ref):
     import numpy as np
 
-    activate = kernels._kernels[1]["activate"]
+    activate = kernels.compiled("activate")
     x64 = torch.cat([torch.linspace(-100, 100, 4001, dtype=torch.float64),
                      torch.randn(4000, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 3])
     f = x64.float()
@@ -196,7 +196,7 @@ def test_fused_activations_match_float64(kind, ref):
 def test_fused_gated_activation_multiplies_by_up():
     import numpy as np
 
-    activate = kernels._kernels[1]["activate"]
+    activate = kernels.compiled("activate")
     f = torch.randn(2 * 50, generator=torch.Generator().manual_seed(3))
     g = torch.empty(50)
     activate(f.numpy(), g.numpy(), 3, True, np.empty(50, np.float32), np.empty(50, np.int32), np.empty(50, np.float32))

@@ -196,8 +196,8 @@ def test_decoder_decode_with_and_without_kernels(arch, kind, monkeypatch):
     steps = torch.randint(0, 61, (3, 8))
 
     launched = []
-    real_launch = kernels._launch
-    monkeypatch.setattr(kernels, "_launch", lambda name, *args: (launched.append(name), real_launch(name, *args)))
+    real_launch = kernels.launch
+    monkeypatch.setattr(kernels, "launch", lambda name, *args: (launched.append(name), real_launch(name, *args)))
 
     def run(enabled):
         monkeypatch.setattr(kernels, "ENABLED", enabled)
