@@ -1,5 +1,12 @@
 """CPU kernels for token-by-token decoding, compiled by numba on first use.
 
+This package is in two files. This one is the public surface: whether a kernel applies
+(`applies`, `paged_decode_applies`, `available`), the wrappers that take torch tensors
+(`linear`, `paged_decode`, `blocks_step`), `launch` (one launch at a time, numba's thread
+count following torch's) and `compiled` (a kernel's numba function itself). It imports
+neither numba nor numpy: `qkv.kernels.cpu`, which holds all the numba code, is imported on
+the first call that needs it, so `import qkv` never imports numba.
+
 The first two are memory-bound streams that torch's CPU kernels read at a fraction of
 the memory bandwidth, because those are tuned for large problems:
 
@@ -27,14 +34,15 @@ the memory bandwidth, because those are tuned for large problems:
 - `blocks_step`: the pre-norm decoder blocks of one new token per sequence in
   one launch (norm, joint q/k/v, RoPE, cache write, `paged_decode`'s attention,
   output projection, norm, FFN, residuals; products through `linear`'s kernel),
-  for `qkv.layers.Block` and `qkv.models.Decoder`, which check that it applies
-  and fall back to their module path where it does not.
+  for `qkv.fused` (`qkv.layers.Block`, `qkv.models.Decoder`), whose callers check
+  that it applies and fall back to their module path where it does not.
 
-Compilation takes a few seconds once per process (cached on disk where the
-package directory is writable). Only reassociation and contraction are
+Compilation takes seconds on first use (2 cores: 2.6 s for `linear`'s kernel,
+13 s more for `blocks_step`'s), cached on disk where the package directory is
+writable, from which a later process loads them (0.5 s and 0.04 s). Only reassociation and contraction are
 allowed to the compiler (no fast-math NaN/inf assumptions). When numba is not
-installed, or QKV_NUMBA=0, `linear` is `F.linear` and `paged_decode_applies`
-is False, so callers take their torch path.
+installed, or QKV_NUMBA=0 (read at import), `linear` is `F.linear` and
+`applies` and `paged_decode_applies` are False, so callers take their torch path.
 """
 
 from __future__ import annotations
@@ -50,411 +58,57 @@ from torch import Tensor
 MAX_ROWS = 16                       # above this torch's GEMM is the faster path
 ENABLED = os.environ.get("QKV_NUMBA", "1") != "0"
 
-_kernels = None                     # (numba module, {name: function}), or False when numba is unavailable
+_cpu = None                         # qkv.kernels.cpu once imported, or False when numba is unavailable
 _lock = threading.Lock()            # one launch at a time: numba's thread pools refuse nested launches
+_threads = 0                        # numba's thread count as last set
 
 
-def _build():
-    global _kernels
+def _load():
+    """Import `qkv.kernels.cpu` (and so numba) once; False when numba or numpy cannot be imported."""
+    global _cpu
     try:
-        import numba
-        import numpy as np
-    except ImportError:
-        _kernels = False
-        return _kernels
-    # prefer the OpenMP pool (torch's own runtime is OpenMP; its idle threads
-    # then wait the same way); numba falls back to what is installed
-    numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
-    jit = numba.njit(parallel=True, fastmath={"reassoc", "contract"}, boundscheck=False, cache=True, nogil=True)
-
-    from numba import types
-    from numba.extending import intrinsic
-
-    def pointer_to(item):
-        @intrinsic
-        def cast(typingctx, addr):                  # pragma: no cover - compiled
-            sig = types.CPointer(item)(types.int64)
-
-            def codegen(context, builder, signature, args):
-                return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
-            return sig, codegen
-        return cast
-
-    f32ptr, i64ptr = pointer_to(types.float32), pointer_to(types.int64)     # an address -> a typed pointer
-
-    @numba.njit(cache=True, nogil=True)
-    def skinny_ptr(xp, wp, bp, has_bias, outp, M, K, N):   # pragma: no cover - compiled
-        # tensors by address: no per-call array conversions (they cost more than a small product)
-        x, w = numba.carray(f32ptr(xp), (M, K)), numba.carray(f32ptr(wp), (N, K))
-        bias, out = numba.carray(f32ptr(bp), (N if has_bias else 1,)), numba.carray(f32ptr(outp), (M, N))
-        skinny(x, w, bias, has_bias, out)
-
-    @jit
-    def skinny(x, w, bias, has_bias, out):          # pragma: no cover - compiled; tested through linear()
-        # W as four sequential streams: rows r, r + Q, r + 2Q, r + 3Q (Q = N // 4) together, so
-        # each core's share of W is four long runs of consecutive rows that the hardware
-        # prefetcher follows; against four rows of x at a time (16 accumulators), then two,
-        # then one. The last N % 4 rows of W one at a time.
-        M, K = x.shape
-        N = w.shape[0]
-        Q = N // 4
-        for r in numba.prange(Q + N - 4 * Q):
-            if r >= Q:
-                n = 4 * Q + (r - Q)
-                for m in range(M):
-                    acc = np.float32(0.0)
-                    for k in range(K):
-                        acc += x[m, k] * w[n, k]
-                    out[m, n] = acc + bias[n] if has_bias else acc
-                continue
-            n0 = r
-            n1 = r + Q
-            n2 = r + 2 * Q
-            n3 = r + 3 * Q
-            m = 0
-            while m + 4 <= M:
-                a0 = np.float32(0.0); a1 = np.float32(0.0); a2 = np.float32(0.0); a3 = np.float32(0.0)
-                b0 = np.float32(0.0); b1 = np.float32(0.0); b2 = np.float32(0.0); b3 = np.float32(0.0)
-                c0 = np.float32(0.0); c1 = np.float32(0.0); c2 = np.float32(0.0); c3 = np.float32(0.0)
-                d0 = np.float32(0.0); d1 = np.float32(0.0); d2 = np.float32(0.0); d3 = np.float32(0.0)
-                for k in range(K):
-                    w0 = w[n0, k]; w1 = w[n1, k]; w2 = w[n2, k]; w3 = w[n3, k]
-                    xa = x[m, k]; xb = x[m + 1, k]; xc = x[m + 2, k]; xd = x[m + 3, k]
-                    a0 += xa * w0; a1 += xa * w1; a2 += xa * w2; a3 += xa * w3
-                    b0 += xb * w0; b1 += xb * w1; b2 += xb * w2; b3 += xb * w3
-                    c0 += xc * w0; c1 += xc * w1; c2 += xc * w2; c3 += xc * w3
-                    d0 += xd * w0; d1 += xd * w1; d2 += xd * w2; d3 += xd * w3
-                out[m, n0] = a0; out[m, n1] = a1; out[m, n2] = a2; out[m, n3] = a3
-                out[m + 1, n0] = b0; out[m + 1, n1] = b1; out[m + 1, n2] = b2; out[m + 1, n3] = b3
-                out[m + 2, n0] = c0; out[m + 2, n1] = c1; out[m + 2, n2] = c2; out[m + 2, n3] = c3
-                out[m + 3, n0] = d0; out[m + 3, n1] = d1; out[m + 3, n2] = d2; out[m + 3, n3] = d3
-                m += 4
-            while m + 2 <= M:
-                a0 = np.float32(0.0); a1 = np.float32(0.0); a2 = np.float32(0.0); a3 = np.float32(0.0)
-                b0 = np.float32(0.0); b1 = np.float32(0.0); b2 = np.float32(0.0); b3 = np.float32(0.0)
-                for k in range(K):
-                    w0 = w[n0, k]; w1 = w[n1, k]; w2 = w[n2, k]; w3 = w[n3, k]
-                    xa = x[m, k]; xb = x[m + 1, k]
-                    a0 += xa * w0; a1 += xa * w1; a2 += xa * w2; a3 += xa * w3
-                    b0 += xb * w0; b1 += xb * w1; b2 += xb * w2; b3 += xb * w3
-                out[m, n0] = a0; out[m, n1] = a1; out[m, n2] = a2; out[m, n3] = a3
-                out[m + 1, n0] = b0; out[m + 1, n1] = b1; out[m + 1, n2] = b2; out[m + 1, n3] = b3
-                m += 2
-            if m < M:
-                a0 = np.float32(0.0); a1 = np.float32(0.0); a2 = np.float32(0.0); a3 = np.float32(0.0)
-                for k in range(K):
-                    xa = x[m, k]
-                    a0 += xa * w[n0, k]; a1 += xa * w[n1, k]; a2 += xa * w[n2, k]; a3 += xa * w[n3, k]
-                out[m, n0] = a0; out[m, n1] = a1; out[m, n2] = a2; out[m, n3] = a3
-            if has_bias:
-                for m in range(M):
-                    out[m, n0] += bias[n0]; out[m, n1] += bias[n1]; out[m, n2] += bias[n2]; out[m, n3] += bias[n3]
-
-    @jit
-    def paged(q, kpool, vpool, tables, lengths, window, block_size, scale, out):   # pragma: no cover - compiled
-        # q, out (B, Hkv, G, D); kpool, vpool (1 or B, Hkv, slots, D); tables (B, max_blocks); lengths (B,)
-        # Per (sequence, kv head): every score of the row first, then the values. Keys and values
-        # are read as four interleaved runs (quarters of the row) the prefetcher streams together,
-        # four keys per pass: four dot products share each load of q and reduce once each; the
-        # values go into four accumulators. Each key and value is loaded once for the G query
-        # heads of a GQA group. One max, one exponential per key.
-        B, H, G, D = q.shape
-        sc = np.float32(scale)
-        for item in numba.prange(B * H):
-            b = item // H
-            h = item - b * H
-            bk = b if kpool.shape[0] > 1 else 0
-            L = lengths[b]
-            first = 0 if window <= 0 else max(0, L - window)        # the query at L-1 sees positions > L-1-window
-            n = L - first
-            if n <= 0:
-                for g in range(G):
-                    for d in range(D):
-                        out[b, h, g, d] = np.float32(0.0)
-                continue
-            slot = np.empty(n, dtype=np.int64)                       # position first + j -> pool slot
-            j = 0
-            blk = first // block_size
-            off = first - blk * block_size
-            while j < n:                                             # block by block: no division per key
-                base = tables[b, blk] * block_size + off
-                run = min(block_size - off, n - j)
-                for i in range(run):
-                    slot[j + i] = base + i
-                j += run
-                blk += 1
-                off = 0
-            quarter = n // 4                                         # four runs of `quarter` keys, then the rest
-            qs = np.empty((G, D), dtype=np.float32)
-            for g in range(G):
-                for d in range(D):
-                    qs[g, d] = q[b, h, g, d] * sc
-            s = np.empty((G, n), dtype=np.float32)
-            for i in range(quarter):
-                o0, o1, o2, o3 = slot[i], slot[quarter + i], slot[2 * quarter + i], slot[3 * quarter + i]
-                for g in range(G):
-                    a0 = np.float32(0.0); a1 = np.float32(0.0); a2 = np.float32(0.0); a3 = np.float32(0.0)
-                    for d in range(D):
-                        qd = qs[g, d]
-                        a0 += qd * kpool[bk, h, o0, d]; a1 += qd * kpool[bk, h, o1, d]
-                        a2 += qd * kpool[bk, h, o2, d]; a3 += qd * kpool[bk, h, o3, d]
-                    s[g, i] = a0; s[g, quarter + i] = a1; s[g, 2 * quarter + i] = a2; s[g, 3 * quarter + i] = a3
-            for j in range(4 * quarter, n):
-                o = slot[j]
-                for g in range(G):
-                    a0 = np.float32(0.0)
-                    for d in range(D):
-                        a0 += qs[g, d] * kpool[bk, h, o, d]
-                    s[g, j] = a0
-            den = np.zeros(G, dtype=np.float32)
-            for g in range(G):
-                top = s[g, 0]
-                for j in range(1, n):
-                    top = max(top, s[g, j])
-                if top == -np.inf:                                  # every score -inf: weights 0
-                    for j in range(n):
-                        s[g, j] = np.float32(0.0)
-                    continue
-                total = np.float32(0.0)
-                for j in range(n):
-                    p = np.float32(math.exp(s[g, j] - top))
-                    s[g, j] = p
-                    total += p
-                den[g] = total
-            acc = np.zeros((G, 4, D), dtype=np.float32)
-            for i in range(quarter):
-                o0, o1, o2, o3 = slot[i], slot[quarter + i], slot[2 * quarter + i], slot[3 * quarter + i]
-                for g in range(G):
-                    w0, w1, w2, w3 = s[g, i], s[g, quarter + i], s[g, 2 * quarter + i], s[g, 3 * quarter + i]
-                    for d in range(D):
-                        acc[g, 0, d] += w0 * vpool[bk, h, o0, d]; acc[g, 1, d] += w1 * vpool[bk, h, o1, d]
-                        acc[g, 2, d] += w2 * vpool[bk, h, o2, d]; acc[g, 3, d] += w3 * vpool[bk, h, o3, d]
-            for j in range(4 * quarter, n):
-                o = slot[j]
-                for g in range(G):
-                    w0 = s[g, j]
-                    for d in range(D):
-                        acc[g, 0, d] += w0 * vpool[bk, h, o, d]
-            for g in range(G):
-                inv = np.float32(1.0) / den[g] if den[g] > 0 else np.float32(0.0)
-                for d in range(D):
-                    out[b, h, g, d] = (acc[g, 0, d] + acc[g, 1, d] + acc[g, 2, d] + acc[g, 3, d]) * inv
-
-    @numba.njit(fastmath={"reassoc", "contract"}, boundscheck=False, nogil=True, cache=True)
-    def norm_rows(x, w, b, kind, eps, out):          # pragma: no cover - compiled
-        # kind 0: LayerNorm (mean, biased variance, weight and bias); 1: RMSNorm (weight only)
-        B, d = x.shape
-        for i in range(B):
-            if kind == 0:
-                mean = np.float32(0.0)
-                for j in range(d):
-                    mean += x[i, j]
-                mean /= np.float32(d)
-                var = np.float32(0.0)
-                for j in range(d):
-                    var += (x[i, j] - mean) * (x[i, j] - mean)
-                inv = np.float32(1.0) / np.float32(math.sqrt(var / np.float32(d) + np.float32(eps)))
-                for j in range(d):
-                    out[i, j] = (x[i, j] - mean) * inv * w[j] + b[j]
-            else:
-                ms = np.float32(0.0)
-                for j in range(d):
-                    ms += x[i, j] * x[i, j]
-                inv = np.float32(1.0) / np.float32(math.sqrt(ms / np.float32(d) + np.float32(eps)))
-                for j in range(d):
-                    out[i, j] = w[j] * (x[i, j] * inv)
-
-    log2e, ln2_hi, ln2_lo = np.float32(1.4426950408889634), np.float32(0.693359375), np.float32(-2.12194440e-4)
-    # exp(r) = 1 + r + r^2 P(r) on |r| <= ln2 / 2: Cephes' expf coefficients (~1 ulp)
-    p0, p1, p2 = np.float32(1.9875691500e-4), np.float32(1.3981999507e-3), np.float32(8.3334519073e-3)
-    p3, p4, p5 = np.float32(4.1665795894e-2), np.float32(1.6666665459e-1), np.float32(5.0000001201e-1)
-
-    @numba.njit(fastmath={"reassoc", "contract"}, boundscheck=False, nogil=True, cache=True)
-    def exp_rows(t, bits, out):                      # pragma: no cover - compiled
-        # out = exp(t) elementwise for t (n,) in loops the compiler vectorises (no libm call):
-        # t clamped to [-87, 88], t = k ln2 + r, exp(t) = 2^k exp(r), 2^k built in bits (int32)
-        n = t.shape[0]
-        for i in range(n):
-            v = min(max(t[i], np.float32(-87.0)), np.float32(88.0))
-            k = np.floor(v * log2e + np.float32(0.5))
-            r = v - k * ln2_hi - k * ln2_lo
-            poly = ((((p0 * r + p1) * r + p2) * r + p3) * r + p4) * r + p5
-            out[i] = poly * r * r + r + np.float32(1.0)
-            bits[i] = (np.int32(k) + np.int32(127)) << np.int32(23)
-        scale = bits.view(np.float32)
-        for i in range(n):
-            out[i] *= scale[i]
-
-    @numba.njit(fastmath={"reassoc", "contract"}, boundscheck=False, nogil=True, cache=True)
-    def activate(f, g, kind, gated, t, bits, e):      # pragma: no cover - compiled
-        # g = act(f[:F]) (* f[F:] when gated), F = g.shape[0]; kind 0 gelu (erf), 1 gelu (tanh),
-        # 2 relu, 3 silu. t, bits, e: (F,) scratch
-        n = g.shape[0]
-        if kind == 0:
-            for i in range(n):
-                v = f[i]
-                g[i] = np.float32(0.5) * v * (np.float32(1.0) + np.float32(math.erf(v * np.float32(0.7071067811865476))))
-        elif kind == 2:
-            for i in range(n):
-                g[i] = f[i] if f[i] > 0 else np.float32(0.0)
-        elif kind == 1:
-            for i in range(n):                       # (1 + tanh(z)) / 2 = e / (e + 1), e = exp(2z): no cancellation
-                v = f[i]
-                t[i] = np.float32(1.5957691216057308) * (v + np.float32(0.044715) * v * v * v)
-            exp_rows(t, bits, e)
-            for i in range(n):
-                e[i] = e[i] / (e[i] + np.float32(1.0))    # in its own loop: never reassociated into f * e
-            for i in range(n):
-                g[i] = f[i] * e[i]
-        else:
-            for i in range(n):
-                t[i] = -f[i]
-            exp_rows(t, bits, e)
-            for i in range(n):
-                g[i] = f[i] / (np.float32(1.0) + e[i])
-        if gated:
-            for i in range(n):
-                g[i] *= f[n + i]
-
-    @numba.njit(fastmath={"reassoc", "contract"}, boundscheck=False, nogil=True, cache=True)
-    def rotate(x, cos, sin, rd, interleaved, out):   # pragma: no cover - compiled
-        # x, out (D,); cos, sin (rd,): out = x * cos + rotate(x) * sin on the first rd channels
-        half = rd // 2
-        for j in range(rd):
-            if interleaved:
-                other = -x[j + 1] if j % 2 == 0 else x[j - 1]
-            else:
-                other = -x[j + half] if j < half else x[j - half]
-            out[j] = x[j] * cos[j] + other * sin[j]
-        for j in range(rd, x.shape[0]):
-            out[j] = x[j]
-
-    @numba.njit(boundscheck=False, nogil=True, cache=True)
-    def block(x, n1w, n1b, n2w, n2b, norm_kind, eps1, eps2, wqkv, bqkv, wo, bo, w1, b1, w2, b2, has_bias,
-              act_kind, gated, cos, sin, rd, interleaved, kc, vc, slots, tables, lengths, advance, window,
-              block_size, scale, Hq, h, qkv, q4, att, f, g, y):   # pragma: no cover - compiled
-        # One pre-norm Transformer block for one new token per sequence, in place on x (B, d):
-        # x += o_proj(attention(norm1(x))); x += ffn(norm2(x)). The new key/value of sequence b
-        # go into slot slots[b] of the pools kc, vc (1 or B, Hkv, slots, D) (pool b, or the one
-        # shared pool); attention then reads each sequence's blocks through tables (B, W) up to
-        # lengths[b] tokens (with `advance`, lengths is the count before this token and is
-        # advanced here first: a contiguous cache, whose slots are its lengths).
-        B, d = x.shape
-        Hkv, D = kc.shape[1], kc.shape[3]
-        G = Hq // Hkv
-        norm_rows(x, n1w, n1b, norm_kind, eps1, h)
-        skinny(h, wqkv, bqkv, has_bias, qkv)                                   # (B, (Hq + 2 Hkv) D)
-        kq = Hq * D
-        for b in range(B):
-            t = slots[b]
-            pb = b if kc.shape[0] > 1 else 0
-            for hq in range(Hq):
-                src = qkv[b, hq * D:(hq + 1) * D]
-                dst = q4[b, hq // G, hq % G]
-                if rd > 0:
-                    rotate(src, cos[b], sin[b], rd, interleaved, dst)
-                else:
-                    dst[:] = src
-            for hk in range(Hkv):
-                ksrc = qkv[b, kq + hk * D:kq + (hk + 1) * D]
-                if rd > 0:
-                    rotate(ksrc, cos[b], sin[b], rd, interleaved, kc[pb, hk, t])
-                else:
-                    kc[pb, hk, t, :] = ksrc
-                vc[pb, hk, t, :] = qkv[b, kq + (Hkv + hk) * D:kq + (Hkv + hk + 1) * D]
-            if advance:
-                lengths[b] += 1
-        paged(q4, kc, vc, tables, lengths, window, block_size, scale, att.reshape((B, Hkv, G, D)))
-        skinny(att.reshape((B, Hq * D)), wo, bo, has_bias, y)
-        for b in range(B):
-            for j in range(d):
-                x[b, j] += y[b, j]
-        norm_rows(x, n2w, n2b, norm_kind, eps2, h)
-        skinny(h, w1, b1, has_bias, f)
-        F_ = g.shape[1]
-        t_ = np.empty(F_, dtype=np.float32)
-        e_ = np.empty(F_, dtype=np.float32)
-        bits = np.empty(F_, dtype=np.int32)
-        for b in range(B):
-            activate(f[b], g[b], act_kind, gated, t_, bits, e_)
-        skinny(g, w2, b2, has_bias, y)
-        for b in range(B):
-            for j in range(d):
-                x[b, j] += y[b, j]
-
-    @numba.njit(boundscheck=False, nogil=True, cache=True)
-    def block_ptr(p, n, fl):                         # pragma: no cover - compiled
-        # `block` on tensors given by address (see blocks_step for the layout of p, n, fl)
-        B, d, nqkv, Hq, Hkv, D, max_len, F, n1 = n[0], n[1], n[2], n[3], n[4], n[5], n[6], n[7], n[8]
-        rd, B_cos = n[9], (n[0] if n[9] > 0 else 1)
-        x = numba.carray(f32ptr(p[0]), (B, d))
-        n1w, n2w = numba.carray(f32ptr(p[1]), (d,)), numba.carray(f32ptr(p[3]), (d,))
-        n1b = numba.carray(f32ptr(p[2]), (d if n[10] == 0 else 1,))
-        n2b = numba.carray(f32ptr(p[4]), (d if n[10] == 0 else 1,))
-        wqkv, wo = numba.carray(f32ptr(p[5]), (nqkv, d)), numba.carray(f32ptr(p[7]), (d, Hq * D))
-        w1, w2 = numba.carray(f32ptr(p[9]), (n1, d)), numba.carray(f32ptr(p[11]), (d, F))
-        bqkv = numba.carray(f32ptr(p[6]), (nqkv if n[13] else 1,))
-        bo = numba.carray(f32ptr(p[8]), (d if n[13] else 1,))
-        b1 = numba.carray(f32ptr(p[10]), (n1 if n[13] else 1,))
-        b2 = numba.carray(f32ptr(p[12]), (d if n[13] else 1,))
-        cos = numba.carray(f32ptr(p[13]), (B_cos, max(rd, 1)))
-        sin = numba.carray(f32ptr(p[14]), (B_cos, max(rd, 1)))
-        pools, W = n[16], n[17]
-        kc = numba.carray(f32ptr(p[15]), (pools, Hkv, max_len, D))
-        vc = numba.carray(f32ptr(p[16]), (pools, Hkv, max_len, D))
-        lengths = numba.carray(i64ptr(p[17]), (B,))
-        scratch = numba.carray(f32ptr(p[18]), (B * (2 * d + nqkv + 2 * Hq * D + n1 + F),))
-        slots = numba.carray(i64ptr(p[19]), (B,))
-        tables = numba.carray(i64ptr(p[20]), (B, W))
-        at = 0
-        h = scratch[at:at + B * d].reshape((B, d))
-        at += B * d
-        qkv = scratch[at:at + B * nqkv].reshape((B, nqkv))
-        at += B * nqkv
-        q4 = scratch[at:at + B * Hq * D].reshape((B, Hkv, Hq // Hkv, D))
-        at += B * Hq * D
-        att = scratch[at:at + B * Hq * D].reshape((B, Hq * D))
-        at += B * Hq * D
-        f = scratch[at:at + B * n1].reshape((B, n1))
-        at += B * n1
-        g = scratch[at:at + B * F].reshape((B, F))
-        at += B * F
-        y = scratch[at:at + B * d].reshape((B, d))
-        block(x, n1w, n1b, n2w, n2b, n[10], fl[0], fl[1], wqkv, bqkv, wo, bo, w1, b1, w2, b2, n[13] != 0,
-              n[11], n[12] != 0, cos, sin, rd, n[14] != 0, kc, vc, slots, tables, lengths, n[19] != 0, n[15],
-              n[18], fl[2], Hq, h, qkv, q4, att, f, g, y)
-
-    @numba.njit(boundscheck=False, nogil=True, cache=True)
-    def blocks_ptr(P, N, FL):                        # pragma: no cover - compiled
-        # block after block on one x: row l of P, N, FL is layer l (see blocks_step)
-        for layer in range(P.shape[0]):
-            block_ptr(P[layer], N[layer], FL[layer])
-
-    _kernels = (numba, {"skinny": skinny_ptr, "paged": paged, "block": blocks_ptr, "activate": activate})
-    return _kernels
+        from qkv.kernels import cpu
+    except ImportError as error:
+        if (error.name or "").startswith("qkv"):
+            raise
+        cpu = False
+    _cpu = cpu
+    return _cpu
 
 
 def available() -> bool:
     """True when the kernels can run here (numba importable and not disabled by QKV_NUMBA=0)."""
     if not ENABLED:
         return False
-    return (_kernels if _kernels is not None else _build()) is not False
+    return (_cpu if _cpu is not None else _load()) is not False
 
 
-_threads = 0                        # numba's thread count as last set
-
-
-def _launch(name: str, *args) -> None:
-    global _threads
+def _require():
     if not available():
         raise RuntimeError("qkv's CPU decode kernels need numba (pip install numba) and QKV_NUMBA unset or 1")
-    numba, kernels = _kernels
+    return _cpu
+
+
+def compiled(name: str):
+    """The numba function behind launch name `name` ("skinny", "paged", "block", or "activate",
+    the FFN activation of `blocks_step` on its own: activate(f, g, kind, gated, t, bits, e) on numpy
+    arrays), compiled on its first call. Calling it directly skips `launch`'s lock and thread
+    setting. RuntimeError where the kernels are unavailable (`available()` is False)."""
+    return _require().KERNELS[name]
+
+
+def launch(name: str, *args) -> None:
+    """Run kernel `name` (a key of `qkv.kernels.cpu.KERNELS`) on args, one launch at a time, with
+    numba's thread count following `torch.get_num_threads()`. The wrappers below launch through
+    this function only (looked up at call time, so a test can wrap it to see the launches)."""
+    global _threads
+    cpu = _require()
     with _lock:
         threads = torch.get_num_threads()
         if threads != _threads:                    # follow torch.set_num_threads
-            numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+            cpu.set_threads(threads)
             _threads = threads
-        kernels[name](*args)
+        cpu.KERNELS[name](*args)
         if torch.get_num_threads() != threads:
             # numba starting its OpenMP pool (first launch) resets the count of the OpenMP
             # runtime torch also reads: give torch its own setting back
@@ -464,7 +118,7 @@ def _launch(name: str, *args) -> None:
 def applies(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> bool:
     """Whether `linear(x, weight, bias)` takes the kernel path: fp32 CPU tensors, a
     contiguous (N, K) weight, at most MAX_ROWS rows of x, autograd not recording."""
-    if not ENABLED or _kernels is False:
+    if not ENABLED or _cpu is False:
         return False
     if x.dtype is not torch.float32 or weight.dtype is not torch.float32 or not x.is_cpu or not weight.is_cpu:
         return False
@@ -492,13 +146,13 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, checked: bo
     out = torch.empty(x2.shape[0], N, dtype=torch.float32)
     b = 0 if bias is None else bias.data_ptr()
     # the kernel reads x, weight and bias by address while they are alive here
-    _launch("skinny", x2.data_ptr(), weight.data_ptr(), b, bias is not None, out.data_ptr(), x2.shape[0], K, N)
+    launch("skinny", x2.data_ptr(), weight.data_ptr(), b, bias is not None, out.data_ptr(), x2.shape[0], K, N)
     return out.view(*x.shape[:-1], N)
 
 
 def paged_decode_applies(q: Tensor, kpool: Tensor) -> bool:
     """Whether `paged_decode` can serve these tensors (fp32 CPU, no autograd, numba present)."""
-    if not ENABLED or _kernels is False:
+    if not ENABLED or _cpu is False:
         return False
     if q.device.type != "cpu" or kpool.device.type != "cpu" or q.dtype != torch.float32 \
             or kpool.dtype != torch.float32:
@@ -530,7 +184,7 @@ def paged_decode(q: Tensor, kpool: Tensor, vpool: Tensor, tables: Tensor, length
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     qg = q.detach().reshape(B, Hkv, Hq // Hkv, D).contiguous()               # (B, Hkv, G, D)
     out = torch.empty_like(qg)
-    _launch("paged", qg.numpy(), kpool.detach().contiguous().numpy(), vpool.detach().contiguous().numpy(),
+    launch("paged", qg.numpy(), kpool.detach().contiguous().numpy(), vpool.detach().contiguous().numpy(),
             tables.to(torch.int64).contiguous().numpy(), lengths.to(torch.int64).contiguous().numpy(),
             0 if window is None else int(window), int(block_size), float(scale), out.numpy())
     return out.view(B, Hq, 1, D)
@@ -541,10 +195,10 @@ def blocks_step(x: Tensor, layers: list[dict]) -> Tensor:
 
     x (B, 1, d) -> (B, 1, d) (a new tensor). Each entry of `layers` describes one block,
     in order: `static`, the addresses of its parameters, `dims`, its sizes and kinds,
-    `floats`, (eps1, eps2, scale), as `Block._fused_plan` lays them out (checked there:
+    `floats`, (eps1, eps2, scale), as `qkv.fused.plan` lays them out (checked there:
     alive, fp32, contiguous, q/k/v and gate/up back to back); cos, sin (B, rd) for RoPE at
     each sequence's new position, or None; `window` (None: no window); and where its cache
-    is (`LayerCache._claim_fused_slot`): kpool, vpool (1 or B, Hkv, S, D) fp32, the new
+    is (the layer cache's `claim_decode_slot()`): kpool, vpool (1 or B, Hkv, S, D) fp32, the new
     key/value of sequence b go to slot slots[b] (B,) int64 of its pool; attention reads
     tables (B, W) int64 blocks of block_size slots up to lengths[b] tokens. With
     `advance`, lengths holds the counts before this token and is advanced by one in place
@@ -568,5 +222,5 @@ def blocks_step(x: Tensor, layers: list[dict]) -> Tensor:
                   L["block_size"], int(L["advance"])])
         fl.append(L["floats"])
     # the kernel reads and writes these tensors by address while they are alive here
-    _launch("block", np.array(p, dtype=np.int64), np.array(n, dtype=np.int64), np.array(fl, dtype=np.float64))
+    launch("block", np.array(p, dtype=np.int64), np.array(n, dtype=np.int64), np.array(fl, dtype=np.float64))
     return out.view(B, 1, d)
