@@ -12,6 +12,8 @@ import torch
 from hypothesis import settings
 
 import qkv
+from qkv import testing
+from qkv.testing import EPS  # noqa: F401  (the tests import EPS from here)
 
 # Property tests draw the same examples on every run unless asked otherwise
 # (`pytest --hypothesis-profile=explore`), so CI is reproducible.
@@ -23,38 +25,22 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # one thread per worker: the workers already use every core
     torch.set_num_threads(1)
 
-EPS = {
-    torch.float64: torch.finfo(torch.float64).eps,
-    torch.float32: torch.finfo(torch.float32).eps,
-    torch.bfloat16: torch.finfo(torch.bfloat16).eps,
-    torch.float16: torch.finfo(torch.float16).eps,
-}
-
 
 def max_err(x: torch.Tensor, oracle: torch.Tensor) -> float:
-    diff = (x.detach().double() - oracle.detach().double()).abs()
-    if diff.numel() == 0:
-        return 0.0
-    assert not torch.isnan(diff).any(), "NaN where the oracle has a number"
-    return float(diff.max())
+    """Largest |x - oracle|; a NaN where the oracle has a number fails (`qkv.testing.max_err`)."""
+    return testing.max_err(x, oracle, strict=True)
 
 
 def assert_error_ratio(candidate, baseline, oracle, *, ratio: float = 2.0, what: str = "",
                        scale: float | None = None) -> None:
-    """DESIGN.md's rule: the candidate's error against the float64 oracle is at most
-    `ratio` x the same-dtype baseline's error, plus a floor of a few ulps of the dtype
-    at the oracle's scale (so two exact-to-rounding results never fail on a tie):
-    1 ulp for outputs (ratio 2), 4 ulps for gradients (ratio 3), whose sums over
-    keys and queries round more. `scale` overrides the oracle's magnitude (a gradient
-    that is exactly zero, e.g. dq with one key, is still a sum of rounded terms)."""
-    err_c = max_err(candidate, oracle)
-    err_b = max_err(baseline, oracle)
-    if scale is None:
-        scale = float(oracle.detach().double().abs().max()) if oracle.numel() else 1.0
-    scale = max(1.0, scale)
-    floor = (1 if ratio <= 2 else 4) * EPS[candidate.dtype] * scale
-    assert err_c <= ratio * err_b + floor, (
-        f"{what}: candidate error {err_c:.3e} > {ratio} x baseline error {err_b:.3e} + {floor:.1e}")
+    """DESIGN.md's rule (`qkv.testing.ratio_check`): the candidate's error against the float64
+    oracle is at most `ratio` x the same-dtype baseline's error, plus a floor of a few ulps of
+    the dtype at the oracle's scale (so two exact-to-rounding results never fail on a tie):
+    1 ulp for outputs (ratio 2), 4 ulps for gradients (ratio 3), whose sums over keys and
+    queries round more; 1 ulp in float64 too. `scale` overrides the oracle's magnitude (a
+    gradient that is exactly zero, e.g. dq with one key, is still a sum of rounded terms)."""
+    v = testing.ratio_check(candidate, baseline, oracle, ratio=ratio, scale=scale, f64_floor_ulps=1, strict=True)
+    assert v.ok, f"{what}: candidate error {v.err:.3e} > {ratio} x baseline error {v.base:.3e} + {v.floor:.1e}"
 
 
 def rand_qkv(B, Hq, Hkv, Lq, Lk, D, Dv=None, *, dtype=torch.float32, seed=0, requires_grad=False):

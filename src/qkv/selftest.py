@@ -43,6 +43,7 @@ from qkv import masks as M
 from qkv import scores as S
 from qkv._util.array import to_float
 from qkv.backends import BackendError
+from qkv.testing import EPS, Verdict, max_err, ratio_check
 
 __all__ = ["EPS", "KNOWN", "max_err", "ratio_check", "Case", "make_case", "CaseResult", "run_case", "run",
            "replay", "reproducer", "summary_text", "exact_backends", "mask_definition"]
@@ -59,23 +60,14 @@ MAX_WORK = 1 << 25
 
 
 # -----------------------------------------------------------------------------
-# The error-ratio rule (DESIGN.md, Testing rules); tests/conftest.py holds the same rule for the tests
+# The error-ratio rule (DESIGN.md, Testing rules) is qkv.testing's, shared with tests/conftest.py;
+# what follows is the self-test's own use of it
 
-EPS = {dt: torch.finfo(dt).eps for dt in DTYPES.values()}
 # float64 results whose baseline *is* the oracle (gradients: the oracle is `math` in float64)
 # have no independent error to compare against. A float64 path that is exact to rounding
 # agrees with it to ~1e-14 relative; a wrong formula is off by O(1) and a path that
 # silently computes in float32 by ~1e-7, so this bound catches both.
 F64_SELF_TOL = 1e-10
-# In float64 the inputs' rounding, which dominates lower precisions and is shared by every
-# backend, is negligible: what is left is each algorithm's own accumulation order. An online
-# softmax (sdpa's flash kernel, tiled) rescales its accumulator once per key block and ends a
-# few ulps from the oracle where `math`, with one max and one sum, ends at one or two; the
-# max over a handful of output elements then differs by more than 2x on luck alone (measured:
-# 200 queries x 1000 keys, flash 2.7 ulps median against math 0.9). So float64's floor is 32
-# ulps at the oracle's scale, 7e-15 relative: any real defect (a wrong formula, a float32
-# intermediate) is off by 1e-7 or more.
-F64_FLOOR_ULPS = 32
 
 # Limitations of code qkv does not own. A failed check they explain is reported as KNOWN (with
 # its reproducer) and is not a mismatch, but only while its error stays within what the
@@ -91,46 +83,6 @@ KNOWN_RATIO = 32.0
 KNOWN_REL = 2.0 ** -16     # ... or 16 of the approximation's 2^-20 relative errors at the oracle's scale
 # DESIGN.md's loosest allowance, for float32 `tiled` on its fused engine (torch's kernel, above)
 TILED_FP32_RATIO = 10.0
-
-
-def max_err(x: torch.Tensor, oracle: torch.Tensor) -> float:
-    """Largest |x - oracle| (inf if x is NaN where the oracle is not)."""
-    diff = (x.detach().double() - oracle.detach().double()).abs()
-    if diff.numel() == 0:
-        return 0.0
-    if bool(torch.isnan(diff).any()):
-        return math.inf
-    return float(diff.max())
-
-
-@dataclass
-class Verdict:
-    ok: bool
-    err: float          # candidate error against the oracle
-    base: float         # baseline error against the oracle
-    bound: float        # what err had to stay under
-    floor_scale: float = 1.0    # the magnitude the floor was taken at
-
-
-def ratio_check(candidate, baseline, oracle, *, ratio: float = 2.0, scale: float | None = None,
-                eps: float | None = None, floor_ulps: int | None = None, extra_floor: float = 0.0) -> Verdict:
-    """The candidate's error against the float64 oracle is at most `ratio` x the same-dtype
-    baseline's error, plus a floor of a few ulps of the dtype at the oracle's scale (so two
-    results exact to rounding never fail on a tie): 1 ulp for outputs (ratio 2), 4 ulps for
-    gradients (ratio 3), whose sums over keys and queries round more (`floor_ulps` overrides
-    that choice); float64 gets F64_FLOOR_ULPS times more. `scale` overrides the oracle's
-    magnitude (a gradient that is exactly zero is still a sum of rounded terms); `extra_floor`
-    adds what the scores' own rounding may move the result by (`_score_noise`)."""
-    err_c = max_err(candidate, oracle)
-    err_b = max_err(baseline, oracle)
-    if scale is None:
-        scale = float(oracle.detach().double().abs().max()) if oracle.numel() else 1.0
-    scale = max(1.0, scale)
-    eps = EPS[candidate.dtype] if eps is None else eps
-    ulps = (1 if ratio <= 2 else 4) if floor_ulps is None else floor_ulps
-    floor = ulps * (F64_FLOOR_ULPS if eps == EPS[F64] else 1) * eps * scale
-    bound = ratio * (err_b if math.isfinite(err_b) else 0.0) + floor + extra_floor
-    return Verdict(err_c <= bound, err_c, err_b, bound, scale)
 
 
 # -----------------------------------------------------------------------------
