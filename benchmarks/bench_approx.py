@@ -18,14 +18,14 @@ with the crossover lengths and the goals (linear >= 20x faster than exact at
 L=65,536; linear decode per token flat within 10%). Also draws the sparse masks'
 tiles (approx_mask_*.png). --quick: small sizes, well under a minute. Writes
 runs/bench/approx.json and approx.md. `qkv bench approx` runs the same code
-(`qkv.bench_approx.run`). Timings are for reading, never for pass/fail.
+(`qkv.tools.bench.approx.run`). Timings are for reading, never for pass/fail.
 """
 
 from __future__ import annotations
 
 import sys
 
-from qkv import bench_approx
+from qkv.tools.bench import approx
 
 if __name__ == "__main__":
-    sys.exit(bench_approx.main())
+    sys.exit(approx.main())

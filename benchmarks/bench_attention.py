@@ -12,14 +12,14 @@ with torch.compile (first call and steady state reported). Also: the matmul rate
 tiled's efficiency, agreement at L = 4096, and the 131072-token causal memory case in a
 fresh process (not in --quick). Prints the tables and the goals (met / not met), writes
 runs/bench/attention.json and attention.md. `qkv bench attention` runs the same code
-(`qkv.bench.run`). Timings are for reading, never for pass/fail.
+(`qkv.tools.bench.attention.run`). Timings are for reading, never for pass/fail.
 """
 
 from __future__ import annotations
 
 import sys
 
-from qkv import bench
+from qkv.tools.bench import attention
 
 if __name__ == "__main__":
-    sys.exit(bench.main())
+    sys.exit(attention.main())

@@ -10,25 +10,14 @@ each cell both backends run on the same inputs; the table shows the median ms
 of each, their ratio (math / sdpa: > 1 means sdpa is faster) and the largest
 difference between their outputs (and gradients). Writes runs/bench/backends.json
 (atomically) with the machine it ran on. `qkv bench` runs the same code
-(`qkv.demo.bench`). Timings are for reading, never for pass/fail.
+(`qkv.tools.bench.backends.run`). Timings are for reading, never for pass/fail.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from qkv import demo
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="L in {256, 512} only (a smoke run)")
-    parser.add_argument("--out", default="runs/bench", help="directory for backends.json (default runs/bench)")
-    args = parser.parse_args(argv)
-    demo.bench(args.out, quick=args.quick, masks=demo.BENCH_MASKS, passes=demo.BENCH_PASSES)
-    return 0
-
+from qkv.tools.bench import backends
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(backends.main())

@@ -8,7 +8,7 @@ sentences/s of qkv (padded, packed, and its default) against
 sentence-transformers on the same directory, with the embeddings compared
 component by component; then the teacher-forced training throughput of the
 encoder-decoder on the reversal task. `qkv bench embed` runs the same code
-(`qkv.bench_embed.run`). Writes runs/bench/embed.json and embed.md. Timings are
+(`qkv.tools.bench.embed.run`). Writes runs/bench/embed.json and embed.md. Timings are
 for reading, never for pass/fail.
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 
-from qkv import bench_embed
+from qkv.tools.bench import embed
 
 if __name__ == "__main__":
-    sys.exit(bench_embed.main())
+    sys.exit(embed.main())

@@ -16,7 +16,7 @@ paged against contiguous throughput, and the unused fraction of each cache on a
 mixed-length batch; the cache bytes of GQA (8 KV heads) against MHA (32) in a
 Llama-style model. --quick: a tiny model, seconds. Prints the tables and the goals
 (met / not met), writes runs/bench/generate.json and generate.md. `qkv bench
-generate` runs the same code (`qkv.bench_generate.run`). Timings are for reading,
+generate` runs the same code (`qkv.tools.bench.generate.run`). Timings are for reading,
 never for pass/fail.
 """
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import sys
 
-from qkv import bench_generate
+from qkv.tools.bench import generate
 
 if __name__ == "__main__":
-    sys.exit(bench_generate.main())
+    sys.exit(generate.main())

@@ -15,7 +15,7 @@ global batch, against 1 process at 2 threads and at 1 thread, with the losses
 checked equal. --quick: a tiny model, seconds. --profile: one profiled step per
 side and a table of the operators that take the time. Prints the tables and the
 goals (met / not met), writes runs/bench/train.json and train.md. `qkv bench
-train` runs the same code (`qkv.bench_train.run`). Timings are for reading,
+train` runs the same code (`qkv.tools.bench.train.run`). Timings are for reading,
 never for pass/fail.
 """
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import sys
 
-from qkv import bench_train
+from qkv.tools.bench import train
 
 if __name__ == "__main__":
-    sys.exit(bench_train.main())
+    sys.exit(train.main())

@@ -1,4 +1,4 @@
-"""`qkv bench attention` (qkv.bench): runs in a tiny configuration and writes what it promises.
+"""`qkv bench attention` (qkv.tools.bench.attention): runs in a tiny configuration and writes what it promises.
 
 Legend: B batch, H heads, L sequence length, D head dim.
 
@@ -16,7 +16,9 @@ import pytest
 import torch
 
 import qkv
-from qkv import bench, cli
+from qkv import cli
+from qkv.tools.bench import attention as bench
+from qkv.tools.bench import backends
 
 
 @pytest.fixture(scope="module")
@@ -148,8 +150,19 @@ def test_cli_bench_attention_calls_the_benchmark(monkeypatch, tmp_path, capsys):
     assert seen == {"out": str(tmp_path), "quick": False, "lengths": [256, 512], "flex": False, "memory": False}
 
     # `qkv bench` alone keeps running the math-vs-sdpa benchmark; the attention flags are refused there
-    monkeypatch.setattr(qkv.demo, "bench", lambda out, quick=False: seen.update(backends=(out, quick)))
+    monkeypatch.setattr(backends, "run", lambda out, quick=False: seen.update(backends=(out, quick)))
     assert cli.main(["bench", "--quick", "--out", str(tmp_path)]) == 0
     assert seen["backends"] == (str(tmp_path), True)
     assert cli.main(["bench", "--lengths", "256"]) == 2
     assert "belong to `qkv bench attention`" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("what", ["backends", "generate", "embed", "train", "approx"])
+def test_cli_bench_runs_the_tool_of_its_target(monkeypatch, tmp_path, what):
+    import importlib
+
+    module = importlib.import_module(f"qkv.tools.bench.{what}")
+    seen = {}
+    monkeypatch.setattr(module, "run", lambda out, quick=False: seen.update(out=out, quick=quick))
+    assert cli.main(["bench", what, "--quick", "--out", str(tmp_path)]) == 0
+    assert seen == {"out": str(tmp_path), "quick": True}

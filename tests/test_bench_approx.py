@@ -1,4 +1,4 @@
-"""Tests for qkv.bench_approx (`qkv bench approx`): its pieces on tiny sizes, and one whole tiny run.
+"""Tests for qkv.tools.bench.approx (`qkv bench approx`): its pieces on tiny sizes, and one whole tiny run.
 
 Legend: B batch, H heads, L sequence length, D head dim, W window.
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import qkv
-from qkv import bench_approx as ba
+from qkv.tools.bench import approx as ba
 from qkv import cli
 from qkv.models import Decoder, DecoderConfig
 

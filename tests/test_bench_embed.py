@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qkv import bench_embed
+from qkv.tools.bench import embed as bench_embed
 
 tokenizers = pytest.importorskip("tokenizers")
 
@@ -32,7 +32,7 @@ def _result(qkv_s: float, st_s: float, tr_s: float) -> dict:
                                ("transformers (model-card recipe)", tr_s, 1e-7))]
     for r in rows:
         r["vs_reference"], r["vs_transformers"] = st_s / r["seconds"], tr_s / r["seconds"]
-    from qkv.demo import machine_info
+    from qkv.tools.harness import machine_info
 
     result = {"machine": machine_info(), "quick": False,
               "embed": {"sentences": 256, "tokens": {"min": 5, "max": 120, "mean": 60.0, "total": 15360},

@@ -1,4 +1,4 @@
-"""`qkv bench generate` (qkv.bench_generate): the quick configuration runs and writes what it promises.
+"""`qkv bench generate` (qkv.tools.bench.generate): the quick configuration runs and writes what it promises.
 
 Legend: B batch, L prompt length, N new tokens, Hkv key/value heads, D head dim.
 
@@ -18,7 +18,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from qkv import bench_generate  # noqa: E402
+from qkv.tools.bench import generate as bench_generate  # noqa: E402
 from qkv.models import Decoder, DecoderConfig  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""`qkv bench train` (qkv.bench_train): the quick configuration runs and writes what it promises.
+"""`qkv bench train` (qkv.tools.bench.train): the quick configuration runs and writes what it promises.
 
 Legend: B global batch, L context, V vocabulary.
 
@@ -21,7 +21,7 @@ import torch
 pytest.importorskip("transformers")
 
 from conftest import assert_error_ratio  # noqa: E402
-from qkv import bench_train  # noqa: E402
+from qkv.tools.bench import train as bench_train  # noqa: E402
 
 S = bench_train.QUICK
 

@@ -16,7 +16,10 @@ import numpy as np
 import pytest
 
 import qkv
-from qkv import cli, demo
+from qkv import cli
+from qkv._util.files import write_text_atomic
+from qkv.tools import demo, explain
+from qkv.tools.bench import backends
 
 SENTENCE = "the dog fetches the stick"
 TOKENS = SENTENCE.split()
@@ -73,7 +76,7 @@ def test_explain_prints_every_step_and_who_attends_to_whom(capsys):
 
 def test_explain_matches_the_reference_trace(capsys):
     _, out, _ = run_cli(capsys, "explain", SENTENCE, "--dim", "6", "--seed", "3")
-    trace = demo.explain_sentence(SENTENCE, dim=6, seed=3)
+    trace = explain.explain_sentence(SENTENCE, dim=6, seed=3)
     printed = np.array([vals for _, vals in parse_table(out, "step 3: softmax weights")])
     np.testing.assert_allclose(printed, trace.weights, atol=5e-4)
     out_rows = np.array([vals for _, vals in parse_table(out, "step 4: output")])
@@ -113,17 +116,17 @@ def test_explain_causal_masks_the_future(capsys):
 
 
 def test_toy_embeddings_are_stable_and_stems_are_related():
-    dog = demo.toy_embedding("dog", 256)
-    np.testing.assert_array_equal(dog, demo.toy_embedding("dog", 256))
-    np.testing.assert_array_equal(dog, demo.toy_embedding("Dog", 256))  # case does not matter
+    dog = explain.toy_embedding("dog", 256)
+    np.testing.assert_array_equal(dog, explain.toy_embedding("dog", 256))
+    np.testing.assert_array_equal(dog, explain.toy_embedding("Dog", 256))  # case does not matter
 
     def cos(a, b):
         return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
     # sharing a stem means sharing 0.8^2 = 64% of the variance; unrelated words are ~orthogonal
-    assert cos(dog, demo.toy_embedding("dogs", 256)) > 0.45
-    assert cos(demo.toy_embedding("fetch", 256), demo.toy_embedding("fetches", 256)) > 0.45
-    assert abs(cos(dog, demo.toy_embedding("stick", 256))) < 0.25
+    assert cos(dog, explain.toy_embedding("dogs", 256)) > 0.45
+    assert cos(explain.toy_embedding("fetch", 256), explain.toy_embedding("fetches", 256)) > 0.45
+    assert abs(cos(dog, explain.toy_embedding("stick", 256))) < 0.25
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -211,7 +214,7 @@ def test_demo_quick_writes_summaries(capsys, tmp_path):
 
 
 def test_bench_writes_json_with_forward_and_backward(tmp_path, capsys):
-    result = demo.bench(tmp_path, lengths=[64], masks=("causal", "sliding_window(16)"), passes=("fwd", "fwd+bwd"))
+    result = backends.run(tmp_path, lengths=[64], masks=("causal", "sliding_window(16)"), passes=("fwd", "fwd+bwd"))
     written = json.loads((tmp_path / "backends.json").read_text())
     assert written["rows"] == json.loads(json.dumps(result["rows"]))
     assert {(r["mask"], r["pass"]) for r in written["rows"]} == {
@@ -223,9 +226,13 @@ def test_bench_writes_json_with_forward_and_backward(tmp_path, capsys):
 
 def test_write_atomic_replaces_the_file(tmp_path):
     path = tmp_path / "x.json"
-    demo.write_atomic(path, "old")
-    demo.write_atomic(path, "new")
+    write_text_atomic(path, "old")
+    write_text_atomic(path, "new")
     assert path.read_text() == "new" and os.listdir(tmp_path) == ["x.json"]
+
+
+def test_qkv_demo_is_the_tour_of_the_tools():
+    assert qkv.demo is demo and demo.__name__ == "qkv.tools.demo"     # the lazy attribute keeps its name
 
 
 # ----------------------------------------------------------------------------

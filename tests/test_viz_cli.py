@@ -11,9 +11,10 @@ import pytest
 import torch
 from matplotlib.image import imread
 
-from qkv import cli, data, demo, viz
+from qkv import cli, data, viz
 from qkv.inspect import attention_maps
 from qkv.models import Decoder, DecoderConfig, hf
+from qkv.tools import explain
 
 SENTENCE = "the dog fetches the stick"
 IT_SENTENCE = "The animal didn't cross the street because it was too tired"
@@ -45,7 +46,7 @@ def test_explain_png_draws_the_trace(capsys, tmp_path):
 def test_trace_picture_refuses_what_it_cannot_draw(tmp_path):
     with pytest.raises(TypeError, match="qkv.reference.Trace"):
         viz.trace_picture(np.eye(3), tmp_path / "t.png")
-    long = demo.explain_sentence(" ".join(["word"] * (viz.MAX_TRACE_TOKENS + 1)))
+    long = explain.explain_sentence(" ".join(["word"] * (viz.MAX_TRACE_TOKENS + 1)))
     with pytest.raises(ValueError, match="heatmap"):
         viz.trace_picture(long, tmp_path / "t.png")
     assert not (tmp_path / "t.png").exists()

@@ -24,13 +24,15 @@ __version__ = "0.1.0"
 __all__ = ["attention", "attention_weights", "use_backend", "backends", "masks", "scores", "reference",
            "positional", "layers", "nn", "cache", "models", "generate", "inspect", "__version__"]
 
-_LAZY = {"positional", "layers", "nn", "cli", "demo", "cache", "models", "generate", "inspect"}
+_LAZY = {name: f"qkv.{name}" for name in ("positional", "layers", "nn", "cli", "cache", "models", "generate",
+                                           "inspect")}
+_LAZY["demo"] = "qkv.tools.demo"          # the tour is a tool (qkv.tools); qkv.demo stays its name
 
 
 def __getattr__(name):
     # Submodules that pull in more of torch.nn load on first use.
     if name in _LAZY:
-        module = importlib.import_module(f"qkv.{name}")
+        module = importlib.import_module(_LAZY[name])
         globals()[name] = module
         return module
     raise AttributeError(f"module 'qkv' has no attribute {name!r}")

@@ -28,6 +28,7 @@ Usage errors print one line on stderr and return 2.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
@@ -48,15 +49,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _cmd_explain(args) -> int:
-    from qkv import demo
+def _tool(name: str):
+    """The engine of a command, `qkv.tools.<name>`, imported when the command runs."""
+    return importlib.import_module(f"qkv.tools.{name}")
 
+
+def _cmd_explain(args) -> int:
+    explain = _tool("explain")
     try:
-        trace = demo.explain_sentence(args.sentence, dim=args.dim, seed=args.seed, causal=args.causal)
+        trace = explain.explain_sentence(args.sentence, dim=args.dim, seed=args.seed, causal=args.causal)
     except ValueError as exc:  # empty or too long sentence, bad --dim / --seed
         raise UsageError(str(exc)) from exc
     print("single-head self-attention, step by step:  softmax(Q K^T / sqrt(d_k)) V\n")
-    print(demo.render_trace(trace, dim=args.dim, seed=args.seed, causal=args.causal))
+    print(explain.render_trace(trace, dim=args.dim, seed=args.seed, causal=args.causal))
     if args.png:
         from qkv import viz
 
@@ -74,32 +79,21 @@ def _cmd_backends(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from qkv import demo
-
-    demo.run(args.out, quick=args.quick)
+    _tool("demo").run(args.out, quick=args.quick)
     return 0
 
 
 def _cmd_bench(args) -> int:
-    import importlib
-
-    from qkv import demo
-
-    if args.what == "attention":
-        from qkv import bench
-
-        try:
-            bench.run(args.out, quick=args.quick, lengths=args.lengths, flex=not args.no_flex,
-                      memory=not args.no_memory)
-        except ValueError as exc:  # e.g. --lengths 4
-            raise UsageError(str(exc)) from exc
-        return 0
-    if args.lengths or args.no_flex or args.no_memory:
+    if args.what != "attention" and (args.lengths or args.no_flex or args.no_memory):
         raise UsageError("--lengths, --no-flex and --no-memory belong to `qkv bench attention`")
-    if args.what in ("generate", "embed", "train", "approx"):      # qkv.bench_generate, _embed, _train, _approx
-        importlib.import_module(f"qkv.bench_{args.what}").run(args.out, quick=args.quick)
+    bench = _tool(f"bench.{args.what}")              # qkv.tools.bench.backends, .attention, .generate, ...
+    if args.what != "attention":
+        bench.run(args.out, quick=args.quick)
         return 0
-    demo.bench(args.out, quick=args.quick)
+    try:
+        bench.run(args.out, quick=args.quick, lengths=args.lengths, flex=not args.no_flex, memory=not args.no_memory)
+    except ValueError as exc:  # e.g. --lengths 4
+        raise UsageError(str(exc)) from exc
     return 0
 
 
@@ -285,8 +279,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_selftest(args) -> int:
-    from qkv import selftest
-
+    selftest = _tool("selftest")
     if args.case is not None:                       # replay one case: its description and every comparison
         if args.seed is None:
             raise UsageError("--case needs the --seed it was drawn from (the reproducer line gives both)")
@@ -306,11 +299,7 @@ def _cmd_selftest(args) -> int:
     return 1 if summary["mismatches"] else 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="qkv", description="Self-attention from the textbook formula to fast exact kernels.")
-    parser.add_argument("--version", action="version", version=f"qkv {qkv.__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-
+def _add_explain(sub) -> None:
     p = sub.add_parser("explain", help="attention on a sentence, step by step (toy vectors, no download)",
                        description="Print every step of single-head self-attention on a sentence, using "
                                    "deterministic toy embeddings and random projections (not a trained model).")
@@ -322,14 +311,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "output) into this PNG")
     p.set_defaults(func=_cmd_explain)
 
+
+def _add_backends(sub) -> None:
     p = sub.add_parser("backends", help="the registered backends and what each supports")
     p.set_defaults(func=_cmd_backends)
 
+
+def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the tour: worked example, masks, backend check and timings")
     p.add_argument("--out", default=os.path.join("runs", "demo"), help="where summary.json/.md go (default runs/demo)")
     p.add_argument("--quick", action="store_true", help="shorter sequences (a few seconds)")
     p.set_defaults(func=_cmd_demo)
 
+
+def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="time math vs sdpa (forward, forward+backward); writes backends.json",
                        description="`qkv bench`: math vs sdpa (backends.json). `qkv bench attention`: tiled, auto, "
                                    "sdpa and FlexAttention on long masked sequences (attention.json, attention.md). "
@@ -350,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-memory", action="store_true", help="attention: skip the 131072-token memory case")
     p.set_defaults(func=_cmd_bench)
 
+
+def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="stream tokens from a local Hugging Face checkpoint (GPT-2, Llama, Mistral)",
                        description="Load config.json + *.safetensors from a directory and generate with a KV cache. "
                                    "The prompt is text when the directory has tokenizer.json, else token ids.")
@@ -365,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", choices=("contiguous", "paged"), default="contiguous", help="KV cache layout")
     p.set_defaults(func=_cmd_generate)
 
+
+def _add_viz(sub) -> None:
     p = sub.add_parser("viz", help="attention maps of a sentence: PNG pictures and an offline HTML viewer",
                        description="Run a sentence through a local checkpoint (--checkpoint DIR, with its "
                                    "tokenizer.json) or the packaged all-MiniLM-L6-v2 (--pretrained minilm), capture "
@@ -380,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=os.path.join("runs", "viz"), help="output folder (default runs/viz)")
     p.set_defaults(func=_cmd_viz)
 
+
+def _add_embed(sub) -> None:
     p = sub.add_parser("embed", help="sentence embeddings (all-MiniLM-L6-v2) and their cosine similarities",
                        description="Embed sentences with a sentence-transformers model (default: the bundled "
                                    "all-MiniLM-L6-v2, from the `pretrained` extra) and print their pairwise cosine "
@@ -393,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="always run padded batches (default: pack a batch's tokens when padding is large)")
     p.set_defaults(func=_cmd_embed)
 
+
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a decoder language model on text, with atomic checkpoints",
                        description="Train a GPT-2 style decoder on a text file or folder (default: the Python "
                                    "standard library's sources), print a progress line and the validation bits "
@@ -423,6 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the batches (default 0)")
     p.set_defaults(func=_cmd_train)
 
+
+def _add_selftest(sub) -> None:
     p = sub.add_parser("selftest", help="differential self-test: random calls on every backend against the oracle",
                        description="Draw random attention calls (shapes, dtypes, masks, score mods, alignments, "
                                    "gradients), KV-cache decodes and approximate-attention calls, run every backend "
@@ -435,6 +440,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-cases", type=int, default=None, metavar="N", help="stop after N cases")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the summary as JSON (atomically)")
     p.set_defaults(func=_cmd_selftest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="qkv", description="Self-attention from the textbook formula to fast exact kernels.")
+    parser.add_argument("--version", action="version", version=f"qkv {qkv.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for add in (_add_explain, _add_backends, _add_demo, _add_bench, _add_generate, _add_viz, _add_embed,
+                _add_train, _add_selftest):     # the order of `qkv --help`
+        add(sub)
     return parser
 
 

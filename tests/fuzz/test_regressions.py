@@ -3,7 +3,7 @@
 Legend: B batch, Hq query heads, Hkv key/value heads, Lq/Lk lengths, D head dim.
 
 Each test states the call that went wrong; the error-ratio checks use the same rule
-as the harness (qkv.selftest.ratio_check: float64 oracle, same-dtype `math` baseline).
+as the harness (qkv.testing.ratio_check: float64 oracle, same-dtype `math` baseline).
 """
 
 from __future__ import annotations
@@ -15,8 +15,11 @@ import torch
 
 import qkv
 from qkv import masks as M
-from qkv import selftest
-from qkv.selftest import ratio_check
+from qkv.testing import ratio_check
+from qkv.tools import selftest
+from qkv.tools.selftest import approx as st_approx
+from qkv.tools.selftest import attention as st_attention
+from qkv.tools.selftest import results as st_results
 
 F64 = torch.float64
 
@@ -222,13 +225,13 @@ def test_performer_float32_dk_of_a_single_key_through_the_detached_key_max():
                 with fm.use():
                     out = qkv.attention(*leaves, backend="performer")
             else:
-                out = (selftest._approx_factorised if name == "factorised" else selftest._approx_definition)(
+                out = (st_approx._approx_factorised if name == "factorised" else st_approx._approx_definition)(
                     form, *leaves, fm)
             (out.double() * dout).sum().backward()
             grads[name] = [t.grad for t in leaves]
         oracle = grads["oracle"]
         scale = max(float(t.abs().max()) for t in oracle)
-        base = selftest._worse(grads["materialised"][1], grads["factorised"][1], oracle[1])
+        base = st_results.worse(grads["materialised"][1], grads["factorised"][1], oracle[1])
         v_ = ratio_check(grads["performer"][1], base, oracle[1], ratio=3.0, scale=scale)
         assert v_.ok, f"seed {seed}: {v_}"
 
@@ -358,8 +361,8 @@ def test_linear_chunked_prefix_sum_rounding_had_no_baseline(chunk, q_offset):
     g = torch.Generator().manual_seed(chunk)
     q, k, v = (torch.randn(1, 2, L, 6, generator=g, dtype=F64) for L in (5, 15, 15))
     p = {"backend": "linear", "causal": True, "q_offset": q_offset, "chunk": chunk, "scale": None}
-    want = selftest._approx_definition(p, q, k, v, None)
-    got = selftest._approx_chunked(p, q, k, v, None)
+    want = st_approx._approx_definition(p, q, k, v, None)
+    got = st_approx._approx_chunked(p, q, k, v, None)
     assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
     assert selftest.run_case(61, 17470).ok
 
@@ -396,14 +399,14 @@ def test_gradient_floor_ignored_the_weights_rounding_in_peaked_rows():
     2.5e-6 from the oracle, math 4.2e-7, the flash formulas 3.1e-7; over 200 draws of the
     case's inputs each form was the worst of the three in turn, by up to 12x. The harness's
     gradient floor now adds the spread the weights' rounding drives into dq and dk
-    (`selftest._weight_noise`); this checks that estimate against a Monte Carlo of it."""
+    (`st_attention._weight_noise`); this checks that estimate against a Monte Carlo of it."""
     assert selftest.run_case(67, 37420).ok
     p = selftest.make_case(67, 37420).params
-    qkv_in, dout, _ = selftest._inputs(p, torch.float32)
+    qkv_in, dout, _ = st_attention.inputs(p, torch.float32)
     q, k, v = (t.double() for t in qkv_in)
     mask = selftest.build_mask(p["mask"])
-    w = selftest._oracle(p, qkv_in, mask).weights                         # (B, Hq, Lq, Lk) float64
-    noise = selftest._weight_noise(p, q, k, v, w)
+    w = st_attention._oracle(p, qkv_in, mask).weights                         # (B, Hq, Lq, Lk) float64
+    noise = st_attention._weight_noise(p, q, k, v, w)
     eps = torch.finfo(torch.float32).eps
 
     def grads(weights):
@@ -429,9 +432,9 @@ def test_performer_peaked_key_gradient_had_no_row_term_baseline():
     assert selftest.run_case(73, 11185).ok
     p = selftest.make_case(73, 11185).params
     fm = qkv.backends.linear.Performer(p["features"], seed=p["feature_seed"])
-    qkv_in, dout, _ = selftest._inputs(p, torch.float32)
+    qkv_in, dout, _ = st_attention.inputs(p, torch.float32)
     runs = []
-    for form in (selftest._approx_definition, selftest._approx_row_term):
+    for form in (st_approx._approx_definition, st_approx._approx_row_term):
         leaves = [t.double().requires_grad_() for t in qkv_in]
         out = form(p, *leaves, fm)
         runs.append([out, *torch.autograd.grad((out * dout).sum(), leaves)])
@@ -445,7 +448,7 @@ def test_performer_gradient_floor_ignored_the_ratios_summation_rounding(monkeypa
     of dout . v - dout . out, two sums of 189 terms in the BLAS's order, turned into dq by the
     feature map. The backend's dq was 1.03x the bound (3.6x the worst textbook form's on that
     draw; 0.15x to 2.9x over 30 draws). The floor now adds one standard deviation of those
-    sums' rounding (`selftest._ratio_noise`): this checks its scale against the errors the
+    sums' rounding (`st_approx._ratio_noise`): this checks its scale against the errors the
     forms and the backend make, and that a detached stabilising max still fails."""
     from qkv.backends.linear import Performer
 
@@ -455,10 +458,10 @@ def test_performer_gradient_floor_ignored_the_ratios_summation_rounding(monkeypa
     ratios = []
     for s in range(12):
         p = dict(p0, data_seed=p0["data_seed"] + s)
-        qkv_in, dout, _ = selftest._inputs(p, torch.float32)
-        noise = selftest._ratio_noise(p, qkv_in, dout, fm)
+        qkv_in, dout, _ = st_attention.inputs(p, torch.float32)
+        noise = st_approx._ratio_noise(p, qkv_in, dout, fm)
         result = selftest.CaseResult(83, 27436, "approx", "")
-        selftest._run_approx(p, result)
+        st_approx.run_approx(p, result)
         dq = next(c for c in result.checks if c.what == "grad dq")
         assert dq.ok, dq
         ratios.append(dq.err / noise["dq"])

@@ -1,4 +1,4 @@
-"""The differential self-test harness (qkv.selftest): it draws, replays, passes and catches.
+"""The differential self-test harness (qkv.tools.selftest): it draws, replays, passes and catches.
 
 Legend: B batch, Hq query heads, Hkv key/value heads, Lq/Lk lengths, D head dim.
 
@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import qkv
-from qkv import cli, selftest
+from qkv import cli
+from qkv.tools import selftest
 
 SEED = 20240607          # the bounded driver's seed: the same cases on every run
 DRIVER_CASES = 400

@@ -44,7 +44,6 @@ import contextlib
 import gc
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -52,18 +51,18 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 import qkv
-from qkv.demo import _median_ms, format_machine, machine_info, write_atomic
 from qkv.masks import EMPTY, FULL, PARTIAL
+from qkv.tools.harness import (bench_main, format_machine, format_table, machine_info, median_ms, ratio,
+                               reset_peak, rounded, ru_maxrss_bytes, status_bytes, write_results)
 
 __all__ = ["run", "main", "CASES", "make_case", "document_ids", "live_pairs", "measure", "matmul_rate",
-           "memory_case", "format_table"]
+           "memory_case", "render", "evaluate_goals"]
 
 B, H, D = 1, 8, 64
 DTYPE = torch.float32
@@ -149,8 +148,8 @@ def measure(fn: Callable[[], object], budget_s: float, *, max_runs: int = 7) -> 
     first_s = time.perf_counter() - t0
     if first_s >= budget_s / 2:
         return result, first_s * 1e3, 1, first_s * 1e3
-    ms, runs = _median_ms(fn, warmup=0, min_runs=3, max_runs=max_runs, budget_s=budget_s - first_s,
-                          first_s=first_s)
+    ms, runs = median_ms(fn, warmup=0, min_runs=3, max_runs=max_runs, budget_s=budget_s - first_s,
+                         first_s=first_s)
     return result, ms, runs, first_s * 1e3
 
 
@@ -289,31 +288,6 @@ def _cold_inductor_cache():
 # The memory case, in a fresh process
 # ----------------------------------------------------------------------------
 
-def _status_bytes(field: str) -> int | None:
-    """A `VmRSS:`-style field of /proc/self/status in bytes (Linux), else None."""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024  # kB
-    return None
-
-
-def _ru_maxrss_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
-
-
-def _reset_peak() -> bool:
-    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _memory_child(L: int) -> dict:
     """Runs in the subprocess: causal forward+backward with tiled at length L; time and memory.
 
@@ -328,8 +302,8 @@ def _memory_child(L: int) -> dict:
     qkv.attention(*small, causal=True, backend="tiled").sum().backward()
     del small
     gc.collect()
-    hwm = _reset_peak() and _status_bytes("VmHWM") is not None
-    base = _status_bytes("VmRSS") if hwm else _ru_maxrss_bytes()
+    hwm = reset_peak() and status_bytes("VmHWM") is not None
+    base = status_bytes("VmRSS") if hwm else ru_maxrss_bytes()
     q, k, v = (torch.randn(B, H, L, D, requires_grad=True) for _ in range(3))   # (B, H, L, D) each
     dout = torch.randn(B, H, L, D)
     t0 = time.perf_counter()
@@ -337,8 +311,8 @@ def _memory_child(L: int) -> dict:
     t1 = time.perf_counter()
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
     t2 = time.perf_counter()
-    ru_peak = _ru_maxrss_bytes()
-    peak = _status_bytes("VmHWM") if hwm else ru_peak
+    ru_peak = ru_maxrss_bytes()
+    peak = status_bytes("VmHWM") if hwm else ru_peak
     tensor_bytes = sum(t.numel() * t.element_size() for t in (q, k, v, out, dout, dq, dk, dv))
     extra = peak - base - tensor_bytes
     return {"L": L, "mask": "causal", "B": B, "H": H, "D": D, "dtype": "float32", "backend": "tiled",
@@ -350,9 +324,9 @@ def _memory_child(L: int) -> dict:
 
 
 def memory_case(L: int = MEMORY_LENGTH, *, timeout_s: float | None = 7200) -> dict:
-    """The memory case in a fresh `python -m qkv.bench --memory-child L` process, so that peak
+    """The memory case in a fresh `python -m qkv.tools.bench.attention --memory-child L` process, so that peak
     RSS (which only grows) is not polluted by earlier cases. Errors are returned, not raised."""
-    cmd = [sys.executable, "-m", "qkv.bench", "--memory-child", str(L)]
+    cmd = [sys.executable, "-m", "qkv.tools.bench.attention", "--memory-child", str(L)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -371,7 +345,8 @@ def memory_case(L: int = MEMORY_LENGTH, *, timeout_s: float | None = 7200) -> di
 # ----------------------------------------------------------------------------
 
 def _ratio(num, den):
-    return round(num / den, 3) if num is not None and den else None
+    """num / den to 3 decimals (None when either is missing or den is 0): a speed-up."""
+    return rounded(ratio(num, den), 3)
 
 
 def _max_diff(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> tuple[float, float]:
@@ -383,12 +358,39 @@ def _max_diff(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> tuple[flo
 
 def _bench_case(case: Case, L: int, flex: _Flex, *, budget_s: float, check: bool, seed: int,
                 log: Callable[[str], None]) -> tuple[list[dict], dict | None]:
+    """Every contender on one (case, L), both passes: the rows, and (with `check`) their agreement."""
+    q, k, v, dout = _case_inputs(L, seed)
+    tiled_block = tuple(qkv.backends.get("tiled").block)
+    first = _qkv_first_call(case, L, q, k, v, tiled_block)
+    first["pairs"], first["tiles"] = live_pairs(case.qkv_mask(), L, tiled_block)
+    attns, dense, mask_ms = _contenders(case, L, budget_s)
+    flex_first = _flex_first_call(case, L, flex, q, k, v, log)
+
+    rows, outputs = [], {}
+    for p in PASSES:
+        row = _pass_row(case, L, p, attns, flex, (q, k, v, dout), budget_s, outputs if check else None, log)
+        _row_summary(row, mask_ms, first, flex_first)
+        rows.append(row)
+        log("  " + _progress(row))
+
+    agreement = _agreement(outputs, flex_first, L) if check else None
+    del outputs, attns, dense, flex_first
+    flex.fn = flex.block_mask = None
+    gc.collect()
+    return rows, agreement
+
+
+def _case_inputs(L: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """q, k, v and the output's cotangent dout, (B, H, L, D) each, seeded by (seed, L)."""
     g = torch.Generator().manual_seed(seed + L)
     q, k, v = (torch.randn(B, H, L, D, generator=g, dtype=DTYPE) for _ in range(3))   # (B, H, L, D) each
     dout = torch.randn(B, H, L, D, generator=g, dtype=DTYPE)                         # (B, H, L, D)
-    tiled_block = tuple(qkv.backends.get("tiled").block)
+    return q, k, v, dout
 
-    # qkv's first call: a fresh mask object, so classifying its tiles is part of the call
+
+def _qkv_first_call(case: Case, L: int, q, k, v, tiled_block: tuple[int, int]) -> dict:
+    """qkv's first call: a fresh mask object, so classifying its tiles is part of the call.
+    {"block_mask_ms": classifying alone, "first_ms": the whole first call}."""
     t0 = time.perf_counter()
     case.qkv_mask().block_mask(L, L, block=tiled_block, B=B, H=H, q_offset=0)
     qkv_bm_ms = (time.perf_counter() - t0) * 1e3
@@ -398,8 +400,11 @@ def _bench_case(case: Case, L: int, flex: _Flex, *, budget_s: float, check: bool
         qkv.attention(q, k, v, backend="tiled", **case.qkv_kwargs(fresh))
     qkv_first_ms = (time.perf_counter() - t0) * 1e3
     del fresh
+    return {"block_mask_ms": qkv_bm_ms, "first_ms": qkv_first_ms}
 
-    pairs, tiles = live_pairs(case.qkv_mask(), L, tiled_block)
+
+def _contenders(case: Case, L: int, budget_s: float) -> tuple[dict, torch.Tensor | None, float | None]:
+    """(attention callables of tiled, auto and sdpa; sdpa's dense mask or None; ms to build it or None)."""
     mask = case.qkv_mask()  # shared by tiled and auto: its BlockMask is built once, as in a training loop
     kwargs = case.qkv_kwargs(mask)
 
@@ -414,91 +419,110 @@ def _bench_case(case: Case, L: int, flex: _Flex, *, budget_s: float, check: bool
         "sdpa": (lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True)) if dense is None
         else (lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=dense)),
     }
+    return attns, dense, mask_ms
 
+
+def _flex_first_call(case: Case, L: int, flex: _Flex, q, k, v, log):
+    """Flex's first call for this (case, L) (`_Flex.first_call`), or None when Flex is off or failed."""
     flex_first = None
     if flex.ok:
         log(f"  compiling FlexAttention for {case.label}, L={L} ...")
         flex_first = flex.first_call(case.flex_mask_mod, q, k, v, L)
         if flex_first is None:
             log(f"  flex: {flex.error}")
+    return flex_first
 
-    rows, outputs = [], {}
-    for p in PASSES:
-        row = {"case": case.name, "label": case.label, "L": L, "pass": p, "B": B, "H": H, "D": D,
-               "dtype": "float32"}
-        for name in IMPLS:
-            row[f"{name}_ms"] = row[f"{name}_runs"] = None
-            if name == "flex":
-                if not flex.ok or flex.fn is None:
-                    row["flex_error"] = flex.error or "not compiled"
-                    continue
-                if p == "fwd+bwd" and flex.bwd_error is not None:
-                    row["flex_error"] = f"backward {flex.bwd_error}"
-                    continue
-                fn = _pass_fn(flex.attn, q, k, v, dout, p)
-                try:
-                    if p == "fwd+bwd":  # compiles the backward: an extra call, timed as its first call
-                        with _deadline(flex.timeout_s):
-                            t0 = time.perf_counter()
-                            fn()
-                            row["flex_bwd_first_ms"] = round((time.perf_counter() - t0) * 1e3, 2)
-                    res, ms, runs, _ = measure(fn, budget_s)
-                except Exception as exc:  # noqa: BLE001 - e.g. no backward on this device
-                    if p == "fwd+bwd":
-                        flex.bwd_error = f"unsupported: {_short(exc)}"
-                        row["flex_error"] = f"backward {flex.bwd_error}"
-                    else:
-                        flex.error = f"run failed: {_short(exc)}"
-                        row["flex_error"] = flex.error
-                    log(f"  flex {p}: {row['flex_error']}")
-                    continue
-            else:
-                res, ms, runs, _ = measure(_pass_fn(attns[name], q, k, v, dout, p), budget_s)
-            row[f"{name}_ms"], row[f"{name}_runs"] = round(ms, 3), runs
-            if check:
-                outputs[(name, p)] = res
-            del res
-        row["sdpa_mask_ms"] = None if mask_ms is None else round(mask_ms, 3)
-        row["speedup_vs_flex"] = _ratio(row["flex_ms"], row["tiled_ms"])
-        row["speedup_vs_sdpa"] = _ratio(row["sdpa_ms"], row["tiled_ms"])
-        row["auto_vs_sdpa"] = _ratio(row["sdpa_ms"], row["auto_ms"])
-        if p == "fwd":
-            row["qkv_block_mask_ms"] = round(qkv_bm_ms, 3)
-            row["qkv_first_ms"] = round(qkv_first_ms, 3)
-            row["flex_first_ms"] = None if flex_first is None else round(flex_first[1], 1)
-            row["flex_block_mask_ms"] = None if flex_first is None else round(flex_first[2], 3)
-            row["first_call_ratio"] = _ratio(row["flex_first_ms"], row["qkv_first_ms"])
-            flops = 4 * D * pairs
-            row["live_pairs"], row["tiles"], row["tiled_flops"] = pairs, tiles, flops
-            row["tiled_gflops"] = round(flops / (row["tiled_ms"] / 1e3) / 1e9, 2)
-        rows.append(row)
-        log("  " + _progress(row))
 
-    agreement = None
-    if check:
-        agreement = {"L": L}
-        ref_fwd = outputs[("sdpa", "fwd")]
-        others = [("tiled", "fwd"), ("auto", "fwd"), ("flex", "fwd"), ("tiled", "fwd+bwd"), ("auto", "fwd+bwd")]
-        agree = True
-        for name, p in others:
-            key = name if p == "fwd" else f"{name}_grads"
-            got = outputs.get((name, p))
+def _pass_row(case: Case, L: int, p: str, attns: dict, flex: _Flex, tensors, budget_s: float,
+              outputs: dict | None, log) -> dict:
+    """The timings of every contender for one pass; their results go into `outputs` (when given)."""
+    q, k, v, dout = tensors
+    row = {"case": case.name, "label": case.label, "L": L, "pass": p, "B": B, "H": H, "D": D,
+           "dtype": "float32"}
+    for name in IMPLS:
+        row[f"{name}_ms"] = row[f"{name}_runs"] = None
+        if name == "flex":
+            got = _flex_cell(flex, row, p, tensors, budget_s, log)
             if got is None:
-                agreement[key] = None
                 continue
-            diff, scale = _max_diff(got, outputs[("sdpa", p)])
-            agreement[key] = diff
-            agree = agree and diff <= 1e-4 * scale
-        if flex_first is not None:
-            diff, scale = _max_diff((flex_first[0],), ref_fwd)
-            agreement["flex_first_call"] = diff
-            agree = agree and diff <= 1e-4 * scale
-        agreement["agree"] = bool(agree)
-        agreement["rule"] = "max |x - sdpa| <= 1e-4 x max(1, max |sdpa|), outputs (and dq, dk, dv for *_grads)"
-    del outputs, dense, flex_first
-    flex.fn = flex.block_mask = None
-    gc.collect()
-    return rows, agreement
+            res, ms, runs = got
+        else:
+            res, ms, runs, _ = measure(_pass_fn(attns[name], q, k, v, dout, p), budget_s)
+        row[f"{name}_ms"], row[f"{name}_runs"] = round(ms, 3), runs
+        if outputs is not None:
+            outputs[(name, p)] = res
+        del res
+    return row
+
+
+def _flex_cell(flex: _Flex, row: dict, p: str, tensors, budget_s: float, log):
+    """(result, ms, runs) of Flex's steady state for pass `p`, or None with `row["flex_error"]` saying why."""
+    if not flex.ok or flex.fn is None:
+        row["flex_error"] = flex.error or "not compiled"
+        return None
+    if p == "fwd+bwd" and flex.bwd_error is not None:
+        row["flex_error"] = f"backward {flex.bwd_error}"
+        return None
+    fn = _pass_fn(flex.attn, *tensors, p)
+    try:
+        if p == "fwd+bwd":  # compiles the backward: an extra call, timed as its first call
+            with _deadline(flex.timeout_s):
+                t0 = time.perf_counter()
+                fn()
+                row["flex_bwd_first_ms"] = round((time.perf_counter() - t0) * 1e3, 2)
+        res, ms, runs, _ = measure(fn, budget_s)
+    except Exception as exc:  # noqa: BLE001 - e.g. no backward on this device
+        if p == "fwd+bwd":
+            flex.bwd_error = f"unsupported: {_short(exc)}"
+            row["flex_error"] = f"backward {flex.bwd_error}"
+        else:
+            flex.error = f"run failed: {_short(exc)}"
+            row["flex_error"] = flex.error
+        log(f"  flex {p}: {row['flex_error']}")
+        return None
+    return res, ms, runs
+
+
+def _row_summary(row: dict, mask_ms: float | None, first: dict, flex_first) -> None:
+    """The row's ratios; for the forward pass also the first calls, the live tiles and tiled's FLOP rate."""
+    row["sdpa_mask_ms"] = None if mask_ms is None else round(mask_ms, 3)
+    row["speedup_vs_flex"] = _ratio(row["flex_ms"], row["tiled_ms"])
+    row["speedup_vs_sdpa"] = _ratio(row["sdpa_ms"], row["tiled_ms"])
+    row["auto_vs_sdpa"] = _ratio(row["sdpa_ms"], row["auto_ms"])
+    if row["pass"] == "fwd":
+        row["qkv_block_mask_ms"] = round(first["block_mask_ms"], 3)
+        row["qkv_first_ms"] = round(first["first_ms"], 3)
+        row["flex_first_ms"] = None if flex_first is None else round(flex_first[1], 1)
+        row["flex_block_mask_ms"] = None if flex_first is None else round(flex_first[2], 3)
+        row["first_call_ratio"] = _ratio(row["flex_first_ms"], row["qkv_first_ms"])
+        pairs = first["pairs"]
+        flops = 4 * D * pairs
+        row["live_pairs"], row["tiles"], row["tiled_flops"] = pairs, first["tiles"], flops
+        row["tiled_gflops"] = round(flops / (row["tiled_ms"] / 1e3) / 1e9, 2)
+
+
+def _agreement(outputs: dict, flex_first, L: int) -> dict:
+    """Every contender's outputs (and gradients) against sdpa's: max |diff| and whether all agree."""
+    agreement = {"L": L}
+    ref_fwd = outputs[("sdpa", "fwd")]
+    others = [("tiled", "fwd"), ("auto", "fwd"), ("flex", "fwd"), ("tiled", "fwd+bwd"), ("auto", "fwd+bwd")]
+    agree = True
+    for name, p in others:
+        key = name if p == "fwd" else f"{name}_grads"
+        got = outputs.get((name, p))
+        if got is None:
+            agreement[key] = None
+            continue
+        diff, scale = _max_diff(got, outputs[("sdpa", p)])
+        agreement[key] = diff
+        agree = agree and diff <= 1e-4 * scale
+    if flex_first is not None:
+        diff, scale = _max_diff((flex_first[0],), ref_fwd)
+        agreement["flex_first_call"] = diff
+        agree = agree and diff <= 1e-4 * scale
+    agreement["agree"] = bool(agree)
+    agreement["rule"] = "max |x - sdpa| <= 1e-4 x max(1, max |sdpa|), outputs (and dq, dk, dv for *_grads)"
+    return agreement
 
 
 def _fmt_ms(ms) -> str:
@@ -557,18 +581,6 @@ def evaluate_goals(rows: Sequence[dict], memory: dict | None, goal_L: int) -> li
         goals.append(_goal("memory: causal fwd+bwd peak extra <= 2x bytes of q,k,v,out,grads", "causal",
                            memory.get("L"), "fwd+bwd", memory.get("extra_ratio"), 2.0, "<="))
     return goals
-
-
-def format_table(header: Sequence[str], body: Sequence[Sequence[str]], *, left: Sequence[int] = (0,),
-                 markdown: bool = False) -> str:
-    """Plain text (or Markdown): numbers right-aligned, the text columns `left` left-aligned."""
-    if markdown:
-        rule = "|" + "".join("---|" if i in left else "---:|" for i in range(len(header)))
-        return "\n".join(["| " + " | ".join(header) + " |", rule] + ["| " + " | ".join(r) + " |" for r in body])
-    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    fmt = lambda r: "  ".join(c.ljust(w) if i in left else c.rjust(w)  # noqa: E731
-                              for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-    return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *map(fmt, body)])
 
 
 _MAIN_HEADER = ("case", "L", "pass", "tiled ms", "auto ms", "sdpa ms", "mask ms", "flex ms", "vs flex",
@@ -758,20 +770,6 @@ def run(out_dir="runs/bench", quick: bool = False, *, lengths: Sequence[int] | N
     return result
 
 
-def write_results(result: dict, out_dir, name: str, render, log, *, title: str | None = None) -> tuple[Path, Path]:
-    """Print `render(result)`, write `name`.json and `name`.md (the Markdown render, under `# title` when given)
-    atomically into `out_dir`, and say where: the last step of every `qkv bench` benchmark."""
-    log("\n" + render(result))
-    out = Path(out_dir)
-    md = render(result, markdown=True)
-    if title is not None:
-        md = f"# {title}\n\n{md}\n"
-    json_path = write_atomic(out / f"{name}.json", json.dumps(result, indent=2) + "\n")
-    md_path = write_atomic(out / f"{name}.md", md)
-    log(f"\nfinished in {result['seconds']:.0f} s; wrote {json_path} and {md_path}")
-    return json_path, md_path
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="L in {1024, 4096}, short budgets, no memory case")
     parser.add_argument("--lengths", type=int, nargs="+", metavar="L",
@@ -785,21 +783,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"length of the memory case (default {MEMORY_LENGTH})")
 
 
+def _run_from(args) -> None:
+    run(args.out, quick=args.quick, lengths=args.lengths, cases=args.cases, flex=not args.no_flex,
+        memory=not args.no_memory, budget_s=args.budget, memory_length=args.memory_length)
+
+
+def _memory_child_main(length: str) -> None:
+    print(json.dumps(_memory_child(int(length))))
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m qkv.bench` / benchmarks/bench_attention.py (and the memory case's subprocess)."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--memory-child"]:
-        print(json.dumps(_memory_child(int(argv[1]))))
-        return 0
-    parser = argparse.ArgumentParser(prog="bench_attention", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        run(args.out, quick=args.quick, lengths=args.lengths, cases=args.cases, flex=not args.no_flex,
-            memory=not args.no_memory, budget_s=args.budget, memory_length=args.memory_length)
-    except ValueError as exc:
-        parser.error(str(exc))
-    return 0
+    """`python -m qkv.tools.bench.attention` / benchmarks/bench_attention.py (and the memory case's subprocess)."""
+    return bench_main(argv, prog="bench_attention", description=__doc__.splitlines()[0],
+                      add_arguments=add_arguments, run=_run_from, children={"--memory-child": _memory_child_main})
 
 
 if __name__ == "__main__":

@@ -47,7 +47,6 @@ Timings are for reading; they depend on the machine and on what else runs on it.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import json
@@ -72,9 +71,10 @@ import qkv
 from qkv import masks
 from qkv._util.files import write_text_atomic
 from qkv.backends.linear import Performer
-from qkv.bench import _reset_peak, _status_bytes, format_table, write_results
 from qkv.cache import ContiguousCache, LinearStateCache
-from qkv.demo import _median_ms, format_machine, machine_info
+from qkv.tools import harness
+from qkv.tools.harness import (bench_main, format_machine, format_table, machine_info, median_ms, reset_peak, rounded,
+                               status_bytes, usable_cores, write_results)
 
 __all__ = ["VARIANTS", "Sizes", "FULL", "QUICK", "describe", "make_mask", "attend", "output_errors", "keys_per_query",
            "capture_qkv", "random_errors", "trained_errors", "recall_accuracy", "char_lm", "forward_point",
@@ -148,30 +148,9 @@ QUICK = Sizes(err_length=256, err_heads=4, err_seeds=2, corpus_bytes=1 << 18, lm
               decode_steps=16, picture_length=1024)
 
 
-def _r(x, nd: int = 4):
-    return None if x is None else round(float(x), nd)
-
-
 def _sig(x, digits: int = 3):
     """x rounded to `digits` significant digits (errors span many decades)."""
     return None if x is None else float(f"{float(x):.{digits}g}")
-
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
-
-
-@contextlib.contextmanager
-def _threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _load() -> list[float] | None:
@@ -272,7 +251,7 @@ def random_errors(s: Sizes, seed: int = 0) -> dict:
         for name, e in output_errors(q, k, v, window=W, seed=seed + i).items():
             per[name].append(e)
     return {"L": L, "H": s.err_heads, "D": D, "window": W, "seeds": s.err_seeds,
-            "keys_per_query": {name: _r(keys_per_query(name, L, W, seed=seed), 1) for name in VARIANTS},
+            "keys_per_query": {name: rounded(keys_per_query(name, L, W, seed=seed), 1) for name in VARIANTS},
             "errors": {name: _summary(e) for name, e in per.items()}}
 
 
@@ -320,9 +299,9 @@ def trained_errors(s: Sizes, corpus: Path, work: Path, seed: int = 0, log=print)
         layers.append({"layer": i, "errors": {name: _sig(e) for name, e in errs.items()}})
     c = model.config
     return {"steps": s.lm_steps, "context": s.lm_context, "batch": s.lm_batch, "window": W,
-            "windows": int(windows.shape[0]), "val_loss": _r(res.val_loss), "val_bpc": _r(res.val_bpc),
+            "windows": int(windows.shape[0]), "val_loss": rounded(res.val_loss), "val_bpc": rounded(res.val_bpc),
             "model": {"d_model": c.d_model, "n_layers": c.n_layers, "n_heads": c.n_heads, "head_dim": c.head_dim},
-            "keys_per_query": {name: _r(keys_per_query(name, s.lm_context, W, seed=seed), 1) for name in VARIANTS},
+            "keys_per_query": {name: rounded(keys_per_query(name, s.lm_context, W, seed=seed), 1) for name in VARIANTS},
             "layers": layers}
 
 
@@ -392,12 +371,13 @@ def recall_accuracy(s: Sizes, seed: int = 0, log=print, variants: Sequence[str] 
             dense = mask.to_dense(L, L)[0, 0]                                   # (L, L) bool
             in_view = float(dense[held.lengths - 1, held.value_pos].float().mean())
         tail = hist.loss[-max(1, len(hist.loss) // 10):]
-        out[variant] = {"accuracy": _r(acc), "final_loss": _r(sum(tail) / len(tail)), "seconds": _r(hist.seconds, 1),
-                        "value_in_view": _r(in_view)}
+        out[variant] = {"accuracy": rounded(acc), "final_loss": rounded(sum(tail) / len(tail)),
+                        "seconds": rounded(hist.seconds, 1),
+                        "value_in_view": rounded(in_view)}
         log(f"  recall {variant:<15} accuracy {acc:.3f}  ({hist.seconds:.0f} s)")
     return {"task": {"n_keys": s.recall_keys, "n_values": s.recall_keys, "pairs": [lo, hi], "max_len": L},
             "window": W, "steps": s.recall_steps, "batch": s.recall_batch, "lr": 3e-3, "held_out": len(held.ids),
-            "chance": _r(1 / s.recall_keys), "model": "Llama-style decoder (RoPE; embeddings N(0, 1), matrices "
+            "chance": rounded(1 / s.recall_keys), "model": "Llama-style decoder (RoPE; embeddings N(0, 1), matrices "
             "N(0, 1/fan_in), head N(0, 0.02))", "rows": out}
 
 
@@ -429,8 +409,8 @@ def char_lm(s: Sizes, text: str, seed: int = 0, log=print, variants: Sequence[st
                 loss, k = loss_fn(model, x)
                 total, n = total + float(loss) * k, n + k
         vl = total / n
-        out[variant] = {"val_loss": _r(vl), "val_bpc": _r(vl * ds.tokens_per_char / math.log(2)),
-                        "seconds": _r(hist.seconds, 1)}
+        out[variant] = {"val_loss": rounded(vl), "val_bpc": rounded(vl * ds.tokens_per_char / math.log(2)),
+                        "seconds": rounded(hist.seconds, 1)}
         log(f"  char LM {variant:<15} val {vl:.3f} nats, {out[variant]['val_bpc']:.3f} bpc  ({hist.seconds:.0f} s)")
     return {"steps": s.char_steps, "context": T, "batch": s.char_batch, "window": W, "lr": 3e-3,
             "vocab_size": ds.tokenizer.vocab_size, "val_tokens": n, "rows": out}
@@ -451,8 +431,8 @@ def forward_point(variant: str, L: int, *, window: int, budget_s: float, seed: i
     gc.collect()
     mask = make_mask(variant, L, window, seed=seed)
     fm = Performer(FEATURES, seed=seed)
-    hwm = _reset_peak() and _status_bytes("VmHWM") is not None
-    base = _status_bytes("VmRSS") if hwm else None
+    hwm = reset_peak() and status_bytes("VmHWM") is not None
+    base = status_bytes("VmRSS") if hwm else None
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(B, H, L, D, generator=g) for _ in range(3))        # (B, H, L, D) each
 
@@ -463,18 +443,18 @@ def forward_point(variant: str, L: int, *, window: int, budget_s: float, seed: i
     t0 = time.perf_counter()
     out = fn()
     first_s = time.perf_counter() - t0
-    peak = _status_bytes("VmHWM") if hwm else None
+    peak = status_bytes("VmHWM") if hwm else None
     tensor_bytes = 4 * q.numel() * q.element_size()                           # q, k, v, out
     del out
     if first_s >= budget_s / 2:
         ms, runs = first_s * 1e3, 1
     else:
-        ms, runs = _median_ms(fn, warmup=0, min_runs=3, max_runs=9, budget_s=budget_s - first_s, first_s=first_s)
-    row = {"variant": variant, "L": L, "ms": _r(ms, 3), "first_ms": _r(first_s * 1e3, 3), "runs": runs,
+        ms, runs = median_ms(fn, warmup=0, min_runs=3, max_runs=9, budget_s=budget_s - first_s, first_s=first_s)
+    row = {"variant": variant, "L": L, "ms": rounded(ms, 3), "first_ms": rounded(first_s * 1e3, 3), "runs": runs,
            "peak_bytes": None if peak is None else peak - base, "tensor_bytes": tensor_bytes}
     row["work_bytes"] = None if peak is None else row["peak_bytes"] - tensor_bytes
     if mask is not None:
-        row["tiles_skipped"] = _r(mask.block_mask(L, L, block=qkv.backends.get("tiled").block).sparsity, 4)
+        row["tiles_skipped"] = rounded(mask.block_mask(L, L, block=qkv.backends.get("tiled").block).sparsity, 4)
     return row
 
 
@@ -518,7 +498,7 @@ def _child_env() -> dict:
     calls over 10x slower); a value the caller set wins."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    src = str(Path(__file__).resolve().parent.parent)
+    src = str(Path(__file__).resolve().parents[3])
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
 
@@ -597,8 +577,8 @@ def forward_sweep(lengths: Sequence[int], *, window: int, budget_s: float, cap_s
                 "budget_s": budget_s, "cap_s": cap_s, "threads": threads, "seed": seed,
                 "skip": [[v, L] for (v, L) in todo if (v, L) in rows]}
         with tempfile.TemporaryFile(mode="w+") as err:
-            proc = subprocess.Popen([sys.executable, "-m", "qkv.bench_approx", "--forward-child", json.dumps(spec)],
-                                    stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+            proc = subprocess.Popen([sys.executable, "-m", "qkv.tools.bench.approx", "--forward-child",
+                                     json.dumps(spec)], stdout=subprocess.PIPE, stderr=err, text=True, env=env)
             try:
                 _collect(proc, err, rows, todo, remaining, cap_s + startup_s, cap_s + slack_s, log)
             finally:
@@ -642,7 +622,7 @@ def _timed_step(cache, backend: str, qkv_new: torch.Tensor) -> float:
 
 def _decode_row(variant: str, L: int, times: list, cache) -> dict:
     held = cache.used_bytes if variant == "exact" else cache.nbytes
-    return {"variant": variant, "L": L, "ms": _r(median(times) * 1e3, 4), "min_ms": _r(min(times) * 1e3, 4),
+    return {"variant": variant, "L": L, "ms": rounded(median(times) * 1e3, 4), "min_ms": rounded(min(times) * 1e3, 4),
             "steps": len(times), "bytes": int(held)}
 
 
@@ -717,7 +697,7 @@ def decode_sweep(lengths: Sequence[int], *, steps: int, threads: int, seed: int 
     (the environment of the forward sweep). Returns the rows in (L, variant) order."""
     spec = {"lengths": sorted(lengths), "steps": steps, "threads": threads, "seed": seed}
     try:
-        proc = subprocess.run([sys.executable, "-m", "qkv.bench_approx", "--decode-child", json.dumps(spec)],
+        proc = subprocess.run([sys.executable, "-m", "qkv.tools.bench.approx", "--decode-child", json.dumps(spec)],
                               capture_output=True, text=True, env=_child_env(), timeout=timeout_s)
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"the decode-timing process took longer than {timeout_s:g} s") from None
@@ -756,7 +736,7 @@ def flatness(ms_by_L: dict) -> dict:
     if len(vals) < 2:
         return {"ratio": None, "flat": None, "lengths": sorted(ms_by_L)}
     ratio = max(vals) / min(vals)
-    return {"ratio": _r(ratio, 3), "flat": ratio <= GOAL_FLAT, "lengths": sorted(ms_by_L)}
+    return {"ratio": rounded(ratio, 3), "flat": ratio <= GOAL_FLAT, "lengths": sorted(ms_by_L)}
 
 
 def _by_L(rows: Sequence[dict], variant: str) -> dict:
@@ -765,7 +745,8 @@ def _by_L(rows: Sequence[dict], variant: str) -> dict:
 
 def _goal(goal: str, measured, target: float, direction: str, L=None) -> dict:
     met = None if measured is None else (measured >= target if direction == ">=" else measured <= target)
-    return {"goal": goal, "L": L, "measured": _r(measured, 3), "target": target, "direction": direction, "met": met}
+    return {"goal": goal, "L": L, "measured": rounded(measured, 3), "target": target, "direction": direction,
+            "met": met}
 
 
 def evaluate_goals(result: dict) -> list[dict]:
@@ -980,9 +961,9 @@ def run(out_dir="runs/bench", quick: bool = False, *, seed: int = 0, threads: in
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be None (every usable core) or an int >= 1, got {threads!r}")
     if sizes is not None and not isinstance(sizes, Sizes):
-        raise TypeError(f"sizes must be a qkv.bench_approx.Sizes, got {type(sizes).__name__}")
+        raise TypeError(f"sizes must be a qkv.tools.bench.approx.Sizes, got {type(sizes).__name__}")
     s = sizes or (QUICK if quick else FULL)
-    threads = threads or _usable_cores()
+    threads = threads or usable_cores()
     log = (lambda m: print(m, flush=True)) if verbose else (lambda m: None)
     started = time.perf_counter()
     load_start = _load()
@@ -995,7 +976,7 @@ def run(out_dir="runs/bench", quick: bool = False, *, seed: int = 0, threads: in
 
     from qkv import data as _data
 
-    with tempfile.TemporaryDirectory(prefix="qkv-approx-") as tmp, _threads(1):
+    with tempfile.TemporaryDirectory(prefix="qkv-approx-") as tmp, harness.threads(1):
         work = Path(tmp)
         log(f"(a) errors on random inputs, L={s.err_length} ...")
         rnd = random_errors(s, seed)
@@ -1048,26 +1029,19 @@ def run(out_dir="runs/bench", quick: bool = False, *, seed: int = 0, threads: in
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m qkv.bench_approx` / benchmarks/bench_approx.py (and the forward-timing process)."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--forward-child"]:
-        _forward_child(json.loads(argv[1]))
-        return 0
-    if argv[:1] == ["--decode-child"]:
-        _decode_child(json.loads(argv[1]))
-        return 0
-    parser = argparse.ArgumentParser(prog="bench_approx", description=__doc__.splitlines()[0])
+def add_arguments(parser) -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes (well under a minute)")
     parser.add_argument("--out", default=os.path.join("runs", "bench"), help="where approx.json/.md go")
     parser.add_argument("--seed", type=int, default=0, help="seed of inputs, weights and data (default 0)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for the timings (default: all)")
-    args = parser.parse_args(argv)
-    try:
-        run(args.out, quick=args.quick, seed=args.seed, threads=args.threads)
-    except ValueError as exc:
-        parser.error(str(exc))
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m qkv.tools.bench.approx` / benchmarks/bench_approx.py (and the timing processes)."""
+    return bench_main(argv, prog="bench_approx", description=__doc__.splitlines()[0], add_arguments=add_arguments,
+                      run=lambda args: run(args.out, quick=args.quick, seed=args.seed, threads=args.threads),
+                      children={"--forward-child": lambda spec: _forward_child(json.loads(spec)),
+                                "--decode-child": lambda spec: _decode_child(json.loads(spec))})
 
 
 if __name__ == "__main__":

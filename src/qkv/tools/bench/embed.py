@@ -28,7 +28,6 @@ reading; the goals say met / not met, nothing here fails a test.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import statistics
@@ -38,8 +37,7 @@ from typing import Sequence
 
 import torch
 
-from qkv.bench import format_table, write_results
-from qkv.demo import format_machine, machine_info
+from qkv.tools.harness import bench_main, format_machine, format_table, machine_info, write_results
 
 __all__ = ["run", "main", "make_sentences", "render"]
 
@@ -304,15 +302,18 @@ def run(out_dir="runs/bench", quick: bool = False, *, seed: int = 0, threads: in
     return result
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="bench_embed", description=__doc__.split("\n\n")[0])
+def add_arguments(p) -> None:
     p.add_argument("--quick", action="store_true", help="64 sentences and a short training run")
     p.add_argument("--out", default=os.path.join("runs", "bench"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-training", action="store_true", help="embeddings only")
-    args = p.parse_args(argv)
-    run(args.out, quick=args.quick, seed=args.seed, training=not args.no_training)
-    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m qkv.tools.bench.embed` / benchmarks/bench_embed.py."""
+    return bench_main(argv, prog="bench_embed", description=__doc__.split("\n\n")[0], add_arguments=add_arguments,
+                      run=lambda args: run(args.out, quick=args.quick, seed=args.seed, training=not args.no_training),
+                      errors=())
 
 
 if __name__ == "__main__":

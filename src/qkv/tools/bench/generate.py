@@ -50,8 +50,6 @@ say met / not met but nothing here fails a test.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import gc
 import math
 import os
@@ -65,9 +63,9 @@ from typing import Sequence
 import torch
 
 from qkv._util import hugepages
-from qkv.bench import format_table, write_results
 from qkv.cache import cache_bytes
-from qkv.demo import _median_ms, format_machine, machine_info
+from qkv.tools.harness import (bench_main, format_machine, format_table, machine_info, median_ms,
+                               quiet_transformers, ratio, rounded, usable_cores, write_results)
 
 __all__ = ["run", "main", "Sizes", "FULL", "QUICK", "memory_bandwidth", "render"]
 
@@ -115,23 +113,6 @@ QUICK = Sizes(n_layers=2, d_model=128, n_heads=4, vocab=1000, max_positions=256,
 # Small helpers
 # ----------------------------------------------------------------------------
 
-def _r(x: float | None, nd: int = 4) -> float | None:
-    return None if x is None else round(float(x), nd)
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None or not b > 0:
-        return None
-    return a / b
-
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
-
-
 def _first_mismatch(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]]) -> dict | None:
     """None when the token lists are equal, else where they first differ (row, index)."""
     if len(a) != len(b):
@@ -152,12 +133,13 @@ def memory_bandwidth(nbytes: int = 1 << 30, runs: int = 5) -> dict:
     x = hugepages.empty((n,)).fill_(1.0)                   # written once: every page is touched
     y = hugepages.empty((n,))
     y.copy_(x)
-    read_ms, _ = _median_ms(x.sum, warmup=1, min_runs=runs, max_runs=runs, budget_s=0.0)
-    copy_ms, _ = _median_ms(lambda: y.copy_(x), warmup=1, min_runs=runs, max_runs=runs, budget_s=0.0)
+    read_ms, _ = median_ms(x.sum, warmup=1, min_runs=runs, max_runs=runs, budget_s=0.0)
+    copy_ms, _ = median_ms(lambda: y.copy_(x), warmup=1, min_runs=runs, max_runs=runs, budget_s=0.0)
     del x, y
     gc.collect()
-    return {"buffer_bytes": n * 4, "runs": runs, "read_ms": _r(read_ms), "copy_ms": _r(copy_ms),
-            "read_gbs": _r(n * 4 / (read_ms / 1e3) / 1e9, 2), "copy_gbs": _r(2 * n * 4 / (copy_ms / 1e3) / 1e9, 2)}
+    return {"buffer_bytes": n * 4, "runs": runs, "read_ms": rounded(read_ms), "copy_ms": rounded(copy_ms),
+            "read_gbs": rounded(n * 4 / (read_ms / 1e3) / 1e9, 2),
+            "copy_gbs": rounded(2 * n * 4 / (copy_ms / 1e3) / 1e9, 2)}
 
 
 class _BandwidthProbe:
@@ -169,25 +151,8 @@ class _BandwidthProbe:
         self.runs = runs
 
     def __call__(self) -> float:
-        ms, _ = _median_ms(self.x.sum, warmup=1, min_runs=self.runs, max_runs=self.runs, budget_s=0.0)
+        ms, _ = median_ms(self.x.sum, warmup=1, min_runs=self.runs, max_runs=self.runs, budget_s=0.0)
         return self.x.numel() * 4 / (ms / 1e3) / 1e9
-
-
-@contextlib.contextmanager
-def _quiet_transformers():
-    """No progress bars or info chatter from transformers while the benchmark runs."""
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    level = hf_logging.get_verbosity()
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 # ----------------------------------------------------------------------------
@@ -273,11 +238,11 @@ def _summary(runs: list[dict]) -> dict:
     decode_tokens = new - B                                  # the first token of each row comes from prefill
     return {
         "batch": B, "new_tokens": new, "decode_steps": steps, "runs": len(runs),
-        "total_s": _r(total), "prefill_s": _r(prefill), "decode_s": _r(decode),
-        "step_ms": _r(decode / steps * 1e3 if steps else None, 3),
-        "decode_tok_s": _r(decode_tokens / decode if decode > 0 else None, 2),
-        "e2e_tok_s": _r(new / total, 2),
-        "each": [{k: _r(r[k]) if k.endswith("_s") else r[k] for k in (
+        "total_s": rounded(total), "prefill_s": rounded(prefill), "decode_s": rounded(decode),
+        "step_ms": rounded(decode / steps * 1e3 if steps else None, 3),
+        "decode_tok_s": rounded(decode_tokens / decode if decode > 0 else None, 2),
+        "e2e_tok_s": rounded(new / total, 2),
+        "each": [{k: rounded(r[k]) if k.endswith("_s") else r[k] for k in (
             "total_s", "prefill_s", "decode_s", "read_gbs_before", "read_gbs_after") if k in r} for r in runs],
     }
 
@@ -300,7 +265,7 @@ def compare(model, hf_model, prompts: list[list[int]], new: int, repeats: int, k
                 before = probe() if probe is not None else None
                 r = _qkv_generate(model, prompts, new, k)
                 if probe is not None:
-                    r["read_gbs_before"], r["read_gbs_after"] = _r(before, 2), _r(probe(), 2)
+                    r["read_gbs_before"], r["read_gbs_after"] = rounded(before, 2), rounded(probe(), 2)
             runs[k].append(r)
             log(f"  run {i + 1}/{repeats} {_name(k):<14} {r['total_s']:7.2f} s "
                 f"(prefill {r['prefill_s']:.2f} s, decode {r['decode_s']:.2f} s)"
@@ -311,8 +276,8 @@ def compare(model, hf_model, prompts: list[list[int]], new: int, repeats: int, k
     for k in kinds:
         out[k]["tokens_identical_to_hf"] = all(_first_mismatch(r["tokens"], hf_tokens) is None for r in runs[k])
         out[k]["first_mismatch"] = _first_mismatch(runs[k][0]["tokens"], hf_tokens)
-        out[k]["decode_vs_hf"] = _r(_ratio(out[k]["decode_tok_s"], out["hf"]["decode_tok_s"]), 3)
-        out[k]["e2e_vs_hf"] = _r(_ratio(out[k]["e2e_tok_s"], out["hf"]["e2e_tok_s"]), 3)
+        out[k]["decode_vs_hf"] = rounded(ratio(out[k]["decode_tok_s"], out["hf"]["decode_tok_s"]), 3)
+        out[k]["e2e_vs_hf"] = rounded(ratio(out[k]["e2e_tok_s"], out["hf"]["e2e_tok_s"]), 3)
     out["hf"]["deterministic"] = all(r["tokens"] == hf_tokens for r in runs["hf"])
     out["tokens"] = hf_tokens
     return out
@@ -358,17 +323,17 @@ def streaming_floor(nbytes: dict, batch1: dict, run_wide_gbs: float) -> dict:
         gbs = max(r["read_gbs_before"], r["read_gbs_after"])
         floor_ms = total / (gbs * 1e9) * 1e3
         step_ms = r["decode_s"] / steps * 1e3
-        per_run.append({"read_gbs": _r(gbs, 2), "floor_ms": _r(floor_ms, 5), "step_ms": _r(step_ms, 5),
-                        "ratio": _r(step_ms / floor_ms, 3)})
+        per_run.append({"read_gbs": rounded(gbs, 2), "floor_ms": rounded(floor_ms, 5), "step_ms": rounded(step_ms, 5),
+                        "ratio": rounded(step_ms / floor_ms, 3)})
     floor_ms = statistics.median(r["floor_ms"] for r in per_run)
     run_floor_ms = total / (run_wide_gbs * 1e9) * 1e3
-    return {"bytes": nbytes, "read_gbs": _r(statistics.median(r["read_gbs"] for r in per_run), 2),
-            "floor_ms": _r(floor_ms, 5), "qkv_step_ms": q["step_ms"], "hf_step_ms": hf["step_ms"],
-            "qkv_ratio": _r(statistics.median(r["ratio"] for r in per_run), 3),
-            "hf_ratio": _r(_ratio(hf["step_ms"], floor_ms), 3), "per_run": per_run,
-            "run_wide": {"read_gbs": run_wide_gbs, "floor_ms": _r(run_floor_ms, 5),
-                         "qkv_ratio": _r(_ratio(q["step_ms"], run_floor_ms), 3),
-                         "hf_ratio": _r(_ratio(hf["step_ms"], run_floor_ms), 3)}}
+    return {"bytes": nbytes, "read_gbs": rounded(statistics.median(r["read_gbs"] for r in per_run), 2),
+            "floor_ms": rounded(floor_ms, 5), "qkv_step_ms": q["step_ms"], "hf_step_ms": hf["step_ms"],
+            "qkv_ratio": rounded(statistics.median(r["ratio"] for r in per_run), 3),
+            "hf_ratio": rounded(ratio(hf["step_ms"], floor_ms), 3), "per_run": per_run,
+            "run_wide": {"read_gbs": run_wide_gbs, "floor_ms": rounded(run_floor_ms, 5),
+                         "qkv_ratio": rounded(ratio(q["step_ms"], run_floor_ms), 3),
+                         "hf_ratio": rounded(ratio(hf["step_ms"], run_floor_ms), 3)}}
 
 
 def kv_vs_recompute(model, context: int, steps: int, seed: int) -> dict:
@@ -388,13 +353,13 @@ def kv_vs_recompute(model, context: int, steps: int, seed: int) -> dict:
         t0 = time.perf_counter()
         full()
         first = time.perf_counter() - t0
-        recompute_ms, runs = _median_ms(full, warmup=0, min_runs=2, max_runs=5, budget_s=3 * first,
-                                        first_s=first)
+        recompute_ms, runs = median_ms(full, warmup=0, min_runs=2, max_runs=5, budget_s=3 * first,
+                                       first_s=first)
     step_ms = statistics.median(times) * 1e3
     return {"context": context, "prefill": prefill, "cached_steps": steps,
-            "step_contexts": [prefill + 1, context], "cached_step_ms": _r(step_ms, 3),
-            "recompute_ms": _r(recompute_ms, 3), "recompute_runs": runs,
-            "speedup": _r(recompute_ms / step_ms, 2)}
+            "step_contexts": [prefill + 1, context], "cached_step_ms": rounded(step_ms, 3),
+            "recompute_ms": rounded(recompute_ms, 3), "recompute_runs": runs,
+            "speedup": rounded(recompute_ms / step_ms, 2)}
 
 
 def _prefill_decode(model, prompts: list[list[int]], new: int, kind: str, block_size: int) -> tuple[dict, list]:
@@ -427,12 +392,12 @@ def _prefill_decode(model, prompts: list[list[int]], new: int, kind: str, block_
     mem = step_cache.memory()
     tokens = torch.stack(out, dim=1).tolist()                                         # (B, new)
     decode_s = t2 - t1
-    return {"prefill_s": _r(t1 - t0), "decode_s": _r(decode_s),
-            "decode_tok_s": _r(B * (new - 1) / decode_s if decode_s > 0 else None, 2),
-            "e2e_tok_s": _r(B * new / (t2 - t0), 2),
+    return {"prefill_s": rounded(t1 - t0), "decode_s": rounded(decode_s),
+            "decode_tok_s": rounded(B * (new - 1) / decode_s if decode_s > 0 else None, 2),
+            "e2e_tok_s": rounded(B * new / (t2 - t0), 2),
             "cache_nbytes": int(cache.nbytes), "allocated_bytes": int(mem["allocated_bytes"]),
             "used_bytes": int(mem["used_bytes"]), "unused_bytes": int(mem["unused_bytes"]),
-            "waste": _r(mem["waste"], 5), "memory": {k: (_r(v, 5) if isinstance(v, float) else v)
+            "waste": rounded(mem["waste"], 5), "memory": {k: (rounded(v, 5) if isinstance(v, float) else v)
                                                      for k, v in mem.items()}}, tokens
 
 
@@ -445,7 +410,8 @@ def mixed_lengths(model, s: Sizes, seed: int) -> dict:
         out[kind], tokens[kind] = _prefill_decode(model, prompts, s.new_tokens, kind, s.block_size)
     out["first_mismatch"] = _first_mismatch(tokens["paged"], tokens["contiguous"])
     out["tokens_identical"] = out["first_mismatch"] is None
-    out["paged_vs_contiguous_decode"] = _r(_ratio(out["paged"]["decode_tok_s"], out["contiguous"]["decode_tok_s"]), 3)
+    out["paged_vs_contiguous_decode"] = rounded(ratio(out["paged"]["decode_tok_s"],
+                                                      out["contiguous"]["decode_tok_s"]), 3)
     return out
 
 
@@ -468,7 +434,7 @@ def gqa_cache(s: Sizes, seed: int) -> dict:
         rows[name] = {"n_heads": s.gqa_heads, "n_kv_heads": kv, "head_dim": s.gqa_head_dim,
                       "nbytes": int(cache.nbytes), "used_bytes": int(cache.used_bytes),
                       "formula_bytes": cache_bytes(s.gqa_layers, kv, s.gqa_head_dim, s.gqa_prompt),
-                      "prefill_s": _r(time.perf_counter() - t0)}
+                      "prefill_s": rounded(time.perf_counter() - t0)}
         del model, cache
         gc.collect()
     return {"layers": s.gqa_layers, "d_model": s.gqa_d_model, "prompt": s.gqa_prompt, **rows,
@@ -506,7 +472,7 @@ def evaluate_goals(result: dict) -> list[dict]:
         _goal(f"KV cache: recompute ms / cached step ms at {result['recompute']['context']} tokens",
               result["recompute"]["speedup"], 10.0, ">="),
         _goal(f"paged / contiguous decode tokens/s at batch {B}",
-              _ratio(bb["paged"]["decode_tok_s"], bb["contiguous"]["decode_tok_s"]), 0.9, ">="),
+              ratio(bb["paged"]["decode_tok_s"], bb["contiguous"]["decode_tok_s"]), 0.9, ">="),
         _goal(f"paged cache: unused / allocated bytes, mixed lengths (batch {B})",
               result["mixed"]["paged"]["waste"], 0.04, "<", "%"),
         _goal(f"GQA cache bytes / MHA cache bytes (Hkv {gq['gqa']['n_kv_heads']} vs {gq['mha']['n_kv_heads']})",
@@ -674,9 +640,9 @@ def run(out_dir="runs/bench", quick: bool = False, *, seed: int = 0, threads: in
     s = QUICK if quick else FULL
     log = (lambda m: print(m, flush=True)) if verbose else (lambda m: None)
     threads_before = torch.get_num_threads()
-    torch.set_num_threads(threads or _usable_cores())
+    torch.set_num_threads(threads or usable_cores())
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             return _run(s, out_dir, quick, seed, log, transformers.__version__)
     finally:
         torch.set_num_threads(threads_before)
@@ -762,19 +728,17 @@ def _run(s: Sizes, out_dir, quick: bool, seed: int, log, hf_version: str) -> dic
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m qkv.bench_generate` / benchmarks/bench_generate.py."""
-    parser = argparse.ArgumentParser(prog="bench_generate", description=__doc__.splitlines()[0])
+def add_arguments(parser) -> None:
     parser.add_argument("--quick", action="store_true", help="a tiny model, short prompts (seconds)")
     parser.add_argument("--out", default=os.path.join("runs", "bench"), help="where generate.json/.md go")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and prompts (default 0)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: every usable core)")
-    args = parser.parse_args(argv)
-    try:
-        run(args.out, quick=args.quick, seed=args.seed, threads=args.threads)
-    except ValueError as exc:
-        parser.error(str(exc))
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m qkv.tools.bench.generate` / benchmarks/bench_generate.py."""
+    return bench_main(argv, prog="bench_generate", description=__doc__.splitlines()[0], add_arguments=add_arguments,
+                      run=lambda args: run(args.out, quick=args.quick, seed=args.seed, threads=args.threads))
 
 
 if __name__ == "__main__":

@@ -50,7 +50,6 @@ block it overlaps; the goals say met / not met but nothing here fails a test.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import json
@@ -69,8 +68,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qkv._util.checks import check_int
-from qkv.bench import format_table, write_results
-from qkv.demo import format_machine, machine_info
+from qkv.tools import harness
+from qkv.tools.harness import (bench_main, format_machine, format_table, machine_info, quiet_transformers, ratio,
+                               rounded, usable_cores, write_results)
 
 __all__ = ["run", "main", "Sizes", "FULL", "QUICK", "HYPER", "LOSS_RTOL", "render", "make_batch", "make_optimizer",
            "train_step", "build_models", "loss_agreement", "compare_hf", "data_parallel", "profile_step"]
@@ -111,34 +111,6 @@ LOSS_RTOL = 1e-4
 # ----------------------------------------------------------------------------
 # Small helpers
 # ----------------------------------------------------------------------------
-
-def _r(x: float | None, nd: int = 4) -> float | None:
-    return None if x is None else round(float(x), nd)
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None or not b > 0:
-        return None
-    return a / b
-
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
-
-
-@contextlib.contextmanager
-def _threads(n: int):
-    """torch's intra-op threads set to `n` inside the block, restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
 
 def _max_abs_diff(a: Sequence[float], b: Sequence[float]) -> float | None:
     n = min(len(a), len(b))
@@ -248,7 +220,7 @@ class _Trainer:
     def run(self, n: int, timed: bool) -> float:
         """`n` steps on the next batches; seconds they took."""
         batches = [make_batch(self.step + i, self.s, self.seed) for i in range(n)]     # made before the clock
-        with _threads(self.threads) if self.threads else contextlib.nullcontext():
+        with harness.threads(self.threads) if self.threads else contextlib.nullcontext():
             t0, c0 = time.perf_counter(), time.process_time()
             for tokens in batches:
                 rec = train_step(self.logits_fn, self.params, self.opt, tokens)
@@ -284,7 +256,7 @@ def _alternate(contenders: Sequence, rounds: int, block_steps: int, log) -> None
 def _paired(a: Sequence[dict], b: Sequence[dict]) -> float | None:
     """The median over rounds of a's block rate / b's in the same round."""
     ratios = [x["tok_s"] / y["tok_s"] for x, y in zip(a, b)]
-    return _r(statistics.median(ratios), 3) if ratios else None
+    return rounded(statistics.median(ratios), 3) if ratios else None
 
 
 def _summary(blocks: Sequence[dict], records: Sequence[dict]) -> dict:
@@ -292,14 +264,15 @@ def _summary(blocks: Sequence[dict], records: Sequence[dict]) -> dict:
     per_cpu = [b["tok_per_cpu_s"] for b in blocks if b["tok_per_cpu_s"]]
     def ms(key: str) -> float | None:                     # a phase the records do not time: None
         values = [r[key] for r in records if key in r]
-        return _r(statistics.median(values) * 1e3, 2) if values else None
+        return rounded(statistics.median(values) * 1e3, 2) if values else None
 
-    return {"blocks": len(blocks), "steps": sum(b["steps"] for b in blocks), "tok_s": _r(statistics.median(rates), 2),
-            "tok_s_min": _r(min(rates), 2), "tok_s_max": _r(max(rates), 2),
-            "block_tok_s": [_r(x, 2) for x in rates], "step_ms": ms("step_s"), "forward_ms": ms("forward_s"),
+    return {"blocks": len(blocks), "steps": sum(b["steps"] for b in blocks),
+            "tok_s": rounded(statistics.median(rates), 2),
+            "tok_s_min": rounded(min(rates), 2), "tok_s_max": rounded(max(rates), 2),
+            "block_tok_s": [rounded(x, 2) for x in rates], "step_ms": ms("step_s"), "forward_ms": ms("forward_s"),
             "backward_ms": ms("backward_s"), "optimizer_ms": ms("optimizer_s"),
-            "tok_per_cpu_s": _r(statistics.median(per_cpu), 2) if per_cpu else None,
-            "cpu_ms_per_step": _r(statistics.median(b["cpu_s"] / b["steps"] for b in blocks) * 1e3, 2)}
+            "tok_per_cpu_s": rounded(statistics.median(per_cpu), 2) if per_cpu else None,
+            "cpu_ms_per_step": rounded(statistics.median(b["cpu_s"] / b["steps"] for b in blocks) * 1e3, 2)}
 
 
 # ----------------------------------------------------------------------------
@@ -325,12 +298,12 @@ def compare_hf(model, hf_model, s: Sizes, seed: int, log, profile: bool = False)
         side.run(s.warmup, timed=False)
     _alternate((qkv_side, hf_side), s.rounds, s.block_steps, log)
     out = {"qkv": _summary(qkv_side.blocks, qkv_side.records), "hf": _summary(hf_side.blocks, hf_side.records)}
-    out["ratio"] = _r(_ratio(out["qkv"]["tok_s"], out["hf"]["tok_s"]), 3)
+    out["ratio"] = rounded(ratio(out["qkv"]["tok_s"], out["hf"]["tok_s"]), 3)
     out["paired_ratio"] = _paired(qkv_side.blocks, hf_side.blocks)     # the same round's blocks, qkv / HF
-    out["paired_ratios"] = [_r(a["tok_s"] / b["tok_s"], 3) for a, b in zip(qkv_side.blocks, hf_side.blocks)]
-    out["cpu_ratio"] = _r(_ratio(out["qkv"]["tok_per_cpu_s"], out["hf"]["tok_per_cpu_s"]), 3)
+    out["paired_ratios"] = [rounded(a["tok_s"] / b["tok_s"], 3) for a, b in zip(qkv_side.blocks, hf_side.blocks)]
+    out["cpu_ratio"] = rounded(ratio(out["qkv"]["tok_per_cpu_s"], out["hf"]["tok_per_cpu_s"]), 3)
     diff = _max_abs_diff(qkv_side.losses, hf_side.losses)
-    out["losses"] = {"qkv": [_r(x, 6) for x in qkv_side.losses], "hf": [_r(x, 6) for x in hf_side.losses],
+    out["losses"] = {"qkv": [rounded(x, 6) for x in qkv_side.losses], "hf": [rounded(x, 6) for x in hf_side.losses],
                      "steps": min(len(qkv_side.losses), len(hf_side.losses)), "max_abs_diff": diff,
                      "agree": _agree(diff, hf_side.losses[0])}
     if profile:
@@ -415,12 +388,12 @@ class _Group:
         self.store = dist.TCPStore("127.0.0.1", 0, None, True, timeout=datetime.timedelta(seconds=timeout_s),
                                    wait_for_workers=False)
         env = dict(os.environ)
-        package_root = str(Path(__file__).resolve().parent.parent)        # the directory holding qkv/
+        package_root = str(Path(__file__).resolve().parents[3])          # the directory holding qkv/
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         env["OMP_NUM_THREADS"] = "1"
         if sys.platform.startswith("linux"):
             env.setdefault("GLOO_SOCKET_IFNAME", "lo")                     # gloo over loopback
-        code = "from qkv.bench_train import _worker_main; _worker_main()"
+        code = "from qkv.tools.bench.train import _worker_main; _worker_main()"
         self.logs = [open(os.path.join(workdir, f"rank{r}.log"), "w+b") for r in range(s.processes)]
         t0 = time.perf_counter()
         self.procs = [subprocess.Popen([sys.executable, "-c", code, str(rank), str(s.processes), str(self.store.port),
@@ -510,18 +483,19 @@ def data_parallel(state: dict, s: Sizes, seed: int, threads: int, log, timeout_s
         diff = _max_abs_diff(c.losses, base.losses)
         row["loss_max_abs_diff_vs_1proc"] = diff
         row["losses_agree"] = _agree(diff, base.losses[0])
-        row["losses"] = [_r(x, 6) for x in c.losses]
+        row["losses"] = [rounded(x, 6) for x in c.losses]
         row["paired_vs_1proc"] = _paired(c.blocks, base.blocks)
         rows.append(row)
     by = {r["setup"]: r for r in rows}
     dp, b1 = by[group.name], by[base.name]
     s1 = by.get(single.name, b1)
-    return {"rows": rows, "start_s": _r(group.start_s, 2), "steps_compared": min(len(base.losses), len(group.losses)),
-            "vs_1proc_threads": _r(_ratio(dp["tok_s"], b1["tok_s"]), 3),
-            "vs_1proc_1thread": _r(_ratio(dp["tok_s"], s1["tok_s"]), 3),
+    return {"rows": rows, "start_s": rounded(group.start_s, 2),
+            "steps_compared": min(len(base.losses), len(group.losses)),
+            "vs_1proc_threads": rounded(ratio(dp["tok_s"], b1["tok_s"]), 3),
+            "vs_1proc_1thread": rounded(ratio(dp["tok_s"], s1["tok_s"]), 3),
             "paired_vs_1proc_threads": _paired(group.blocks, base.blocks),
             "paired_vs_1proc_1thread": _paired(group.blocks, single.blocks),
-            "threads_scaling": _r(_ratio(b1["tok_s"], s1["tok_s"]), 3),
+            "threads_scaling": rounded(ratio(b1["tok_s"], s1["tok_s"]), 3),
             "loss_max_abs_diff": dp["loss_max_abs_diff_vs_1proc"], "losses_agree": dp["losses_agree"],
             "threads": threads, "processes": s.processes}
 
@@ -544,8 +518,8 @@ def profile_step(sides: Sequence[tuple[str, _Trainer]], top: int = 14) -> dict:
         totals[name] = sum(ops.values())
     names = [n for n, _ in sides]
     keys = sorted({k for ops in per.values() for k in ops}, key=lambda k: -max(per[n].get(k, 0.0) for n in names))
-    rows = [{"op": k, **{n: _r(per[n].get(k, 0.0), 1) for n in names}} for k in keys[:top]]
-    return {"sides": names, "rows": rows, "total_ms": {n: _r(t, 1) for n, t in totals.items()}}
+    rows = [{"op": k, **{n: rounded(per[n].get(k, 0.0), 1) for n in names}} for k in keys[:top]]
+    return {"sides": names, "rows": rows, "total_ms": {n: rounded(t, 1) for n, t in totals.items()}}
 
 
 # ----------------------------------------------------------------------------
@@ -563,17 +537,17 @@ def evaluate_goals(result: dict) -> list[dict]:
     cmp, ag = result["hf"], result["agreement"]
     goals = [
         _goal("qkv training tokens/s / HF's (median of blocks)", cmp["ratio"], 1.1, ">="),
-        _goal("loss of the first batch: relative difference qkv vs HF", _r(ag["rel_diff"], 10), LOSS_RTOL, "<=",
+        _goal("loss of the first batch: relative difference qkv vs HF", rounded(ag["rel_diff"], 10), LOSS_RTOL, "<=",
               "rel"),
         _goal(f"loss curves over {cmp['losses']['steps']} steps: largest difference qkv vs HF",
-              _r(cmp["losses"]["max_abs_diff"], 8), _r(LOSS_RTOL * max(1.0, abs(cmp["losses"]["hf"][0])), 8),
+              rounded(cmp["losses"]["max_abs_diff"], 8), rounded(LOSS_RTOL * max(1.0, abs(cmp["losses"]["hf"][0])), 8),
               "<=", "abs"),
     ]
     dp = result.get("ddp")
     if dp and "rows" in dp:
         goals.append(_goal(f"{dp['processes']}-process losses: largest difference from 1 process",
-                           _r(dp["loss_max_abs_diff"], 8),
-                           _r(LOSS_RTOL * max(1.0, abs(dp["rows"][0]["losses"][0])), 8), "<=", "abs"))
+                           rounded(dp["loss_max_abs_diff"], 8),
+                           rounded(LOSS_RTOL * max(1.0, abs(dp["rows"][0]["losses"][0])), 8), "<=", "abs"))
     return goals
 
 
@@ -626,7 +600,7 @@ def _ddp_cells(dp: dict) -> list[list[str]]:
                                        f"({'equal' if r['losses_agree'] else 'DIFFERENT'})")
         body.append([r["setup"], str(r["batch_each"]), _f(r["tok_s"], "{:,.0f}"),
                      f"{r['tok_s_min']:,.0f}..{r['tok_s_max']:,.0f}",
-                     "-" if r is base else f"{_f(_ratio(r['tok_s'], base['tok_s']), '{:.2f}x')} "
+                     "-" if r is base else f"{_f(ratio(r['tok_s'], base['tok_s']), '{:.2f}x')} "
                                            f"(paired {_f(r['paired_vs_1proc'], '{:.2f}x')})",
                      _f(r["step_ms"], "{:.0f}"), _f(r["cpu_ms_per_step"], "{:.0f}"), diff])
     return body
@@ -736,12 +710,10 @@ def run(out_dir="runs/bench", quick: bool = False, *, seed: int = 0, threads: in
     except ImportError as exc:
         raise ValueError("the training benchmark compares against Hugging Face transformers: "
                          "pip install transformers (or the project's [dev] extra)") from exc
-    from qkv.bench_generate import _quiet_transformers
-
     s = QUICK if quick else FULL
     log = (lambda m: print(m, flush=True)) if verbose else (lambda m: None)
-    n_threads = threads or _usable_cores()
-    with _threads(n_threads), _quiet_transformers():
+    n_threads = threads or usable_cores()
+    with harness.threads(n_threads), quiet_transformers():
         return _run(s, out_dir, quick, seed, n_threads, ddp, profile, log, transformers.__version__)
 
 
@@ -810,22 +782,23 @@ def _run(s: Sizes, out_dir, quick: bool, seed: int, threads: int, ddp: bool, pro
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m qkv.bench_train` / benchmarks/bench_train.py."""
-    parser = argparse.ArgumentParser(prog="bench_train", description=__doc__.splitlines()[0])
+def add_arguments(parser) -> None:
     parser.add_argument("--quick", action="store_true", help="a tiny model, a few steps (seconds)")
     parser.add_argument("--out", default=os.path.join("runs", "bench"), help="where train.json/.md go")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and batches (default 0)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: every usable core)")
     parser.add_argument("--no-ddp", action="store_true", help="skip the data-parallel part")
     parser.add_argument("--profile", action="store_true", help="profile one step per side (operator table)")
-    args = parser.parse_args(argv)
-    try:
-        run(args.out, quick=args.quick, seed=args.seed, threads=args.threads, ddp=not args.no_ddp,
-            profile=args.profile)
-    except (ValueError, TypeError) as exc:
-        parser.error(str(exc))
-    return 0
+
+
+def _run_from(args) -> None:
+    run(args.out, quick=args.quick, seed=args.seed, threads=args.threads, ddp=not args.no_ddp, profile=args.profile)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m qkv.tools.bench.train` / benchmarks/bench_train.py."""
+    return bench_main(argv, prog="bench_train", description=__doc__.splitlines()[0], add_arguments=add_arguments,
+                      run=_run_from, errors=(ValueError, TypeError))
 
 
 if __name__ == "__main__":

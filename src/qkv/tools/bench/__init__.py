@@ -1,0 +1,11 @@
+"""The benchmarks, one module per `qkv bench` target; each has `run(out_dir, quick=...)` and `main(argv)`.
+
+- `backends`: `qkv bench` (math vs sdpa; backends.json);
+- `attention`: `qkv bench attention` (tiled, auto, sdpa, FlexAttention; attention.json/.md);
+- `generate`: `qkv bench generate` (decoding vs transformers; generate.json/.md);
+- `train`: `qkv bench train` (training vs transformers' GPT-2, data parallel; train.json/.md);
+- `embed`: `qkv bench embed` (MiniLM embeddings vs sentence-transformers; embed.json/.md);
+- `approx`: `qkv bench approx` (sparse masks, linear and Performer attention; approx.json/.md).
+
+`python -m qkv.tools.bench.NAME` and benchmarks/bench_NAME.py run the same code.
+"""
