@@ -933,14 +933,16 @@ def test_bench_results_failure_keeps_the_previous_files(tmp_path, monkeypatch, f
 
 
 def test_loss_curve_failure_keeps_the_previous_png(tmp_path, monkeypatch):
+    from qkv.train import lm          # _plot lives in train/lm.py
+
     history = train.LMHistory()
     history.loss.extend([3.0, 2.5, 2.0])
     path = tmp_path / "loss.png"
-    train._plot(path, history)
+    lm._plot(path, history)
     before = path.read_bytes()
     _failing_replace(monkeypatch)
     with pytest.raises(OSError):
-        train._plot(path, history)
+        lm._plot(path, history)
     monkeypatch.undo()
     assert path.read_bytes() == before and _entries(tmp_path) == ["loss.png"]
 
