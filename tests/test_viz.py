@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import re
+from importlib import resources
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -222,6 +224,34 @@ def test_html_cross_attention_and_inputs(tmp_path):
     # numbers are fine as tokens (printed)
     assert _data(viz.html(np.asarray(w)[None], [1, 2, 3, 4, 5], tmp_path / "n.html",
                           query_tokens=[7, 8, 9]).read_text())["tokens"] == ["1", "2", "3", "4", "5"]
+
+
+ASSETS = ("page.html", "style.css", "viewer.js")      # qkv/viz_assets/, package data
+
+
+def _asset(name: str) -> str:
+    return (resources.files("qkv") / "viz_assets" / name).read_text(encoding="utf-8")
+
+
+def test_html_is_the_packaged_page_style_and_script(tmp_path):
+    """The page is viz_assets/page.html with the style and the script inlined verbatim and the
+    placeholders filled in; pyproject ships every file of viz_assets as package data."""
+    page, style, script = (_asset(name) for name in ASSETS)
+    for name in ("TITLE", "META", "STYLE", "SCRIPT", "DATA"):
+        assert f"%{name}%" in page
+    text = viz.html(_softmax_maps(1, 2), TOKENS, tmp_path / "a.html", title="t").read_text(encoding="utf-8")
+    head, tail = page.split("%TITLE%", 1)[0], page.rsplit("%SCRIPT%", 1)[1]
+    assert text.startswith(head) and text.endswith(tail) and not re.search(r"%(TITLE|META|STYLE|SCRIPT|DATA)%", text)
+    assert f"<style>{style}</style>" in text and f"<script>{script}</script>" in text
+
+    import tomllib
+    from fnmatch import fnmatch
+
+    root = Path(__file__).resolve().parents[1]
+    shipped = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["qkv"]
+    files = sorted(f.name for f in (root / "src" / "qkv" / "viz_assets").iterdir() if f.is_file())
+    assert files == sorted(ASSETS)
+    assert all(any(fnmatch(f"viz_assets/{f}", pattern) for pattern in shipped) for f in files), shipped
 
 
 def test_html_size_limits(tmp_path, monkeypatch):

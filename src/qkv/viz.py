@@ -26,11 +26,13 @@ works from a file:// URL with no network. Every file is written atomically
 
 from __future__ import annotations
 
+import functools
 import html as _html
 import json
 import math
 import os
 import re
+from importlib import resources
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -538,10 +540,10 @@ def html(maps, tokens: Sequence[str], path, *, title: str | None = None,
     }
     kind = "self-attention" if query_tokens is None else "cross-attention"
     meta = f"{len(layers)} layer{'s' * (len(layers) != 1)}, {kind}, {Lq} queries x {Lk} keys"
-    parts = {"TITLE": _html.escape(title_s), "META": _html.escape(meta), "STYLE": _STYLE, "SCRIPT": _SCRIPT,
-             "DATA": _script_json(data)}
+    parts = {"TITLE": _html.escape(title_s), "META": _html.escape(meta), "STYLE": _asset("style.css"),
+             "SCRIPT": _asset("viewer.js"), "DATA": _script_json(data)}
     # one pass, so placeholder-like text inside the title or tokens is never substituted
-    page = re.sub(r"%(TITLE|META|STYLE|SCRIPT|DATA)%", lambda m: parts[m.group(1)], _PAGE)
+    page = re.sub(r"%(TITLE|META|STYLE|SCRIPT|DATA)%", lambda m: parts[m.group(1)], _asset("page.html"))
 
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -550,318 +552,16 @@ def html(maps, tokens: Sequence[str], path, *, title: str | None = None,
     return write_atomic(p, write)
 
 
-_PAGE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<link rel="icon" href="data:,">
-<title>%TITLE%</title>
-<style>%STYLE%</style>
-</head>
-<body>
-<header>
-  <h1>%TITLE%</h1>
-  <p class="meta">%META%</p>
-  <nav class="tabs" role="tablist">
-    <button type="button" id="tab-head" class="tab active" data-view="head">Head view</button>
-    <button type="button" id="tab-model" class="tab" data-view="model">Model view</button>
-  </nav>
-</header>
-<main>
-<section id="head-view">
-  <div class="controls">
-    <label>Layer <select id="layer-select"></select></label>
-    <label>Head <select id="head-select"></select></label>
-    <span id="swatches" aria-label="heads"></span>
-  </div>
-  <p class="hint">Queries on the left, keys on the right; a line's opacity is its weight.
-    Hover a token to see only its lines, click it to pin (click again to release).</p>
-  <div id="head-panel">
-    <div id="query-col" class="tokens left"></div>
-    <canvas id="head-canvas" data-drawn=""></canvas>
-    <div id="key-col" class="tokens right"></div>
-  </div>
-</section>
-<section id="model-view" hidden>
-  <p class="hint">One thumbnail per layer and head: rows are queries, columns are keys, darker is more
-    weight (each thumbnail scaled to its own maximum). Click a thumbnail to open it in the head view.</p>
-  <div id="model-grid"></div>
-</section>
-</main>
-<script id="qkv-data" type="application/json">%DATA%</script>
-<script>%SCRIPT%</script>
-</body>
-</html>
-"""
+# The viewer's page, style and script are package data (qkv/viz_assets/): page.html with the
+# placeholders %TITLE% %META% %STYLE% %SCRIPT% %DATA%, style.css, and viewer.js, the script:
+# plain ES5, no libraries. Token text only ever reaches the page through textContent, title
+# attributes and canvas text, never as markup.
 
-_STYLE = """
-:root { --fg: #1d2330; --muted: #5b6475; --line: #d8dce3; --accent: #2f6fde; }
-* { box-sizing: border-box; }
-body { margin: 0; padding: 16px 24px; font: 14px/1.4 system-ui, -apple-system, "Segoe UI", sans-serif;
-       color: var(--fg); background: #fff; }
-h1 { font-size: 20px; margin: 0 0 2px; }
-.meta, .hint { color: var(--muted); margin: 4px 0 10px; }
-.tabs { display: flex; gap: 4px; border-bottom: 1px solid var(--line); margin: 8px 0 12px; }
-.tab { font: inherit; border: 1px solid var(--line); border-bottom: none; background: #f4f6f9; padding: 6px 14px;
-       border-radius: 6px 6px 0 0; cursor: pointer; color: var(--muted); }
-.tab.active { background: #fff; color: var(--fg); font-weight: 600; position: relative; top: 1px; }
-.controls { display: flex; flex-wrap: wrap; align-items: center; gap: 14px; }
-select { font: inherit; padding: 2px 4px; }
-#swatches { display: inline-flex; flex-wrap: wrap; gap: 4px; }
-.swatch { width: 20px; height: 20px; border-radius: 4px; border: 2px solid transparent; cursor: pointer; padding: 0;
-          font: 10px/16px monospace; color: #fff; }
-.swatch.all { width: auto; padding: 0 6px; background: #59606e; }
-.swatch.active { border-color: var(--fg); box-shadow: 0 0 0 1px #fff inset; }
-#head-panel { display: flex; align-items: flex-start; margin-top: 6px; }
-.tokens { display: flex; flex-direction: column; }
-.token { height: 22px; line-height: 22px; padding: 0 6px; max-width: 180px; overflow: hidden; text-overflow: ellipsis;
-         white-space: pre; cursor: pointer; border-radius: 3px; font-family: ui-monospace, Menlo, Consolas, monospace;
-         font-size: 13px; }
-.tokens.left .token { text-align: right; }
-.token:hover, .token.focus { outline: 1px solid var(--accent); }
-.token.pinned { outline: 2px solid var(--accent); }
-#model-grid { display: grid; gap: 6px; align-items: center; justify-content: start; }
-.thumb { border: 1px solid var(--line); cursor: pointer; image-rendering: pixelated; display: block; }
-.thumb:hover { outline: 2px solid var(--accent); }
-.axis { color: var(--muted); font-size: 12px; text-align: center; white-space: nowrap; }
-.axis.row { text-align: right; padding-right: 4px; max-width: 140px; overflow: hidden; text-overflow: ellipsis; }
-"""
 
-# The viewer script: plain ES5, no libraries. Token text only ever reaches the page
-# through textContent, title attributes and canvas text, never as markup.
-_SCRIPT = r"""
-(function () {
-  "use strict";
-  var DATA = JSON.parse(document.getElementById("qkv-data").textContent);
-  var ROW = 22, WIDTH = 280, MIN_W = 0.004, THUMB = 76;
-  var nQ = DATA.query_tokens.length, nK = DATA.tokens.length, S = DATA.scale;
-  var state = {layer: 0, head: "all", hover: null, pinned: null, view: "head"};
-  var canvas = document.getElementById("head-canvas");
-  var qCol = document.getElementById("query-col"), kCol = document.getElementById("key-col");
-  var layerSel = document.getElementById("layer-select"), headSel = document.getElementById("head-select");
-  var swatches = document.getElementById("swatches");
-  var qEls = [], kEls = [];
-
-  function hue(h, n) { return Math.round(360 * h / Math.max(n, 1)) % 360; }
-  function color(h, n) { return "hsl(" + hue(h, n) + ",72%,42%)"; }
-  function rgb(h, n) {           // the same colour as color(h, n), as [r, g, b] in 0..255
-    var s = 0.72, l = 0.42, c = (1 - Math.abs(2 * l - 1)) * s, hp = hue(h, n) / 60;
-    var x = c * (1 - Math.abs(hp % 2 - 1)), m = l - c / 2, t;
-    if (hp < 1) t = [c, x, 0]; else if (hp < 2) t = [x, c, 0]; else if (hp < 3) t = [0, c, x];
-    else if (hp < 4) t = [0, x, c]; else if (hp < 5) t = [x, 0, c]; else t = [c, 0, x];
-    return [Math.round((t[0] + m) * 255), Math.round((t[1] + m) * 255), Math.round((t[2] + m) * 255)];
-  }
-  function nHeads(l) { return DATA.layers[l].heads; }
-  function heads() {
-    if (state.head === "all") { var a = []; for (var h = 0; h < nHeads(state.layer); h++) a.push(h); return a; }
-    return [state.head];
-  }
-  function focus() { return state.pinned || state.hover; }
-  function el(tag, cls, text) {
-    var e = document.createElement(tag);
-    if (cls) e.className = cls;
-    if (text !== undefined) e.textContent = text;
-    return e;
-  }
-
-  // ---- head view ---------------------------------------------------------
-  function buildTokens(col, toks, side, store) {
-    toks.forEach(function (t, i) {
-      var e = el("div", "token", t === "" ? "\u2205" : t);
-      e.title = (side === "q" ? "query " : "key ") + i + ": " + t;
-      e.dataset.side = side; e.dataset.index = i;
-      e.addEventListener("mouseenter", function () { state.hover = {side: side, index: i}; draw(); });
-      e.addEventListener("mouseleave", function () { state.hover = null; draw(); });
-      e.addEventListener("click", function () {
-        var p = state.pinned;
-        state.pinned = (p && p.side === side && p.index === i) ? null : {side: side, index: i};
-        draw();
-      });
-      col.appendChild(e); store.push(e);
-    });
-  }
-
-  function sizeCanvas() {
-    var h = Math.max(nQ, nK) * ROW, dpr = Math.min(window.devicePixelRatio || 1, 2);
-    if (h * dpr > 30000) dpr = 1;
-    canvas.width = Math.round(WIDTH * dpr); canvas.height = Math.round(h * dpr);
-    canvas.style.width = WIDTH + "px"; canvas.style.height = h + "px";
-    canvas._dpr = dpr;
-  }
-
-  function draw() {
-    var ctx = canvas.getContext("2d"), dpr = canvas._dpr, L = DATA.layers[state.layer], hs = heads();
-    var f = focus(), n = 0, sum = 0, shade = new Float64Array(f ? (f.side === "q" ? nK : nQ) : 0);
-    ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
-    ctx.clearRect(0, 0, WIDTH, Math.max(nQ, nK) * ROW);
-    ctx.lineWidth = 2;
-    hs.forEach(function (h) {
-      var W = L.weights[h];
-      ctx.strokeStyle = color(h, L.heads);
-      var q0 = 0, q1 = nQ, k0 = 0, k1 = nK;
-      if (f && f.side === "q") { q0 = f.index; q1 = f.index + 1; }
-      if (f && f.side === "k") { k0 = f.index; k1 = f.index + 1; }
-      for (var q = q0; q < q1; q++) {
-        for (var k = k0; k < k1; k++) {
-          var w = W[q * nK + k] / S;
-          if (f) shade[f.side === "q" ? k : q] += w / hs.length;
-          if (w < MIN_W) continue;
-          ctx.globalAlpha = Math.min(1, w);
-          ctx.beginPath(); ctx.moveTo(0, q * ROW + ROW / 2); ctx.lineTo(WIDTH, k * ROW + ROW / 2); ctx.stroke();
-          n += 1; sum += w * (1 + ((q * nK + k) % 97)) * (h + 1);
-        }
-      }
-    });
-    ctx.globalAlpha = 1;
-    // token shading: the focused token's weights, averaged over the drawn heads
-    qEls.concat(kEls).forEach(function (e) { e.style.background = ""; e.classList.remove("focus", "pinned"); });
-    if (f) {
-      var own = (f.side === "q" ? qEls : kEls)[f.index], other = f.side === "q" ? kEls : qEls;
-      own.classList.add(state.pinned ? "pinned" : "focus");
-      for (var i = 0; i < shade.length; i++) {
-        if (shade[i] > 0) other[i].style.background = "rgba(47,111,222," + Math.min(1, shade[i]).toFixed(3) + ")";
-      }
-    }
-    var fs = f ? f.side + f.index : "none";
-    canvas.dataset.layer = state.layer; canvas.dataset.head = state.head; canvas.dataset.focus = fs;
-    canvas.dataset.drawn = [state.layer, state.head, fs, n, sum.toFixed(4)].join("|");
-  }
-
-  function buildHeadControls() {
-    var H = nHeads(state.layer);
-    headSel.textContent = ""; swatches.textContent = "";
-    headSel.appendChild(new Option("all heads", "all"));
-    var all = el("button", "swatch all", "all");
-    all.type = "button"; all.title = "all heads"; all.dataset.head = "all";
-    all.addEventListener("click", function () { select(state.layer, "all"); });
-    swatches.appendChild(all);
-    for (var h = 0; h < H; h++) {
-      headSel.appendChild(new Option("head " + h, String(h)));
-      var s = el("button", "swatch");
-      s.type = "button"; s.title = "head " + h; s.dataset.head = h; s.style.background = color(h, H);
-      s.addEventListener("click", (function (hh) { return function () { select(state.layer, hh); }; })(h));
-      swatches.appendChild(s);
-    }
-  }
-
-  function syncControls() {
-    layerSel.value = String(state.layer);
-    headSel.value = String(state.head);
-    Array.prototype.forEach.call(swatches.children, function (s) {
-      s.classList.toggle("active", s.dataset.head === String(state.head));
-    });
-  }
-
-  function select(layer, head) {
-    if (typeof layer === "string") {
-      var idx = DATA.layers.map(function (l) { return l.name; }).indexOf(layer);
-      if (idx < 0 && /^\d+$/.test(layer)) idx = Number(layer);
-      layer = idx;
-    }
-    if (!(layer >= 0 && layer < DATA.layers.length)) throw new Error("qkvViewer.select: no layer " + layer);
-    if (head === undefined || head === null) head = "all";
-    if (head !== "all") {
-      head = Number(head);
-      if (!(head >= 0 && head < nHeads(layer) && head === Math.floor(head))) {
-        throw new Error("qkvViewer.select: layer " + layer + " has no head " + head);
-      }
-    }
-    var rebuild = layer !== state.layer || !headSel.options.length;
-    state.layer = layer; state.head = head;
-    if (rebuild) buildHeadControls();
-    syncControls(); draw();
-    return api.state();
-  }
-
-  // ---- model view --------------------------------------------------------
-  function buildModel() {
-    var grid = document.getElementById("model-grid"), maxH = 0;
-    DATA.layers.forEach(function (L) { maxH = Math.max(maxH, L.heads); });
-    grid.style.gridTemplateColumns = "auto repeat(" + maxH + ", " + THUMB + "px)";
-    grid.appendChild(el("div", "axis", ""));
-    for (var h = 0; h < maxH; h++) grid.appendChild(el("div", "axis", "head " + h));
-    var off = document.createElement("canvas");
-    off.width = nK; off.height = nQ;
-    var octx = off.getContext("2d");
-    DATA.layers.forEach(function (L, l) {
-      var lab = el("div", "axis row", L.name); lab.title = L.name; grid.appendChild(lab);
-      for (var h = 0; h < maxH; h++) {
-        if (h >= L.heads) { grid.appendChild(el("div")); continue; }
-        var W = L.weights[h], mx = 1, i;
-        for (i = 0; i < W.length; i++) if (W[i] > mx) mx = W[i];
-        var img = octx.createImageData(nK, nQ), c = rgb(h, L.heads);
-        for (i = 0; i < W.length; i++) {
-          var a = W[i] / mx, p = 4 * i;      // blend white -> head colour by a
-          img.data[p] = Math.round(255 + (c[0] - 255) * a);
-          img.data[p + 1] = Math.round(255 + (c[1] - 255) * a);
-          img.data[p + 2] = Math.round(255 + (c[2] - 255) * a);
-          img.data[p + 3] = 255;
-        }
-        octx.putImageData(img, 0, 0);
-        var t = document.createElement("canvas");
-        t.className = "thumb"; t.width = THUMB; t.height = THUMB;
-        t.dataset.layer = l; t.dataset.head = h; t.title = L.name + ", head " + h;
-        var tctx = t.getContext("2d");
-        tctx.imageSmoothingEnabled = nK > THUMB || nQ > THUMB;
-        tctx.drawImage(off, 0, 0, THUMB, THUMB);
-        t.addEventListener("click", (function (ll, hh) {
-          return function () { select(ll, hh); show("head"); };
-        })(l, h));
-        grid.appendChild(t);
-      }
-    });
-  }
-
-  function show(view) {
-    if (view !== "head" && view !== "model") throw new Error("qkvViewer.show: view is 'head' or 'model'");
-    state.view = view;
-    document.getElementById("head-view").hidden = view !== "head";
-    document.getElementById("model-view").hidden = view !== "model";
-    document.getElementById("tab-head").classList.toggle("active", view === "head");
-    document.getElementById("tab-model").classList.toggle("active", view === "model");
-  }
-
-  var api = {
-    layers: DATA.layers.map(function (l) { return l.name; }),
-    heads: function (l) { return nHeads(l); },
-    select: select,
-    focus: function (side, index) {
-      if (side === null || side === undefined) { state.pinned = null; }
-      else {
-        if ((side !== "q" && side !== "k") || !(index >= 0 && index < (side === "q" ? nQ : nK))) {
-          throw new Error("qkvViewer.focus: side is 'q' or 'k' and index a token position");
-        }
-        state.pinned = {side: side, index: index};
-      }
-      draw(); return api.state();
-    },
-    show: function (view) { show(view); return api.state(); },
-    weight: function (l, h, q, k) { return DATA.layers[l].weights[h][q * nK + k] / S; },
-    state: function () {
-      var f = focus();
-      return {layer: state.layer, layerName: DATA.layers[state.layer].name, head: state.head,
-              focus: f ? {side: f.side, index: f.index} : null, view: state.view, drawn: canvas.dataset.drawn};
-    }
-  };
-
-  DATA.layers.forEach(function (L, l) { layerSel.appendChild(new Option(L.name, String(l))); });
-  layerSel.addEventListener("change", function () {
-    var l = Number(layerSel.value), h = state.head;
-    select(l, h !== "all" && h < nHeads(l) ? h : "all");
-  });
-  headSel.addEventListener("change", function () { select(state.layer, headSel.value); });
-  document.getElementById("tab-head").addEventListener("click", function () { show("head"); });
-  document.getElementById("tab-model").addEventListener("click", function () { show("model"); });
-  buildTokens(qCol, DATA.query_tokens, "q", qEls);
-  buildTokens(kCol, DATA.tokens, "k", kEls);
-  sizeCanvas();
-  buildModel();
-  select(0, "all");
-  api.ready = true;
-  window.qkvViewer = api;
-})();
-"""
+@functools.cache
+def _asset(name: str) -> str:
+    """The text of one file of qkv/viz_assets/ (read once per process)."""
+    return (resources.files("qkv") / "viz_assets" / name).read_text(encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------
