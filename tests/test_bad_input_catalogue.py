@@ -949,7 +949,7 @@ def test_a_refused_call_changes_nothing(name, make, snapshot, bad_call, exc):
 
 def test_catalogue_size():
     """How many distinct bad inputs are catalogued: this file's tables plus tests/test_bad_inputs.py's 40."""
-    from test_bad_inputs import CATALOGUE as FIRST
+    from contracts.test_bad_inputs import CATALOGUE as FIRST
 
     here = len(CATALOGUE) + len(CLI)
     assert len(FIRST) == 40

@@ -30,7 +30,7 @@ from qkv import scores as S
 from qkv.backends.tiled import make_plan
 from qkv.masks import EMPTY
 from conftest import assert_error_ratio, max_err, rand_qkv
-from test_attention import COMBOS, DTYPES, HEADS, MASK_NAMES, check_forward, mask_cases, mask_combo
+from core.test_attention import COMBOS, DTYPES, HEADS, MASK_NAMES, check_forward, mask_cases, mask_combo
 
 ENGINES = ["auto", "generic"]
 BLOCKS = [(7, 5), (16, 32), (128, 128), (64, 16)]
