@@ -39,8 +39,10 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from qkv import masks as M
 from qkv._util.checks import check_int
 from qkv._util.files import write_atomic
+from qkv.reference import Trace
 
 __all__ = ["heatmap", "grid", "mask_picture", "html", "trace_picture", "attention_report", "format_focus",
            "token_label", "find_token", "heatmap_figsize", "grid_figsize",
@@ -168,6 +170,7 @@ def _thin(n: int, most: int) -> list[int]:
 
 
 def _figure(w_in: float, h_in: float, dpi: int):
+    # matplotlib (heavy) loads on the first picture, not on `import qkv.viz`
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -241,8 +244,6 @@ def trace_picture(trace, path, *, title: str | None = None, dpi: int = 110) -> P
     hatched) and the softmax weights (L x L, rows = queries, columns = keys).
     Cells carry their values when L <= 12. Returns the path.
     """
-    from qkv.reference import Trace
-
     if not isinstance(trace, Trace):
         raise TypeError(f"trace must be a qkv.reference.Trace (from qkv.reference.explain), got {type(trace).__name__}")
     L = len(trace.tokens)
@@ -392,8 +393,6 @@ def mask_picture(mask, Lq: int, Lk: int, path, *, tile: int | tuple[int, int] = 
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
     from matplotlib.ticker import MaxNLocator
-
-    from qkv import masks as M
 
     Lq, Lk = check_int("Lq", Lq), check_int("Lk", Lk)
     bq, bk = (tile, tile) if isinstance(tile, int) and not isinstance(tile, bool) else tuple(tile)
@@ -594,6 +593,7 @@ def attention_report(model, input_ids, labels: Sequence[str], out, *, layer: int
     the `top` tokens it attends to most in each layer (mean over heads) and the head
     that puts most weight on its favourite token. Returns the figures and paths.
     """
+    # lazy: qkv.inspect brings the layers and models (torch.nn), which the pictures above never need
     from qkv import inspect as _inspect
 
     ids = torch.as_tensor(input_ids)
