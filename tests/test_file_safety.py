@@ -915,19 +915,19 @@ def test_viz_write_failure_keeps_the_previous_file(tmp_path, monkeypatch, name, 
 
 @pytest.mark.parametrize("failure", ["serializer", "replace"])
 def test_bench_results_failure_keeps_the_previous_files(tmp_path, monkeypatch, failure):
-    from qkv import bench
+    from qkv.tools import harness
 
     def render(result, markdown=False):
         return f"| n | {result['n']} |"
 
-    bench.write_results({"n": 1, "seconds": 1.0}, tmp_path, "attention", render, lambda *a: None)
+    harness.write_results({"n": 1, "seconds": 1.0}, tmp_path, "attention", render, lambda *a: None)
     before = {n: (tmp_path / n).read_bytes() for n in _entries(tmp_path)}
     if failure == "replace":
         _failing_replace(monkeypatch)
     else:
         monkeypatch.setattr(Path, "write_text", _half_then_fail(Path.write_text, 0))
     with pytest.raises(OSError):
-        bench.write_results({"n": 2, "seconds": 1.0}, tmp_path, "attention", render, lambda *a: None)
+        harness.write_results({"n": 2, "seconds": 1.0}, tmp_path, "attention", render, lambda *a: None)
     monkeypatch.undo()
     assert {n: (tmp_path / n).read_bytes() for n in _entries(tmp_path)} == before
 
@@ -1019,8 +1019,8 @@ ALLOWED_WRITES = {
     ("checkpoint.py", "save"): "every file is written inside a temporary folder that is fsynced and renamed into "
                                "place as a whole (and removed on failure): the checkpoint's own atomic scheme",
     ("checkpoint.py", "_stall"): "test hook: the signal file a test waits for before killing the writer",
-    ("bench.py", "_reset_peak"): "writes the kernel control file /proc/self/clear_refs, not a data file",
-    ("bench_train.py", "_Group.__init__"): "scratch files in a private temporary directory, read by the "
+    ("tools/harness.py", "reset_peak"): "writes the kernel control file /proc/self/clear_refs, not a data file",
+    ("tools/bench/train.py", "_Group.__init__"): "scratch files in a private temporary directory, read by the "
                                            "benchmark's own worker processes (rank logs, the initial weights, "
                                            "read back with torch.load(weights_only=True))",
     ("cli.py", "main"): "opens os.devnull to silence native libraries' output",
