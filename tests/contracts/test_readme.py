@@ -7,7 +7,7 @@ from pathlib import Path
 
 import qkv
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 
 
 def test_the_python_tour_runs(capsys):

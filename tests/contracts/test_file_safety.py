@@ -61,7 +61,7 @@ from qkv._util import files as _files
 from qkv.embed import SentenceEncoder
 from qkv.models import Decoder, DecoderConfig, Encoder, EncoderConfig, hf
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SRC = ROOT / "src" / "qkv"
 SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
 INDEX = "model.safetensors.index.json"

@@ -247,7 +247,7 @@ def test_html_is_the_packaged_page_style_and_script(tmp_path):
     import tomllib
     from fnmatch import fnmatch
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     shipped = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["qkv"]
     files = sorted(f.name for f in (root / "src" / "qkv" / "viz_assets").iterdir() if f.is_file())
     assert files == sorted(ASSETS)
