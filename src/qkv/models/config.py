@@ -28,8 +28,25 @@ __all__ = ["DecoderConfig", "EncoderConfig", "Seq2SeqConfig", "ROPE_SCALINGS", "
 ROPE_SCALINGS = ("linear", "ntk", "llama3")
 
 
+class _AsDict:
+    """What every config shares: `to_dict()` and `from_dict(d)`, which refuses unknown keys."""
+
+    _UNKNOWN = "field(s)"          # how the refusal names them
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} {cls._UNKNOWN} {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+
 @dataclass
-class DecoderConfig:
+class DecoderConfig(_AsDict):
     """A decoder-only Transformer.
 
     Attributes:
@@ -172,16 +189,6 @@ class DecoderConfig:
 
     # -- serialisation ---------------------------------------------------------
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DecoderConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown DecoderConfig field(s) {unknown}; known: {sorted(names)}")
-        return cls(**d)
 
 
 def _positive_int(name, value):
@@ -226,7 +233,7 @@ ENCODER_ACTIVATIONS = tuple(name for name, (_, gated) in ACTIVATIONS.items() if 
 
 
 @dataclass
-class EncoderConfig:
+class EncoderConfig(_AsDict):
     """A BERT-style encoder.
 
     Attributes:
@@ -292,20 +299,10 @@ class EncoderConfig:
                     type_vocab_size=2, norm_eps=1e-12, activation="gelu", dropout=0.1, pad_token_id=0)
         return cls(**{**base, **overrides})
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "EncoderConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown EncoderConfig field(s) {unknown}; known: {sorted(names)}")
-        return cls(**d)
 
 
 @dataclass
-class Seq2SeqConfig:
+class Seq2SeqConfig(_AsDict):
     """An encoder-decoder Transformer.
 
     Attributes:
@@ -384,13 +381,4 @@ class Seq2SeqConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Seq2SeqConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
-        if unknown:
-            raise ValueError(f"unknown Seq2SeqConfig fields {unknown}; known: {sorted(fields)}")
-        return cls(**d)
+    _UNKNOWN = "fields"
