@@ -19,7 +19,8 @@ __all__ = ["attention", "attention_weights"]
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask=None, causal: bool = False,
               score_mod=None, scale: float | None = None, dropout_p: float = 0.0, backend: str = "auto",
-              return_lse: bool = False, return_weights: bool = False, q_offset: int | None = None):
+              return_lse: bool = False, return_weights: bool = False, q_offset: int | None = None,
+              sinks: torch.Tensor | None = None):
     """Scaled dot-product attention, `softmax(mask(score_mod(q k^T * scale))) v`.
 
     Args:
@@ -51,6 +52,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask=None, c
                    q_pos 4:   x x x x x
 
             as in every KV-cache decode step. Pass q_offset=0 for top-left alignment.
+        sinks: attention sinks (GPT-OSS; learned StreamingLLM sinks), a float (Hq,) tensor on
+            q's device: as Hugging Face's GPT-OSS computes them, each row of scores (scaled,
+            score_mod'ed, masked) gets one more column, sinks[h], with no value; the softmax
+            runs over the Lk + 1 entries and the sink's column is dropped. With lse over the
+            allowed keys alone: lse' = logaddexp(lse, sinks[h]) is the LSE returned, and the
+            weights and out are scaled by sigmoid(lse - sinks[h]) (rows sum to < 1). Gradients
+            reach sinks. Served by the backends with `sinks` in `qkv.backends.list()` (math,
+            tiled, reference; auto picks one); sdpa, linear and performer refuse. -inf for a
+            head: no sink there. Used in the statistics dtype.
 
     Returns:
         out (B, Hq, Lq, Dv) in q's dtype; with return_lse and/or return_weights, a
@@ -61,7 +71,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask=None, c
     Edge cases (the same on every backend, with gradients of the inputs' shapes):
 
     - A row with no allowed key (mask, causal, or Lk = 0): zeros, zero gradients,
-      lse -inf, weights all 0.
+      lse -inf, weights all 0; with sinks, lse = sinks[h] (the row's only entry).
     - B = 0, Hq = Hkv = 0, Lq = 0 or Dv = 0: an empty output (B, Hq, Lq, Dv) (lse
       (B, Hq, Lq), weights (B, Hq, Lq, Lk)). Lk = 0: zeros, lse -inf, as above.
       A named backend still refuses what it cannot do (e.g. sdpa with return_lse).
@@ -89,7 +99,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask=None, c
     """
     call = make_call(q, k, v, mask=mask, causal=causal, score_mod=score_mod, scale=scale,
                       dropout_p=dropout_p, return_lse=return_lse, return_weights=return_weights,
-                      q_offset=q_offset)
+                      q_offset=q_offset, sinks=sinks)
+    if call.sinks is not None:
+        call = replace(call, return_lse=True)  # the sinks are applied through the row's LSE (`_with_sinks`)
     if 0 in (call.B, call.Hq, call.Lq, call.Lk, call.Dv):
         if backend != "auto":
             registry.select(call, backend)  # a named backend refuses what it cannot do, even for empty inputs
@@ -98,6 +110,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask=None, c
         out, lse, weights, exact = _run(call, backend)
         if exact:
             out, lse, weights = _non_finite(call, backend, out, lse, weights)
+    if call.sinks is not None:
+        out, lse, weights = _with_sinks(call.sinks, out, lse, weights)
     extras = ((lse,) if return_lse else ()) + ((weights,) if return_weights else ())
     return (out, *extras) if extras else out
 
@@ -106,6 +120,30 @@ def _run(call: Call, backend: str):
     """(out, lse, weights, exact) from the backend that serves `call`."""
     be = registry.select(call, backend)
     return (*be.forward(call), be.capabilities.exact)
+
+
+def _with_sinks(sinks: torch.Tensor, out, lse, weights):
+    """(out, lse, weights) of a call without sinks turned into those with them (see `attention`).
+
+    The sink of head h is one more softmax entry with no value: it adds exp(sinks[h]) to every row's
+    denominator, so every key's weight, and the output, shrink by keep = sum_j exp(s_ij) / (that
+    + exp(sinks[h])) = sigmoid(lse - sinks[h]), and the LSE becomes logaddexp(lse, sinks[h]). Done
+    here, once for every backend that returns the LSE, rather than in each kernel: plain torch ops,
+    so autograd gives the gradients of sinks and, through the LSE (which every backend with
+    `Capabilities.sinks` differentiates), of q, k and v. The statistics dtype throughout: out is
+    rescaled in it and cast back. Rows with no allowed key (lse -inf) never meet -inf - -inf, so
+    a sink of -inf (no sink for that head) gives neither NaN values nor NaN gradients."""
+    sdt = lse.dtype
+    sink = sinks.to(sdt).view(1, -1, 1).expand_as(lse)                       # (B, Hq, Lq)
+    empty = torch.isneginf(lse)                                              # rows with no allowed key
+    safe = lse.masked_fill(empty, 0.0)
+    keep = torch.sigmoid(safe - sink).masked_fill(empty, 0.0)                # (B, Hq, Lq): the keys' share
+    lse = torch.where(empty, sink, torch.logaddexp(safe, sink))
+    if out is not None:
+        out = (out.to(sdt) * keep.unsqueeze(-1)).to(out.dtype)               # (B, Hq, Lq, Dv)
+    if weights is not None:
+        weights = weights * keep.unsqueeze(-1).to(weights.dtype)             # (B, Hq, Lq, Lk)
+    return out, lse, weights
 
 
 # -----------------------------------------------------------------------------
@@ -156,20 +194,23 @@ def _non_finite(call: Call, backend: str, out, lse, weights):
 
 
 def attention_weights(q: torch.Tensor, k: torch.Tensor, *, rows=None, heads=None, mask=None, causal: bool = False,
-                      score_mod=None, scale: float | None = None, q_offset: int | None = None) -> torch.Tensor:
+                      score_mod=None, scale: float | None = None, q_offset: int | None = None,
+                      sinks: torch.Tensor | None = None) -> torch.Tensor:
     """The attention weights of chosen query rows (and heads), without the full matrix.
 
     Recomputes softmax(q k^T * scale) for the query tiles that hold `rows` only,
     so the weights of a few rows of a 100k-token sequence cost a few tiles of
     work and (B, Hq, len(rows), Lk) memory. Arguments as in `qkv.attention`;
     `rows` (default all) and `heads` (default all) are index lists or tensors.
+    With `sinks` (Hq,) the weights are `qkv.attention`'s: the key columns of the
+    softmax with the sink column appended (each row sums to less than 1).
 
     Returns (B, len(heads), len(rows), Lk) in float32 (float64 for float64 inputs).
     Rows whose weights would not fit in memory are refused up front with
     `qkv.backends.MemoryNeedError` (a ValueError and a MemoryError) stating the bytes.
     """
     call = make_call(q, k, k, mask=mask, causal=causal, score_mod=score_mod, scale=scale, dropout_p=0.0,
-                      return_lse=False, return_weights=True, q_offset=q_offset)
+                      return_lse=False, return_weights=True, q_offset=q_offset, sinks=sinks)
     rows_t = torch.arange(call.Lq) if rows is None else index_tensor("rows", rows).cpu()
     if rows_t.numel() and (int(rows_t.min()) < 0 or int(rows_t.max()) >= call.Lq):
         raise ValueError(f"rows must lie in [0, Lq={call.Lq}), got {rows_t.min().item()}..{rows_t.max().item()}; "
@@ -182,7 +223,13 @@ def attention_weights(q: torch.Tensor, k: torch.Tensor, *, rows=None, heads=None
     require_memory(call.device, call.B * call.Hq * rows_t.numel() * call.Lk * stat_bytes,
                              f"the weights of {rows_t.numel()} rows", "; ask for fewer rows= (a few rows cost little)")
     with torch.no_grad():
-        w = tiled.weights_for_rows(call, None, rows_t)
+        row_lse = None
+        if call.sinks is not None:
+            row_lse = torch.full((call.B, call.Hq, rows_t.numel()), float("-inf"), dtype=call.stat_dtype,
+                                 device=call.device)
+        w = tiled.weights_for_rows(call, None, rows_t, row_lse=row_lse)
+        if call.sinks is not None:
+            _, _, w = _with_sinks(call.sinks, None, row_lse, w)
     return w if heads_t is None else w.index_select(1, heads_t.to(w.device))
 
 

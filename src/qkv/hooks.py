@@ -2,8 +2,9 @@
 
 `ATTENTION_HOOK` holds, while `qkv.inspect.capture` is active, the function attention layers
 call with the inputs of their attention call: hook(module, q, k, *, mask, causal, score_mod,
-scale, q_offset, cached=False). None (the default) when nothing is being captured, so a layer
-pays one context-variable lookup per call. `qkv.layers`, `qkv.nn` and `qkv.inspect` share it.
+scale, q_offset, cached=False), and sinks= (Hq,) from a layer that has them. None (the
+default) when nothing is being captured, so a layer pays one context-variable lookup per call.
+`qkv.layers`, `qkv.nn` and `qkv.inspect` share it.
 """
 
 from __future__ import annotations

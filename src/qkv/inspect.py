@@ -180,6 +180,8 @@ def _row_weights(call: Call, rows: Tensor, heads: Tensor, step_cells: int | None
 
     Returns (B, nh, R, Lk) in the statistics dtype. Works a block of rows of the query
     heads that share one key/value head at a time, at most `step_cells` scores per block.
+    With the call's sinks, the softmax takes the sink column too and keeps the Lk key
+    columns, as `qkv.attention` defines its weights.
     """
     step_cells = _STEP_CELLS if step_cells is None else step_cells
     B, Lk, sd, dev = call.B, call.Lk, call.stat_dtype, call.device
@@ -212,7 +214,10 @@ def _row_weights(call: Call, rows: Tensor, heads: Tensor, step_cells: int | None
                 if call.mask is not None:
                     allowed = check_bool(call.mask(b_idx, h_idx, q_idx, kv_idx), call.mask, q_idx)
                     s = s.masked_fill(~allowed, float("-inf"))
-                out[:, sel.to(dev), r0:r0 + len(r)] = safe_softmax(s)[0]
+                if call.sinks is not None:                                       # the sink column: no value
+                    sink = call.sinks.detach()[hs].to(sd).view(1, -1, 1, 1).expand(B, -1, len(r), 1)
+                    s = torch.cat([s, sink], dim=-1)                             # (B, n, r, Lk + 1)
+                out[:, sel.to(dev), r0:r0 + len(r)] = safe_softmax(s)[0][..., :Lk]
     return out
 
 
@@ -365,7 +370,7 @@ class Capture:
     # -- recording -------------------------------------------------------------
 
     def _record(self, module, q, k, *, mask=None, causal=False, score_mod=None, scale=None, q_offset=None,
-                cached=False) -> None:
+                cached=False, sinks=None) -> None:
         if cached and id(module) in self._watched:
             raise ValueError(f"cannot capture {self._watched[id(module)]!r} while it reads a KV cache (cache=): "
                              f"the cached keys never pass through the layer; run the model without cache= "
@@ -379,7 +384,7 @@ class Capture:
                              f"qkv.backends.linear.implied_weights(q, k, feature_map=..., causal=...) gives the "
                              f"Lq x Lk weights its kernel implies, or leave this layer out with layers=")
         call = make_call(q, k, k, mask=mask, causal=causal, score_mod=score_mod, scale=scale, dropout_p=0.0,
-                          return_lse=False, return_weights=False, q_offset=q_offset)
+                          return_lse=False, return_weights=False, q_offset=q_offset, sinks=sinks)
         heads = self._heads[id(module)]
         layout = next((lay for lay in reversed(self._layouts) if id(module) in lay[0]), None)
         if layout is not None and layout[1] is not None:

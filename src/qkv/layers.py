@@ -87,6 +87,11 @@ class MultiHeadAttention(nn.Module):
             layer owns a `qkv.backends.linear.Performer(256, seed=0)`, or pass your
             own `Performer(...)` object). Approximate attention takes mask None or
             causal, no dropout, ALiBi or weights; decode with a `qkv.cache.LinearStateCache`.
+        sinks: learned attention sinks (GPT-OSS): a parameter `sinks` (n_heads,), one logit per
+            query head, initialised to 0, that joins every softmax row's denominator and carries
+            no value (`qkv.attention(sinks=)`); every attention call of the layer takes it, the
+            cached steps included (so the CPU decode kernel and `qkv.fused`'s one-launch block
+            step, which have no sinks, step aside). Exact attention only.
 
     Positions. RoPE rotates q and k by the absolute positions of their tokens.
     In self-attention both come from `positions` (default arange(Lq)). In
@@ -103,10 +108,12 @@ class MultiHeadAttention(nn.Module):
                  head_dim: int | None = None, kv_dim: int | None = None, bias: bool = True,
                  out_bias: bool | None = None, dropout: float = 0.0, scale: float | None = None,
                  rope: RotaryEmbedding | None = None, alibi: bool | Tensor = False,
-                 backend: str = "auto", attention="exact", device=None, dtype=None):
+                 backend: str = "auto", attention="exact", sinks: bool = False, device=None, dtype=None):
         super().__init__()
         _check_positive_int("d_model", d_model)
         _check_positive_int("n_heads", n_heads)
+        if not isinstance(sinks, bool):
+            raise TypeError(f"sinks must be True or False (a learned (n_heads,) sink logit per head), got {sinks!r}")
         n_kv_heads = n_heads if n_kv_heads is None else _check_positive_int("n_kv_heads", n_kv_heads)
         if n_heads % n_kv_heads:
             divisors = [d for d in range(1, n_heads + 1) if n_heads % d == 0]
@@ -140,6 +147,9 @@ class MultiHeadAttention(nn.Module):
             backends.get(backend)                   # an unknown name: ValueError listing the registered ones
         self.attention, self.feature_map, self.backend = _kernel.layer_choice(
             attention, backend, dropout=self.dropout, alibi=alibi is not False and alibi is not None)
+        if sinks and self.attention != "exact":
+            raise ValueError(f"attention={self.attention!r} has no softmax denominator for attention sinks to join; "
+                             f"use sinks=False or attention='exact'")
 
         factory = {"device": device, "dtype": dtype}
         self.q_proj = Linear(d_model, n_heads * head_dim, bias=bias, **factory)
@@ -163,6 +173,11 @@ class MultiHeadAttention(nn.Module):
             raise TypeError(f"alibi must be True, False or a (n_heads,) tensor of slopes, got {type(alibi).__name__}")
         self.register_buffer("alibi_slopes", None if slopes is None else slopes.to(device=device),
                              persistent=False)  # (Hq,)
+        # GPT-OSS's learned sinks: one logit per query head, saved in the state dict as `sinks`
+        if sinks:
+            self.sinks = nn.Parameter(torch.zeros(n_heads, **factory))                  # (Hq,)
+        else:
+            self.register_parameter("sinks", None)
 
     def project_context(self, context: Tensor) -> tuple[Tensor, Tensor]:
         """The keys and values of a cross-attention context: (k, v), each (B, Hkv, Lk, D).
@@ -224,11 +239,12 @@ class MultiHeadAttention(nn.Module):
 
         hook = ATTENTION_HOOK.get()
         if hook is not None:  # qkv.inspect.capture records this call's inputs; the call itself is unchanged
-            hook(self, q, k, mask=mask, causal=causal, score_mod=score_mod, scale=self.scale, q_offset=None)
+            extra = {} if self.sinks is None else {"sinks": self.sinks}
+            hook(self, q, k, mask=mask, causal=causal, score_mod=score_mod, scale=self.scale, q_offset=None, **extra)
         with _kernel.use_feature_map(self.feature_map):                     # a Performer layer's own features
             result = attention(q, k, v, mask=mask, causal=causal, score_mod=score_mod, scale=self.scale,
                                    dropout_p=self.dropout if self.training else 0.0, backend=self.backend,
-                                   return_weights=return_weights)
+                                   return_weights=return_weights, sinks=self.sinks)
         out, weights = result if return_weights else (result, None)         # out (B, Hq, Lq, D)
         out = out.transpose(1, 2).reshape(B, Lq, self.n_heads * self.head_dim)  # (B, Lq, Hq*D)
         out = self.o_proj(out)                                              # (B, Lq, d_model)
@@ -254,8 +270,10 @@ class MultiHeadAttention(nn.Module):
         if self.alibi_slopes is not None:
             alibi = _scores.alibi(self.alibi_slopes)
             score_mod = alibi if score_mod is None else _scores.chain(alibi, score_mod)
+        extra = {} if self.sinks is None else {"sinks": self.sinks}   # a cache of another layout need not take sinks
         with _kernel.use_feature_map(self.feature_map):
-            out = cache.attention(q, k, v, scale=self.scale, score_mod=score_mod, backend=self.backend)  # (B, Hq, n, D)
+            out = cache.attention(q, k, v, scale=self.scale, score_mod=score_mod, backend=self.backend,
+                                  **extra)                                                # (B, Hq, n, D)
         out = out.transpose(1, 2).reshape(B, n, self.n_heads * self.head_dim)            # (B, n, Hq*D)
         return self.o_proj(out)                                                           # (B, n, d_model)
 
@@ -297,6 +315,7 @@ class MultiHeadAttention(nn.Module):
         return (f"d_model={self.d_model}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, "
                 f"head_dim={self.head_dim}, kv_dim={self.kv_dim}, dropout={self.dropout}, "
                 f"alibi={self.alibi_slopes is not None}, backend={self.backend!r}"
+                + (", sinks=True" if self.sinks is not None else "")
                 + ("" if self.attention == "exact" else f", attention={self.feature_map or self.attention!r}"))
 
 
@@ -449,6 +468,7 @@ class Block(nn.Module):
     picks the self-attention's kind (see MultiHeadAttention); cross-attention stays
     exact. Approximate attention forms no weights, so there `dropout` acts on the
     residual branches only, and a cached step needs a `qkv.cache.LinearStateCache`.
+    `sinks=True` gives the self-attention learned attention sinks (see MultiHeadAttention).
     """
 
     def __init__(self, d_model: int, n_heads: int, *, n_kv_heads: int | None = None,
@@ -456,7 +476,7 @@ class Block(nn.Module):
                  norm_position: str = "pre", eps: float = 1e-5, bias: bool = True, dropout: float = 0.0,
                  cross_attention: bool = False, rope: RotaryEmbedding | None = None,
                  alibi: bool | Tensor = False, backend: str = "auto", head_dim: int | None = None,
-                 attention="exact", device=None, dtype=None):
+                 attention="exact", sinks: bool = False, device=None, dtype=None):
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {', '.join(map(repr, NORMS))}; got {norm!r}")
@@ -476,7 +496,7 @@ class Block(nn.Module):
         self.norm1 = _make_norm(norm, d_model, eps, **factory)
         approximate = not (isinstance(attention, str) and attention == "exact")
         self.self_attn = MultiHeadAttention(d_model, n_heads, rope=rope, alibi=alibi, attention=attention,
-                                            **{**attn, "dropout": 0.0 if approximate else dropout})
+                                            sinks=sinks, **{**attn, "dropout": 0.0 if approximate else dropout})
         if self.cross_attention:
             self.norm_cross = _make_norm(norm, d_model, eps, **factory)
             self.cross_attn = MultiHeadAttention(d_model, n_heads, kv_dim=d_model, **attn)
@@ -535,7 +555,7 @@ class Block(nn.Module):
         (`qkv.fused.block_step`), or None where it does not apply and the module path runs.
 
         It applies to inference (autograd off, eval mode) in fp32 on the CPU, pre-norm, no
-        cross-attention, exact attention without ALiBi or an inspection hook, no forward hook
+        cross-attention, exact attention without ALiBi, sinks or an inspection hook, no forward hook
         on the block's parts, a contiguous or paged cache (a ring buffer takes the module
         path), packed weights (q/k/v and gate/up back to back), biases everywhere or nowhere.
         The module path computes the same function; tests hold the two together.
@@ -581,14 +601,15 @@ class Block(nn.Module):
         rope = attn.rope
         key = (id(attn), id(ffn), id(n1), id(n2), id(rope), ffn.activation, attn.scale, n1.eps, n2.eps,
                self.cross_attention, self.norm_position, attn.attention, attn.backend, attn.feature_map,
-               attn._buffers.get("alibi_slopes") is None, *map(id, linears),
+               attn._buffers.get("alibi_slopes") is None, attn._parameters.get("sinks") is None, *map(id, linears),
                *(None if t is None else (t.data_ptr(), t.dtype, t.is_contiguous()) for t in params))
         cached = self.__dict__.get("_qkv_fused_plan")
         if cached is not None and cached[0] == key:
             return cached[1]
         norm_kind = self._fused_norm_kind(n1, n2)
         if (norm_kind is None or self.cross_attention or self.norm_position != "pre" or attn.alibi_slopes is not None
-                or attn.feature_map is not None or attn.attention != "exact" or attn.backend != "auto"):
+                or attn.sinks is not None or attn.feature_map is not None or attn.attention != "exact"
+                or attn.backend != "auto"):  # the one-launch kernel has no ALiBi, no sinks
             plan = None
         else:
             plan = fused.plan(attn, ffn, n1, n2, ups, down, linears, norm_kind)

@@ -72,13 +72,19 @@ def mask_array(mask, B: int, H: int, Lq: int, Lk: int, q_offset: int | None = No
 
 
 def attention(q, k, v, *, mask=None, causal: bool = False, score_mod=None, scale: float | None = None,
-              q_offset: int | None = None, return_stats: bool = False):
+              q_offset: int | None = None, return_stats: bool = False, sinks=None):
     """Scaled dot-product attention in float64.
 
     q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv); 2-D inputs (L, D) are
     treated as one batch and one head. Queries are the last Lq positions of the
     keys unless `q_offset` says where they start. Rows with no allowed key give
     zeros. With `return_stats` returns (out, lse, weights), else out.
+
+    `sinks` (Hq,): attention sinks, as Hugging Face's GPT-OSS computes them: one more
+    score column, sinks[h] in every row of head h, joins the softmax and carries no
+    value. The weights returned are the Lk key columns (a row sums to less than 1) and
+    lse is the log-sum-exp over the Lk + 1 entries; a row with no allowed key gives
+    zeros, weights 0 and lse = sinks[h].
     """
     q, k, v = _f64(q), _f64(k), _f64(v)
     squeeze = q.ndim == 2
@@ -106,7 +112,11 @@ def attention(q, k, v, *, mask=None, causal: bool = False, score_mod=None, scale
     if causal:
         allowed = allowed & ((q_offset + np.arange(Lq))[:, None] >= np.arange(Lk)[None, :])
     scores = np.where(allowed, scores, -np.inf)
+    if sinks is not None:                                     # the sink column: a logit with no value
+        sink = np.broadcast_to(_f64(sinks).reshape(1, Hq, 1, 1), (B, Hq, Lq, 1))
+        scores = np.concatenate([scores, sink], axis=-1)      # (B, Hq, Lq, Lk + 1)
     weights, lse = softmax(scores)
+    weights = weights[..., :Lk]                               # (B, Hq, Lq, Lk): the keys' columns
     out = np.einsum("bhqk,bhkd->bhqd", weights, v)           # (B, Hq, Lq, Dv)
     if squeeze:
         out, lse, weights = out[0, 0], lse[0, 0], weights[0, 0]

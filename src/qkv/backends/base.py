@@ -21,7 +21,7 @@ from qkv._util.budget import memory_shortfall
 from qkv.masks import Mask, as_mask, causal as _causal_mask, from_dense
 
 __all__ = ["BackendError", "Capabilities", "FLOATS", "Call", "Backend", "zeros_output", "memory_refusal",
-           "make_call", "index_tensor"]
+           "make_call", "check_sinks", "index_tensor"]
 
 
 class BackendError(ValueError):
@@ -43,6 +43,7 @@ class Capabilities:
     return_weights: bool
     exact: bool            # computes softmax attention exactly (up to rounding)
     auto: bool             # eligible for backend="auto"
+    sinks: bool = False    # attention sinks (`qkv.attention(sinks=)`): exact, returns the LSE (with backward: its grad)
     notes: str = ""
 
 
@@ -63,6 +64,7 @@ class Call:
     q_offset: int              # absolute position of query row 0
     return_lse: bool
     return_weights: bool
+    sinks: torch.Tensor | None = None   # (Hq,) sink logits; `qkv.attention` applies them to what the backend returns
 
     @property
     def B(self):
@@ -137,6 +139,8 @@ class Backend:
             return "it does not support GQA/MQA (Hkv < Hq)"
         if call.needs_grad and not caps.backward:
             return "it has no backward (inputs require grad)"
+        if call.sinks is not None and not caps.sinks:
+            return "it does not support attention sinks (sinks=)"
         if call.return_lse and not caps.return_lse:
             return "it does not return the log-sum-exp (return_lse=True)"
         if call.return_weights and not caps.return_weights:
@@ -169,10 +173,10 @@ def memory_refusal(call: Call, need: int, what: str, hint: str = "") -> str | No
 
 
 def make_call(q, k, v, *, mask, causal, score_mod, scale, dropout_p, return_lse, return_weights,
-               q_offset) -> Call:
+               q_offset, sinks=None) -> Call:
     """The validated `Call` of `qkv.attention`'s arguments: every argument is checked up front, and a bad
     one gets an error that says what to do. `causal=True` is folded into the mask; `q_offset` defaults to
-    `Lk - Lq` (bottom-right alignment) and `scale` to 1 / sqrt(D)."""
+    `Lk - Lq` (bottom-right alignment) and `scale` to 1 / sqrt(D); `sinks` is checked by `check_sinks`."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -232,7 +236,27 @@ def make_call(q, k, v, *, mask, causal, score_mod, scale, dropout_p, return_lse,
         mask.validate(B, Hq, Lq, Lk, q_offset)
     if isinstance(score_mod, _scores.ScoreMod):
         score_mod.validate(B, Hq, Lq, Lk, q_offset)
-    return Call(q, k, v, mask, score_mod, scale, float(dropout_p), q_offset, return_lse, return_weights)
+    sinks = check_sinks(sinks, Hq, q.device)
+    return Call(q, k, v, mask, score_mod, scale, float(dropout_p), q_offset, return_lse, return_weights, sinks)
+
+
+def check_sinks(sinks, Hq: int, device) -> torch.Tensor | None:
+    """`sinks` checked for a call with Hq query heads on `device`: None, or a floating-point (Hq,) tensor
+    on that device (any float dtype: it is used in the statistics dtype). A bad one is refused with an
+    error that says what to pass."""
+    if sinks is None:
+        return None
+    if not isinstance(sinks, torch.Tensor):
+        raise TypeError(f"sinks must be a tensor of shape (Hq,) = ({Hq},), one logit per query head, "
+                        f"got {type(sinks).__name__}; e.g. sinks=torch.zeros({Hq})")
+    if not sinks.is_floating_point():
+        raise TypeError(f"sinks must be a floating-point tensor (one logit per query head), got dtype {sinks.dtype}; "
+                        f"cast it with sinks.float()")
+    if sinks.shape != (Hq,):
+        raise ValueError(f"sinks must have shape (Hq,) = ({Hq},), one logit per query head, got {tuple(sinks.shape)}")
+    if sinks.device != device:
+        raise ValueError(f"sinks is on {sinks.device} but q is on {device}; move it with sinks.to(q.device)")
+    return sinks
 
 
 def _as_call_mask(mask, q, Lq, Lk, q_offset) -> Mask | None:

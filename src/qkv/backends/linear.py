@@ -356,6 +356,9 @@ class _KernelBackend(Backend):
             return ("kernelised attention never forms the Lq x Lk weights (that is what makes it linear); "
                     "for the weights it implies use qkv.backends.linear.implied_weights(q, k, ...) (O(L^2)), "
                     "for softmax weights an exact backend")
+        if call.sinks is not None:
+            return ("kernelised attention has no softmax denominator for a sink to join (sinks=); "
+                    "use an exact backend")
         if call.return_lse:
             return "kernelised attention has no softmax, so no log-sum-exp; use an exact backend for return_lse"
         if call.score_mod is not None:

@@ -49,7 +49,7 @@ class MathBackend(Backend):
     name = "math"
     capabilities = Capabilities(
         devices=("any",), dtypes=FLOATS, masks=True, score_mod=True, dropout=True, gqa=True,
-        backward=True, return_lse=True, return_weights=True, exact=True, auto=True,
+        backward=True, return_lse=True, return_weights=True, exact=True, auto=True, sinks=True,
         notes="materialises the (B, Hq, Lq, Lk) scores; refuses calls that would not fit in memory",
     )
 

@@ -19,7 +19,7 @@ class ReferenceBackend(Backend):
     name = "reference"
     capabilities = Capabilities(
         devices=("any",), dtypes=FLOATS, masks=True, score_mod=True, dropout=False, gqa=True,
-        backward=False, return_lse=True, return_weights=True, exact=True, auto=False,
+        backward=False, return_lse=True, return_weights=True, exact=True, auto=False, sinks=True,
         notes="NumPy float64 oracle; masks/score_mods must accept NumPy arrays (built-ins do)",
     )
 

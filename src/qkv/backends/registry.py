@@ -69,7 +69,7 @@ class CapabilityTable(tuple):
     """A tuple of (name, Capabilities) rows that prints as a table."""
 
     _COLUMNS = ("devices", "dtypes", "masks", "score_mod", "dropout", "gqa", "backward",
-                "return_lse", "return_weights", "exact", "auto")
+                "return_lse", "return_weights", "exact", "auto", "sinks")
 
     def rows(self) -> list[list[str]]:
         out = []

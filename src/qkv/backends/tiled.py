@@ -34,6 +34,10 @@ from qkv.backends.base import FLOATS, Backend, Call, Capabilities, memory_refusa
 from qkv.masks import BLOCK_MASK_BYTES_PER_TILE, EMPTY, FULL, PARTIAL
 
 DEFAULT_BLOCK = (256, 256)  # measured: on 2 CPU cores 256-row tiles beat 128 by 1.3-1.5x at 16k
+# Below this many query rows a call with sinks, which sdpa cannot serve, goes to `math` under auto
+# (where it fits): a cached decode step with sinks (B = 8, 12 heads, 576 keys, ragged lengths, 2 CPU
+# cores) took 5.5 ms here against math's 1.4 ms, the tile plan costing more than the scores.
+SINK_DECODE_ROWS = 64
 
 
 # ----------------------------------------------------------------------------
@@ -599,7 +603,7 @@ def score_mod_tensors(score_mod) -> list[torch.Tensor]:
 
 
 def weights_for_rows(call: Call, lse: torch.Tensor | None, rows: torch.Tensor | None = None,
-                     block=DEFAULT_BLOCK) -> torch.Tensor:
+                     block=DEFAULT_BLOCK, row_lse: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax weights (B, Hq, len(rows), Lk) recomputed tile by tile.
 
     Only the query tiles holding the requested rows are computed, so asking for a
@@ -608,6 +612,9 @@ def weights_for_rows(call: Call, lse: torch.Tensor | None, rows: torch.Tensor | 
     sum, as `math` does. `lse` (the forward's) is not needed: exp(S - lse) would carry
     the LSE's rounding, eps * |lse|, into every weight (up to ~4x further from the
     float64 oracle than math's weights, found by qkv selftest).
+
+    `row_lse` (B, Hq, len(rows)), if given, receives each row's log-sum-exp (-inf for a row
+    with no allowed key): what `qkv.attention_weights` needs to apply sinks.
     """
     rows = torch.arange(call.Lq) if rows is None else torch.as_tensor(rows).cpu().long()
     out = torch.zeros(call.B, call.Hq, len(rows), call.Lk, dtype=call.stat_dtype, device=call.device)
@@ -626,11 +633,16 @@ def weights_for_rows(call: Call, lse: torch.Tensor | None, rows: torch.Tensor | 
                 tile = _Tile(call, plan, batches, qb, kb, vb, cdt)
                 s = tile.masked(call, tile.modded(call, tile.raw_scores(call)))    # (Bs, Hq, bq, n)
                 m = s.amax(dim=-1, keepdim=True)
-                p = torch.exp(s - torch.where(torch.isneginf(m), torch.zeros_like(m), m))
+                m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+                p = torch.exp(s - m)
                 l = p.sum(dim=-1, keepdim=True)
                 p = p / torch.where(l == 0, torch.ones_like(l), l)                 # rows with no allowed key: 0
                 local = torch.nonzero((rows >= plan.r0) & (rows < plan.r1)).flatten().to(call.device)
-                picked = p.index_select(2, (rows.to(call.device)[local] - plan.r0))   # (Bs, Hq, r, n)
+                at = rows.to(call.device)[local] - plan.r0                         # (r,) rows within the tile
+                picked = p.index_select(2, at)                                     # (Bs, Hq, r, n)
+                if row_lse is not None:
+                    lse_b = row_lse if batches is None else row_lse[b0:b0 + 1]     # a view
+                    lse_b[:, :, local] = (m + torch.log(l)).squeeze(-1).index_select(2, at)
                 full = picked.new_zeros(*picked.shape[:3], call.Lk)
                 full.index_copy_(-1, _key_positions(plan.keys, plan.n, call.device), picked)
                 out_b[:, :, local] = full
@@ -641,7 +653,7 @@ class TiledBackend(Backend):
     name = "tiled"
     capabilities = Capabilities(
         devices=("any",), dtypes=FLOATS, masks=True, score_mod=True, dropout=False, gqa=True,
-        backward=True, return_lse=True, return_weights=True, exact=True, auto=True,
+        backward=True, return_lse=True, return_weights=True, exact=True, auto=True, sinks=True,
         notes="BlockMask-driven: skips EMPTY tiles, FULL tiles unmasked; O(L) memory, backward recomputes tiles",
     )
     block = DEFAULT_BLOCK
@@ -670,6 +682,8 @@ class TiledBackend(Backend):
     def auto_refusal(self, call: Call) -> str | None:
         if call.return_weights and registry.get("math").refusal(call) is None:
             return "the weights are materialised anyway: math computes them in one pass"
+        if call.sinks is not None and call.Lq < SINK_DECODE_ROWS and registry.get("math").refusal(call) is None:
+            return "a decode-sized call with sinks (sdpa has none): math's one pass costs less than a tile plan"
         return None
 
     def forward(self, call: Call):
@@ -692,7 +706,7 @@ class CarefulBackend(Backend):
     name = "careful"
     capabilities = Capabilities(
         devices=("any",), dtypes=FLOATS, masks=True, score_mod=True, dropout=False, gqa=True,
-        backward=False, return_lse=True, return_weights=True, exact=True, auto=False,
+        backward=False, return_lse=True, return_weights=True, exact=True, auto=False, sinks=True,
         notes="the tiled engine that never lets a masked key reach a row (non-finite inputs)",
     )
 

@@ -50,7 +50,8 @@ class LayerCache:
         write(k, v, n)           append after check_new passed       append(k, v): checked append
         check_room(n)            raise CacheFull, changing nothing, unless n more tokens fit
         read()                   (k, v, allowed): what a query may attend to
-        attention(q, k, v)       append, then attend (one line into `qkv.decode`)
+        attention(q, k, v, *, scale, score_mod, backend, sinks)   append, then attend (one line into
+                                 `qkv.decode`); sinks (Hq,) as in `qkv.attention`
         kernel_decode            whether a one-token step may read the storage through
                                  `qkv.kernels.paged_decode` (with block_tables() and block_size)
         fused_ready()            whether the fused decode block (`qkv.fused`) can write and read it
@@ -130,10 +131,10 @@ class LayerCache:
             backends.get(backend)                  # an unknown name: ValueError listing the registered ones
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, score_mod=None,
-                  backend: str = "auto") -> Tensor:
+                  backend: str = "auto", sinks: Tensor | None = None) -> Tensor:
         """Append k, v (B, Hkv, n, D), then attend from q (B, Hq, n, D) to the whole cache
-        (`qkv.decode.contiguous_step`). Returns (B, Hq, n, D)."""
-        return decode.contiguous_step(self, q, k, v, scale=scale, score_mod=score_mod, backend=backend)
+        (`qkv.decode.contiguous_step`), with `sinks` (Hq,) as in `qkv.attention`. Returns (B, Hq, n, D)."""
+        return decode.contiguous_step(self, q, k, v, scale=scale, score_mod=score_mod, backend=backend, sinks=sinks)
 
     def write(self, k: Tensor, v: Tensor, n: int) -> None:
         """`append` after `check_new` has passed (n new tokens)."""

@@ -167,9 +167,9 @@ class RingCache(LayerCache):
         order = (torch.arange(L - W, L) % W).to(self.k.device)
         return self.k[b][:, order], self.v[b][:, order]
 
-    def attention(self, q, k, v, *, scale=None, score_mod=None, backend="auto"):
+    def attention(self, q, k, v, *, scale=None, score_mod=None, backend="auto", sinks=None):
         """Append, then attend (`qkv.decode.ring_step`)."""
-        return decode.ring_step(self, q, k, v, scale=scale, score_mod=score_mod, backend=backend)
+        return decode.ring_step(self, q, k, v, scale=scale, score_mod=score_mod, backend=backend, sinks=sinks)
 
     @property
     def block_size(self) -> int:

@@ -173,7 +173,7 @@ class LinearStateCache(LayerCache):
         self._lengths += n
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, score_mod=None,
-                  backend: str = "auto") -> Tensor:
+                  backend: str = "auto", sinks: Tensor | None = None) -> Tensor:
         """Add k, v (B, Hkv, n, D), then return the n new queries' outputs (B, Hq, n, Dv).
 
         Query i sees every earlier token and the new ones up to itself (causal).
@@ -187,6 +187,9 @@ class LinearStateCache(LayerCache):
                              f"exact attention)")
         if score_mod is not None:
             raise ValueError("kernelised attention cannot add a score_mod (the scores are never formed)")
+        if sinks is not None:
+            raise ValueError("kernelised attention has no softmax denominator for attention sinks to join; "
+                             "use a ContiguousCache with an exact layer for sinks=")
         if scale is not None and abs(float(scale) - self.scale) > 1e-12 * max(1.0, abs(self.scale)):
             raise ValueError(f"this cache was built for scale={self.scale}, got scale={scale}; build it with the "
                              f"layer's scale")

@@ -300,9 +300,9 @@ class PagedCache(LayerCache):
             owned &= pos > lengths - 1 - self.window
         return owned
 
-    def attention(self, q, k, v, *, scale=None, score_mod=None, backend="auto"):
+    def attention(self, q, k, v, *, scale=None, score_mod=None, backend="auto", sinks=None):
         """Append, then attend (`qkv.decode.paged_step`)."""
-        return decode.paged_step(self, q, k, v, scale=scale, score_mod=score_mod, backend=backend)
+        return decode.paged_step(self, q, k, v, scale=scale, score_mod=score_mod, backend=backend, sinks=sinks)
 
     @property
     def block_size(self) -> int:
