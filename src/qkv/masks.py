@@ -2,15 +2,26 @@
 
 Legend: B batch, H query heads, Lq query length, Lk key length, q/kv absolute positions.
 
-A *mask* answers "may query position `q` attend to key position `kv`?" for
-broadcast index arrays, FlexAttention's contract::
+A *mask* answers "may query position `q` attend to key position `kv`?"::
 
-    mask(b, h, q_idx, kv_idx) -> bool array      # True = may attend
+    mask(b, h, q_idx, kv_idx) -> bool        # True = may attend
 
-with `b` of shape (B,1,1,1), `h` (1,H,1,1), `q_idx` (1,1,Lq,1), `kv_idx`
-(1,1,1,Lk). Positions are absolute: when Lq != Lk the queries are the *last*
-Lq positions of the keys (bottom-right alignment), so one decode step with a
-cache of 6 keys sees::
+Two kinds of callable answer it, and qkv calls them differently:
+
+- **Your own function** (a plain callable, as `torch.nn.attention.flex_attention` takes) has
+  FlexAttention's contract: it is evaluated as if once per element, every argument a 0-d
+  tensor (`qkv._util.mods` nests `torch.vmap` over the four axes, as FlexAttention does).
+  So it may index a captured tensor one index at a time (`doc_ids[b][q_idx]`) and must
+  use torch operations: no Python `if`/`and`/`or`/`in` on an index, no `.item()`, no
+  NumPy. A function that cannot run so raises `ModError` (a ValueError) naming it and why.
+  A FlexAttention `BlockMask` is accepted too (`as_mask`, `from_flex`), and any qkv mask
+  becomes one without an Lq x Lk evaluation (`Mask.to_flex`).
+- **qkv's masks** (the built-ins below, their `&`, `|`, `~`, and `Mask` subclasses of your
+  own) are called once on broadcast index arrays, `b` of shape (B,1,1,1), `h` (1,H,1,1),
+  `q_idx` (1,1,Lq,1), `kv_idx` (1,1,1,Lk) (or a tile of them), torch or NumPy.
+
+Positions are absolute: when Lq != Lk the queries are the *last* Lq positions of the keys
+(bottom-right alignment), so one decode step with a cache of 6 keys sees::
 
     causal, Lq = Lk = 4          causal, Lq = 2, Lk = 6 (q_pos = 4, 5)
         kv 0 1 2 3                   kv 0 1 2 3 4 5
@@ -27,27 +38,30 @@ callable is classified by evaluating it one row of tiles at a time, so no
 path ever holds an Lq x Lk array except `to_dense` itself.
 
 Built-in masks evaluate on torch tensors and on NumPy arrays alike (the
-float64 oracle in `qkv.reference` uses NumPy).
+float64 oracle in `qkv.reference` uses NumPy; it evaluates your functions in torch).
 """
 
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from qkv._util import flex
 from qkv._util.array import is_numpy, like, xp
 from qkv._util.budget import require_memory
+from qkv._util.mods import ModError, describe
+from qkv._util.mods import evaluate as evaluate_per_element
 
 __all__ = [
     "Mask", "BlockMask", "EMPTY", "PARTIAL", "FULL",
     "causal", "sliding_window", "prefix_lm", "document", "padding", "global_tokens",
-    "dilated", "block_sparse", "from_dense", "as_mask", "evaluate",
+    "dilated", "block_sparse", "from_dense", "from_flex", "as_mask", "evaluate", "ModError",
     "longformer", "bigbird", "dilated_window",
     "is_causal", "documents", "pick", "check_bool", "broadcast_indices",
 ]
@@ -169,9 +183,11 @@ def check_bool(out, mask, ref):
 # ----------------------------------------------------------------------------
 
 class Mask:
-    """A mask function with tile knowledge. Subclasses implement `__call__` and,
-    when they can, `tile_bounds`; combine with `&`, `|`, `~`."""
+    """A mask function with tile knowledge. Subclasses implement `__call__` on broadcast index
+    arrays and, when they can, `tile_bounds`; combine with `&`, `|`, `~`."""
 
+    #: called once on broadcast index arrays, not per element (`qkv._util.mods.broadcasts`)
+    BROADCAST = True
     #: True when tile_bounds answers without evaluating elements (built-ins and their combinations)
     analytic = False
 
@@ -272,6 +288,25 @@ class Mask:
         if len(cache) > _BLOCK_CACHE_SIZE:
             cache.popitem(last=False)
         return bm
+
+    def to_flex(self, B: int | None, H: int | None, Lq: int, Lk: int, *, block: int | tuple[int, int] = 128,
+                q_offset: int | None = None, device=None):
+        """This mask as a FlexAttention BlockMask for calls (B, H, Lq, Lk), as `create_block_mask` makes one.
+
+        Its block tables are this mask's own tile kinds (`block_mask`: analytic for the built-ins,
+        so nothing is evaluated per element), its mask_mod evaluates this mask. Flex numbers
+        query rows from 0; they sit at `q_offset` (default `Lk - Lq`, qkv's bottom-right), so
+        `flex_attention(q, k, v, block_mask=m.to_flex(B, H, Lq, Lk))` computes what
+        `qkv.attention(q, k, v, mask=m)` does. B or H None: as `block_mask` (what the mask holds, else 1).
+        """
+        bm = self.block_mask(Lq, Lk, block=block, B=B, H=H, q_offset=q_offset, device=device)
+        mask, offset = self, bm.q_offset
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return mask(b, h, q_idx + offset, kv_idx)
+
+        mask_mod.__qualname__ = f"to_flex({self!r})"
+        return flex.block_mask(bm.kind == PARTIAL, bm.kind == FULL, (bm.block_q, bm.block_k), (Lq, Lk), mask_mod)
 
 
 def bounds(mask: Mask, grid: TileGrid):
@@ -393,28 +428,32 @@ class _Not(Mask):
 
 
 class _Callable(Mask):
-    """Wraps a user function `(b, h, q_idx, kv_idx) -> bool`; tiles found by chunked evaluation."""
+    """Wraps a user function `(b, h, q_idx, kv_idx) -> bool`, evaluated per element as FlexAttention
+    evaluates a mask_mod (`qkv._util.mods`); tiles found by chunked evaluation."""
 
     def __init__(self, fn: Callable):
         self.fn = fn
 
     def __call__(self, b, h, q, kv):
-        return self.fn(b, h, q, kv)
+        return evaluate_per_element(self.fn, "mask_mod", (), (b, h, q, kv))
 
     def __repr__(self):
-        return f"mask_mod({getattr(self.fn, '__name__', type(self.fn).__name__)})"
+        return f"mask_mod({describe(self.fn)})"
 
 
 def as_mask(obj) -> Mask:
-    """A Mask from a Mask, a callable `(b, h, q_idx, kv_idx) -> bool`, or a bool tensor (`from_dense`)."""
+    """A Mask from a Mask, a callable `(b, h, q_idx, kv_idx) -> bool` (FlexAttention's mask_mod, evaluated
+    per element), a FlexAttention BlockMask (`from_flex`), or a bool tensor (`from_dense`)."""
     if isinstance(obj, Mask):
         return obj
     if isinstance(obj, torch.Tensor):
         return from_dense(obj)
+    if flex.is_block_mask(obj):
+        return from_flex(obj)
     if callable(obj):
         return _Callable(obj)
-    raise TypeError(f"expected a qkv mask, a callable (b, h, q_idx, kv_idx) -> bool, or a bool tensor; "
-                    f"got {type(obj).__name__}")
+    raise TypeError(f"expected a qkv mask, a callable (b, h, q_idx, kv_idx) -> bool, a FlexAttention BlockMask "
+                    f"or a bool tensor; got {type(obj).__name__}")
 
 
 # ----------------------------------------------------------------------------
@@ -942,6 +981,68 @@ def from_dense(t, q_offset: int | None = None) -> Mask:
     if not 2 <= t.dim() <= 4:
         raise ValueError(f"a dense mask must have 2 to 4 dimensions (..., Lq, Lk), got shape {tuple(t.shape)}")
     return _FromDense(t, q_offset)
+
+
+class _Flex(Mask):
+    """A FlexAttention BlockMask: its mask_mod (per element) on the blocks its tables list.
+
+    Element (b, h, row, kv) may attend when its block is listed full, or listed partial and
+    mask_mod(b, h, row, kv) is True (what the compiled FlexAttention computes; its eager path
+    evaluates mask_mod everywhere, the same for tables made from the mask_mod). Row r is
+    query position q_offset + r. Tiles come from the tables: analytic, nothing evaluated."""
+
+    analytic = True
+
+    def __init__(self, bm, q_offset: int | None):
+        self.bm, self.fn = bm, bm.mask_mod
+        self.Lq, self.Lk = (int(n) for n in bm.seq_lengths)
+        self.q_offset = self.Lk - self.Lq if q_offset is None else q_offset
+        partial, full, (bq, bk) = flex.selections(bm)                      # (B', H', nQ, nK) each
+        self.live, self.full = _BlockSparse(partial | full, bq, bk), _BlockSparse(full, bq, bk)
+
+    batch_hint = property(lambda self: self.live.batch_hint)
+    head_hint = property(lambda self: self.live.head_hint)
+
+    def validate(self, B, H, Lq, Lk, q_offset):
+        if (Lq, Lk) != (self.Lq, self.Lk):
+            raise ValueError(f"this FlexAttention BlockMask was made for (Lq, Lk) = ({self.Lq}, {self.Lk}) but the "
+                             f"call has ({Lq}, {Lk}); make it for the call's lengths (create_block_mask(..., "
+                             f"Q_LEN={Lq}, KV_LEN={Lk}))")
+        if q_offset != self.q_offset:
+            raise ValueError(f"this FlexAttention BlockMask's query rows sit at positions {self.q_offset}.. but the "
+                             f"call puts its queries at q_offset={q_offset}; pass "
+                             f"qkv.masks.from_flex(block_mask, q_offset={q_offset})")
+        nb, nh, nqb, nkb = self.live.layout.shape
+        if nb not in (1, B) or nh not in (1, H) or nqb * self.live.bq < Lq or nkb * self.live.bk < Lk:
+            raise ValueError(f"this FlexAttention BlockMask's tables have shape {(nb, nh, nqb, nkb)}; a call "
+                             f"(B, H, Lq, Lk) = ({B}, {H}, {Lq}, {Lk}) needs batch and heads 1 or the call's and "
+                             f"every block of the call listed")
+
+    def __call__(self, b, h, q, kv):
+        row = q - self.q_offset
+        allowed = evaluate_per_element(self.fn, "mask_mod", (), (b, h, row, kv))
+        return self.full(b, h, row, kv) | (self.live(b, h, row, kv) & allowed)
+
+    def tile_bounds(self, g):
+        rows = replace(g, q_offset=g.q_offset - self.q_offset)   # positions -> Flex's rows
+        return self.live.tile_bounds(rows)[0], self.full.tile_bounds(rows)[1]
+
+    def __repr__(self):
+        return f"from_flex({describe(self.fn)}, seq_lengths={(self.Lq, self.Lk)}, q_offset={self.q_offset})"
+
+
+def from_flex(block_mask, q_offset: int | None = None) -> Mask:
+    """A mask from a FlexAttention `BlockMask` (torch.nn.attention.flex_attention): the same numbers as
+    `flex_attention(..., block_mask=block_mask)`, on qkv's backends.
+
+    Flex numbers query rows from 0; here row r is position `q_offset + r` (default `Lk - Lq`, where
+    `qkv.attention` puts the queries by default). A call must have the BlockMask's lengths and q_offset.
+    """
+    if not flex.is_block_mask(block_mask):
+        raise TypeError(f"from_flex needs a torch.nn.attention.flex_attention.BlockMask, got {type(block_mask).__name__}")
+    if q_offset is not None:
+        q_offset = _check_int("q_offset", q_offset, -(1 << 62))
+    return _Flex(block_mask, q_offset)
 
 
 # ----------------------------------------------------------------------------

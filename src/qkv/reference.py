@@ -1,4 +1,4 @@
-"""The float64 oracle: attention in NumPy, one formula per line, no torch.
+"""The float64 oracle: attention in NumPy, one formula per line, no torch (but for your own mods).
 
 Legend: B batch, Hq query heads, Hkv key/value heads, G = Hq // Hkv, Lq/Lk lengths,
 D head dim, Dv value dim, d_model model width.
@@ -9,7 +9,8 @@ Every other path in qkv is tested against these functions. They compute in
 float64 with plain NumPy, repeat K/V for GQA explicitly and materialise
 everything: clear before fast. Masks and score mods are the same objects the
 torch backends use (`qkv.masks`, `qkv.scores`), evaluated here on NumPy index
-arrays, or dense boolean arrays.
+arrays, or dense boolean arrays; a plain callable is FlexAttention's mask_mod or
+score_mod, evaluated per element in torch (float64 scores) as everywhere in qkv.
 
 `explain(...)` keeps every intermediate of one computation (the trace of the
 seeds' four steps) and prints it as tables.
@@ -20,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from qkv._util.mods import per_element
 
 __all__ = [
     "softmax", "mask_array", "attention", "split_heads", "merge_heads", "linear",
@@ -58,12 +61,13 @@ def _grids(B: int, H: int, Lq: int, Lk: int, q_offset: int):
 def mask_array(mask, B: int, H: int, Lq: int, Lk: int, q_offset: int | None = None) -> np.ndarray:
     """Evaluate a mask on NumPy index grids: bool array of shape (B, H, Lq, Lk).
 
-    `mask` is a `qkv.masks` mask or any callable (b, h, q_idx, kv_idx) -> bool
-    written with array operators, or an array broadcastable to (B, H, Lq, Lk).
+    `mask` is a `qkv.masks` mask (called on the NumPy grids), any other callable
+    (b, h, q_idx, kv_idx) -> bool (FlexAttention's mask_mod: evaluated per element, in torch),
+    or an array broadcastable to (B, H, Lq, Lk).
     """
     q_offset = Lk - Lq if q_offset is None else q_offset
     if callable(mask):
-        out = np.asarray(mask(*_grids(B, H, Lq, Lk, q_offset)))
+        out = np.asarray(per_element(mask, "mask_mod")(*_grids(B, H, Lq, Lk, q_offset)))
     else:
         out = np.asarray(_f64(mask) != 0 if hasattr(mask, "detach") else mask)
     if out.dtype != np.bool_:
@@ -104,7 +108,7 @@ def attention(q, k, v, *, mask=None, causal: bool = False, score_mod=None, scale
 
     scores = np.einsum("bhqd,bhkd->bhqk", q, k) * scale      # (B, Hq, Lq, Lk)
     if score_mod is not None:
-        modded = score_mod(scores, *_grids(B, Hq, Lq, Lk, q_offset))
+        modded = per_element(score_mod, "score_mod")(scores, *_grids(B, Hq, Lq, Lk, q_offset))
         scores = np.broadcast_to(np.asarray(modded, dtype=np.float64), scores.shape)
     allowed = np.ones((1, 1, Lq, Lk), dtype=bool)
     if mask is not None:

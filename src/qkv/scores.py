@@ -2,15 +2,25 @@
 
 Legend: B batch, H query heads, Lq query length, Lk key length; q/kv are absolute positions.
 
-A score_mod follows FlexAttention's contract::
+A score_mod maps a score to a new score::
 
     score_mod(score, b, h, q_idx, kv_idx) -> new score
 
-`score` is the scaled score q.k * scale (float32, or float64 for float64 inputs),
-shaped (B, H, Lq, Lk) in the materialised backends; `b`, `h`, `q_idx`, `kv_idx`
-are broadcast index arrays as for masks. `h` is the *query* head (with GQA the
-key/value head is h // G). Built-ins work on torch tensors and NumPy arrays,
-so the float64 oracle applies the same function.
+`score` is the scaled score q.k * scale (float32, or float64 for float64 inputs). `h` is the
+*query* head (with GQA the key/value head is h // G). Two kinds of callable, called differently:
+
+- **Your own function** has FlexAttention's contract: it is evaluated as if once per element,
+  `score` and the indices all 0-d tensors (`qkv._util.mods` nests `torch.vmap` over the four
+  axes, as FlexAttention does). So `score + bias[b][q_idx]`, `score + (qr[b, h, q_idx] *
+  kr[b, 0, kv_idx]).sum()` or `torch.dot(...)` mean what they mean in FlexAttention, and
+  tensors it captures that require grad get gradients on every backend. It must use torch
+  operations (no Python `if` on an index, no `.item()`, no NumPy) and return one value per
+  element; one that cannot run so raises `qkv.masks.ModError` naming it and why.
+  `as_score_mod` makes the wrapper (`qkv.attention` and `chain` apply it).
+- **qkv's score mods** (the built-ins below, `chain` of them, and `ScoreMod` subclasses of
+  your own) are called once on the whole (B, H, Lq, Lk) score tensor, or a tile of it, with
+  broadcast index arrays as for masks. Built-ins work on torch tensors and NumPy arrays,
+  so the float64 oracle applies the same function.
 
 Masks (booleans) and score mods (additive changes) are kept apart: a score_mod
 may return -inf, but "may not attend" belongs in `mask`, where kernels can skip it.
@@ -24,19 +34,74 @@ from typing import Callable
 import torch
 
 from qkv._util.array import is_numpy, like, to_float, xp
+from qkv._util.mods import describe, evaluate
 from qkv.masks import pick
 
-__all__ = ["ScoreMod", "alibi", "softcap", "relative_bias", "t5_bucket", "bias", "chain"]
+__all__ = ["ScoreMod", "as_score_mod", "unfound_grad_tensors", "alibi", "softcap", "relative_bias", "t5_bucket", "bias", "chain"]
 
 
 class ScoreMod:
-    """Base class for built-in score mods (any callable with the same signature works too)."""
+    """Base class of qkv's score mods, called once on broadcast arrays (a plain callable with the
+    same signature works too, evaluated per element: `as_score_mod`)."""
+
+    #: called once on broadcast index arrays, not per element (`qkv._util.mods.broadcasts`)
+    BROADCAST = True
 
     def __call__(self, score, b, h, q_idx, kv_idx):  # pragma: no cover - abstract
         raise NotImplementedError
 
     def validate(self, B: int, H: int, Lq: int, Lk: int, q_offset: int) -> None:
         """Raise ValueError if this score mod cannot serve a call of this shape (H = query heads)."""
+
+
+class _PerElement(ScoreMod):
+    """A user's score_mod, evaluated per element as FlexAttention evaluates it (`qkv._util.mods`)."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+
+    def __call__(self, score, b, h, q, kv):
+        return evaluate(self.fn, "score_mod", (score,), (b, h, q, kv))
+
+    def __repr__(self):
+        return f"score_mod({describe(self.fn)})"
+
+
+def as_score_mod(fn) -> ScoreMod:
+    """A ScoreMod from a ScoreMod (itself) or a callable `(score, b, h, q_idx, kv_idx) -> score`
+    (FlexAttention's score_mod, evaluated per element)."""
+    if isinstance(fn, ScoreMod):
+        return fn
+    if not callable(fn):
+        raise TypeError(f"a score_mod must be a callable (score, b, h, q_idx, kv_idx) -> score, got {type(fn).__name__}")
+    return _PerElement(fn)
+
+
+def unfound_grad_tensors(score_mod, found, *, q_pos: int, dtype: torch.dtype, device) -> list[torch.Tensor]:
+    """Leaf tensors requiring grad that `score_mod` reads (tried at one element, b = h = kv = 0, q = q_pos)
+    but that are neither in `found` nor behind one of them: gradients a backend that hands `found`
+    to its own backward would not give. Empty when grad mode is off."""
+    if not torch.is_grad_enabled():
+        return []
+    b = torch.zeros((1, 1, 1, 1), dtype=torch.long, device=device)
+    out = score_mod(torch.zeros((1, 1, 1, 1), dtype=dtype, device=device), b, b, b + q_pos, b)
+    if not isinstance(out, torch.Tensor) or not out.requires_grad:
+        return []
+    known = {id(t) for t in found}
+    stops = {t.grad_fn for t in found if t.grad_fn is not None}
+    missing, seen, todo = [], set(), [out.grad_fn]
+    while todo:                                                   # walk the probe's autograd graph
+        node = todo.pop()
+        if node is None or node in seen or node in stops:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)                    # AccumulateGrad: a leaf tensor
+        if leaf is not None:
+            if id(leaf) not in known:
+                missing.append(leaf)
+            continue
+        todo.extend(nxt for nxt, _ in node.next_functions)
+    return missing
 
 
 class _Alibi(ScoreMod):
@@ -242,8 +307,8 @@ class _Chain(ScoreMod):
 
 
 def chain(*mods: Callable) -> ScoreMod:
-    """Apply several score mods in order."""
+    """Apply several score mods in order (plain callables evaluated per element, as `as_score_mod`)."""
     for m in mods:
         if not callable(m):
             raise TypeError(f"chain expects callables, got {type(m).__name__}")
-    return _Chain(list(mods))
+    return _Chain([as_score_mod(m) for m in mods])

@@ -205,12 +205,13 @@ def test_callable_masks_are_classified_in_chunks(monkeypatch):
     monkeypatch.setattr(M, "_CHUNK_ELEMENTS", 4096)
     seen = []
 
-    def fn(b, h, q, kv):
-        seen.append(q.shape[2] * kv.shape[3])
-        return (q // 100) == (kv // 100)
+    class Spy(M.Mask):  # a Mask subclass is called on broadcast index arrays: it sees each chunk's shape
+        def __call__(self, b, h, q, kv):
+            seen.append(q.shape[2] * kv.shape[3])
+            return (q // 100) == (kv // 100)
 
     L = 1000
-    bm = M.as_mask(fn).block_mask(L, L, block=50)
+    bm = Spy().block_mask(L, L, block=50)
     assert max(seen) <= 50 * L  # at most one row of tiles at a time, never L x L
     assert bm.counts() == {"EMPTY": 400 - 40, "PARTIAL": 0, "FULL": 40}
 

@@ -188,5 +188,16 @@ def test_score_mod_bad_arguments():
     with pytest.raises(ValueError, match="1-D float"):
         S.alibi(torch.ones(2, 2))
     q, k, v = rand_qkv(1, 2, 2, 3, 3, 4)
+
+    class Summed(S.ScoreMod):  # a ScoreMod is called once on the whole score tensor
+        def __call__(self, s, b, h, qi, kv):
+            return s.sum()
+
     with pytest.raises(ValueError, match="score_mod must return a tensor of the score's shape"):
-        qkv.attention(q, k, v, score_mod=lambda s, b, h, qi, kv: s.sum(), backend="math")
+        qkv.attention(q, k, v, score_mod=Summed(), backend="math")
+    # a plain function is evaluated per element (FlexAttention's contract): s.sum() is s there, but
+    # one element must give one value
+    assert max_err(qkv.attention(q, k, v, score_mod=lambda s, b, h, qi, kv: s.sum(), backend="math"),
+                   qkv.attention(q, k, v, backend="math")) == 0
+    with pytest.raises(ValueError, match=r"returned shape \(2,\) per element"):
+        qkv.attention(q, k, v, score_mod=lambda s, b, h, qi, kv: torch.stack([s, s]), backend="math")

@@ -18,7 +18,8 @@ import torch
 
 from qkv import scores as _scores
 from qkv._util.budget import memory_shortfall
-from qkv.masks import Mask, as_mask, causal as _causal_mask, from_dense
+from qkv._util.flex import is_block_mask
+from qkv.masks import Mask, as_mask, causal as _causal_mask, from_dense, from_flex
 
 __all__ = ["BackendError", "Capabilities", "FLOATS", "Call", "Backend", "zeros_output", "memory_refusal",
            "make_call", "check_sinks", "index_tensor"]
@@ -225,6 +226,7 @@ def make_call(q, k, v, *, mask, causal, score_mod, scale, dropout_p, return_lse,
     if score_mod is not None and not callable(score_mod):
         raise TypeError(f"score_mod must be a callable (score, b, h, q_idx, kv_idx) -> score, "
                         f"got {type(score_mod).__name__}")
+    score_mod = None if score_mod is None else _scores.as_score_mod(score_mod)   # a plain callable: per element
     for name, flag in (("causal", causal), ("return_lse", return_lse), ("return_weights", return_weights)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be True or False, got {flag!r}")
@@ -272,10 +274,12 @@ def _as_call_mask(mask, q, Lq, Lk, q_offset) -> Mask | None:
             raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to (B, H, Lq, Lk) "
                              f"with Lq={Lq}, Lk={Lk}")
         return from_dense(mask, q_offset=q_offset)
+    if is_block_mask(mask):  # FlexAttention's: its query rows are the call's, wherever q_offset puts them
+        return from_flex(mask, q_offset=q_offset)
     if callable(mask):
         return as_mask(mask)
-    raise TypeError(f"mask must be a qkv mask, a callable (b, h, q_idx, kv_idx) -> bool, or a bool tensor; "
-                    f"got {type(mask).__name__}")
+    raise TypeError(f"mask must be a qkv mask, a callable (b, h, q_idx, kv_idx) -> bool, a FlexAttention BlockMask "
+                    f"or a bool tensor; got {type(mask).__name__}")
 
 
 def index_tensor(name: str, idx) -> torch.Tensor:

@@ -4,7 +4,8 @@ Legend: B batch, Hq query heads, Lq/Lk lengths, Dv value dim.
 
 Inputs are copied to float64 NumPy arrays, `qkv.reference.attention` runs, and
 the result comes back in the input dtype and device. No autograd, no dropout;
-masks and score mods must accept NumPy arrays (all built-ins do).
+qkv's masks and score mods run on NumPy arrays; plain callables are evaluated per element in
+torch (FlexAttention's contract, `qkv._util.mods`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ class ReferenceBackend(Backend):
     capabilities = Capabilities(
         devices=("any",), dtypes=FLOATS, masks=True, score_mod=True, dropout=False, gqa=True,
         backward=False, return_lse=True, return_weights=True, exact=True, auto=False, sinks=True,
-        notes="NumPy float64 oracle; masks/score_mods must accept NumPy arrays (built-ins do)",
+        notes="NumPy float64 oracle; plain-callable mods are evaluated per element in torch (float64)",
     )
 
     def extra_refusal(self, call: Call) -> str | None:

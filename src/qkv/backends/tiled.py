@@ -32,6 +32,7 @@ import torch
 from qkv.backends import registry
 from qkv.backends.base import FLOATS, Backend, Call, Capabilities, memory_refusal
 from qkv.masks import BLOCK_MASK_BYTES_PER_TILE, EMPTY, FULL, PARTIAL
+from qkv.scores import unfound_grad_tensors
 
 DEFAULT_BLOCK = (256, 256)  # measured: on 2 CPU cores 256-row tiles beat 128 by 1.3-1.5x at 16k
 # Below this many query rows a call with sinks, which sdpa cannot serve, goes to `math` under auto
@@ -545,14 +546,15 @@ class _TiledAttention(torch.autograd.Function):
 
 def score_mod_tensors(score_mod) -> list[torch.Tensor]:
     """Tensors requiring grad that a score_mod holds: attributes of qkv's built-ins
-    (recursively through `chain`), and tensors a plain function captures in its
-    closure or names from its module's globals. These become inputs of the autograd
-    function so that they receive gradients."""
+    (recursively through `chain` and the per-element wrapper of a plain function), and
+    tensors a plain function captures in its closure or names from its module's globals
+    (directly or as a module's parameters). These become inputs of the autograd function
+    so that they receive gradients; `extra_refusal` refuses a mod that reads others."""
     found: list[torch.Tensor] = []
     seen: set[int] = set()
 
     def visit(obj, depth=0):
-        if depth > 4 or id(obj) in seen:
+        if depth > 6 or id(obj) in seen:  # deep enough for a mod in a chain that calls a closure over a module
             return
         seen.add(id(obj))
         if isinstance(obj, torch.Tensor):
@@ -581,10 +583,10 @@ def score_mod_tensors(score_mod) -> list[torch.Tensor]:
                 visit(prm, depth + 1)
             return
         code = getattr(obj, "__code__", None)
-        if code is not None:  # a plain function: tensors it names from its module's globals
+        if code is not None:  # a plain function: tensors and modules it names from its module's globals
             glb = getattr(obj, "__globals__", {})
             for name in code.co_names:
-                if isinstance(glb.get(name), torch.Tensor):
+                if isinstance(glb.get(name), (torch.Tensor, torch.nn.Module)):
                     visit(glb[name], depth + 1)
         closure = getattr(obj, "__closure__", None)
         if closure:
@@ -673,6 +675,15 @@ class TiledBackend(Backend):
                              "; larger tiles need less (qkv.backends.get('tiled').block = (1024, 1024))")
         if why is not None:
             return why
+        if call.score_mod is not None and call.B * call.Hq * call.Lq * call.Lk > 0:
+            # a tensor the score_mod takes gradients through but score_mod_tensors cannot find would
+            # get none from the backward below: refuse (auto moves on to math, whose autograd sees all)
+            unfound = unfound_grad_tensors(call.score_mod, score_mod_tensors(call.score_mod), q_pos=call.q_offset,
+                                           dtype=call.stat_dtype, device=call.device)
+            if unfound:
+                return (f"its backward cannot find tensors requiring grad that the score_mod reads (shapes "
+                        f"{', '.join(str(tuple(t.shape)) for t in unfound)}); capture them in the mod's closure, "
+                        f"a functools.partial, an attribute or a module's parameters")
         if call.return_weights:
             need = call.B * call.Hq * call.Lq * call.Lk * (8 if call.stat_dtype == torch.float64 else 4)
             return memory_refusal(call, need, "the weights you asked for",
