@@ -51,6 +51,7 @@ captured: its keys live in the cache; run the model without the cache.
 from __future__ import annotations
 
 import sys
+import weakref
 from collections.abc import Iterator, Mapping
 
 import numpy as np
@@ -60,7 +61,7 @@ from torch import Tensor, nn
 from qkv._util.checks import check_int
 from qkv.backends import Call, make_call
 from qkv.backends.math import safe_softmax
-from qkv.hooks import ATTENTION_HOOK
+from qkv.hooks import ATTENTION_FINDERS, ATTENTION_HOOK
 from qkv.layers import MultiHeadAttention
 from qkv.masks import check_bool
 from qkv.nn import MultiheadAttention
@@ -86,7 +87,12 @@ def _attention_types() -> tuple[type, ...]:
     return (MultiHeadAttention, MultiheadAttention)
 
 
+_FOUND_HEADS: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()  # layers found by finders
+
+
 def _n_heads(module: nn.Module) -> int:
+    if module in _FOUND_HEADS:
+        return _FOUND_HEADS[module]
     return module.n_heads if hasattr(module, "n_heads") else module.num_heads
 
 
@@ -103,6 +109,10 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
                         f"{type(model).__name__}{hint}")
     types = _attention_types()
     found = [(name or type(m).__name__, m) for name, m in model.named_modules() if isinstance(m, types)]
+    for finder in ATTENTION_FINDERS:            # other libraries' layers that call the hook
+        for name, m, heads in finder(model):
+            _FOUND_HEADS[m] = heads
+            found.append((name, m))
     if not found:
         raise ValueError(f"{type(model).__name__} holds no qkv attention module (qkv.layers.MultiHeadAttention or "
                          f"qkv.nn.MultiheadAttention), so there is nothing to capture; build the model from "

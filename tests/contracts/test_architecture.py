@@ -31,7 +31,7 @@ FLOORS = {
     "qkv.decode": 5,
     "qkv.layers": 6, "qkv.nn": 6, "qkv.cache": 6,
     "qkv.models": 7,
-    "qkv.generate": 8, "qkv.inspect": 8, "qkv.checkpoint": 8,
+    "qkv.generate": 8, "qkv.inspect": 8, "qkv.checkpoint": 8, "qkv.integrations": 8,
     "qkv.train": 9, "qkv.embed": 9, "qkv.viz": 9,
     "qkv.tools": 10,
     "qkv.cli": 11, "qkv.__main__": 12,
