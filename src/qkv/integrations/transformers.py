@@ -279,7 +279,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
                         extra_mod) if m is not None]
     score_mod = None if not mods else mods[0] if len(mods) == 1 else scores.chain(*mods)
     sinks = kwargs.get("s_aux")
-    want_weights = bool(kwargs.get("output_attentions"))
+    want_weights = _weights_wanted(kwargs)
     hook = hooks.ATTENTION_HOOK.get()
     if hook is not None:
         hook(module, query, key, mask=mask, causal=False, score_mod=score_mod, scale=scaling, q_offset=q_offset,
@@ -292,6 +292,19 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
         out, weights = out
         weights = weights.to(query.dtype)
     return out.transpose(1, 2).contiguous(), weights
+
+
+def _weights_wanted(kwargs) -> bool:
+    """output_attentions as the layer was told, or as transformers' output recorder asks (GPT-2's
+    model forward takes the keyword away, and its recorder then collects whatever layers return)."""
+    if kwargs.get("output_attentions"):
+        return True
+    try:
+        from transformers.utils import output_capturing
+        collected = output_capturing._active_collector.get()
+    except (ImportError, AttributeError, LookupError):
+        return False
+    return bool(collected) and any(k.endswith("attentions") for k in collected)
 
 
 def _module_name(module) -> str:
