@@ -259,3 +259,17 @@ def test_from_config_and_from_pretrained_take_the_name(tmp_path):
     with torch.no_grad():
         ref = _run(model, "eager", x).logits
     assert _rel(ref, got, rows) <= REL
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2"])
+def test_generation_with_a_static_cache_matches_eager(name):
+    # generate builds each step's mask ahead for a static cache and hands it back to the model
+    model = _model(name)
+    x, _ = _inputs(name, "causal")
+    tokens = {}
+    for impl in ("eager", "qkv"):
+        model.set_attn_implementation(impl)
+        with torch.no_grad():
+            tokens[impl] = model.generate(**x, max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                                          cache_implementation="static")
+    assert torch.equal(tokens["qkv"], tokens["eager"])

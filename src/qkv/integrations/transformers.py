@@ -70,8 +70,12 @@ class HFMask:
     kv_length: int
     batch_size: int
 
+    #: transformers tells a prepared mask from a 2-D padding mask by `ndim` (generate builds the mask
+    #: of a static cache's step ahead and hands it back to the model, which asks qkv's mask function again)
+    ndim = 4
+
     @property
-    def shape(self):  # transformers reads .shape of a mask in a few places; the logical shape
+    def shape(self):  # the logical shape (batch, 1, queries, keys); the query count is the call's
         return (self.batch_size, 1, None, self.kv_length)
 
     def __repr__(self):
@@ -189,6 +193,11 @@ def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv
                   mask_function=None, attention_mask=None, **kwargs) -> HFMask:
     """transformers' mask interface, answered with an `HFMask` (see the module docstring)."""
     q_offset, kv_offset = int(q_offset), int(kv_offset)
+    if isinstance(attention_mask, HFMask):              # built for this step already (see HFMask.ndim)
+        if attention_mask.kv_length != kv_length:
+            raise ValueError(f"a qkv mask built for {attention_mask.kv_length} keys was handed back for a step "
+                             f"with {kv_length}; let transformers build each step's mask")
+        return attention_mask
     mask = _ALL if mask_function is None else _translate(mask_function, kv_offset, _codes())
     if attention_mask is not None:
         pad = attention_mask.to(torch.bool)
