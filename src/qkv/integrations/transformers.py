@@ -151,6 +151,16 @@ def _translate(fn, shift: int, codes: dict):
         if kind == "and" and kinds == ["causal", "window"]:    # transformers' sliding-window causal mask
             window = next(_closure(f)["sliding_window"] for f in fns if codes.get(f.__code__) == "window")
             return masks.sliding_window(int(window), causal=True)
+        if kind == "and" and kinds == ["packed", "remap"] and shift == 0:
+            # transformers' packed batch: its rule on per-document positions, and same-document.
+            # Inside one document positions advance with the sequence, so a rule of q - kv alone
+            # reads the same on either, and the pair is `document(ids) & rule`, recognisable
+            # by the backends (document & causal is served as a batch of documents).
+            by_kind = {codes.get(f.__code__): f for f in fns}
+            inner = _closure(by_kind["remap"])["mask_function"]
+            if _shift_free(inner, codes):
+                ids = _closure(by_kind["packed"])["packed_sequence_mask"]
+                return _combine("and", [masks.document(ids), _translate(inner, 0, codes)])
         return _combine(kind, [_translate(f, shift, codes) for f in fns])
     if kind == "window":   # `kv > q - window` alone: no limit on keys ahead
         return ~masks.causal() | masks.sliding_window(int(env["sliding_window"]), causal=True)
