@@ -29,11 +29,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask=None, c
             reads key/value head h // (Hq // Hkv); K/V are never repeated in memory).
         v: values (B, Hkv, Lk, Dv).
         mask: who may attend to whom (True = may attend): a `qkv.masks` mask, a
-            callable (b, h, q_idx, kv_idx) -> bool, or a bool tensor broadcastable
-            to (B, Hq, Lq, Lk).
+            callable (b, h, q_idx, kv_idx) -> bool (evaluated per element, as FlexAttention
+            evaluates a mask_mod), a FlexAttention `BlockMask`, or a bool tensor
+            broadcastable to (B, Hq, Lq, Lk).
         causal: shorthand for `mask=qkv.masks.causal()` (combined with `mask` by `&`).
         score_mod: callable (score, b, h, q_idx, kv_idx) -> score, applied to the
-            scaled scores before masking (see `qkv.scores`).
+            scaled scores before masking (a plain function is evaluated per element, as
+            FlexAttention does; qkv's built-ins in `qkv.scores` broadcast).
         scale: multiplies q k^T; default 1 / sqrt(D).
         dropout_p: dropout on the attention weights (applied whenever > 0; layers
             pass 0 in eval mode).
