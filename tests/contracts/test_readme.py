@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 import qkv
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
@@ -40,6 +42,23 @@ def test_the_encoder_tour_runs(capsys):
     assert namespace["h"].shape == (2, 7, 64)
     assert float(namespace["h"][1, 4:].detach().abs().max()) == 0.0   # packed: zeros at the padding
     assert 0.0 <= namespace["result"].accuracy <= 1.0
+
+
+def test_the_transformers_tour_runs(capsys):
+    pytest.importorskip("transformers")
+    code = [c for c in re.findall(r"```python\n(.*?)```", README, re.S) if 'attn_implementation="qkv"' in c]
+    assert code, "README has no transformers block"
+    namespace: dict = {}
+    exec(compile(code[0], "README.md", "exec"), namespace)     # a config with random weights: no download
+    assert namespace["logits"].shape == (2, 6, 1000) and namespace["new"].shape == (2, 14)
+    model, packed, torch = namespace["model"], namespace["packed"], namespace["torch"]
+    assert packed.shape == (1, 10, 1000)
+    with torch.no_grad():                                       # the second document (tokens 5, 6, 7) alone
+        alone = model(torch.tensor([[5, 6, 7]])).logits
+    assert float((packed[0, 4:7] - alone[0]).detach().abs().max()) < 1e-4
+    assert [w.shape for w in namespace["weights"]] == [(2, 4, 6, 6)] * 2
+    assert model.config._attn_implementation == "qkv"
+    assert "['model.layers.1.self_attn']" in capsys.readouterr().out
 
 
 def test_capability_table_is_current():

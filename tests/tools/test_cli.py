@@ -207,6 +207,8 @@ def test_demo_quick_writes_summaries(capsys, tmp_path):
     recall = summary["steps"]["attention_maps"]["recall"]
     assert 0.0 <= recall["accuracy"] <= 1.0 and 0.0 <= recall["pair_mass"] <= 1.0 and recall["steps"] == 150
     assert (out_dir / "recall.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    hf = summary["steps"]["transformers"]                      # a transformers Llama on attn_implementation="qkv"
+    assert hf["logits_match"] is True and len(hf["top"]) == 5 and "qkv.inspect.capture(model" in out
     # atomic writes leave no temporary files behind
     written = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file())
     assert {"loss.png", "summary.json", "summary.md", "worked_example.png", "minilm/heads.png"} <= set(written)

