@@ -10,6 +10,7 @@ generate text, embed sentences, draw attention maps.
     qkv bench embed [--quick] [--out runs/bench]
     qkv bench train [--quick] [--out runs/bench]
     qkv bench approx [--quick] [--out runs/bench]
+    qkv bench transformers [--quick] [--out runs/bench]
     qkv generate --checkpoint DIR --prompt "text or token ids" [--max-new-tokens N] [--temperature T]
                  [--top-k K] [--top-p P] [--seed S] [--stop ID ...] [--cache contiguous|paged]
     qkv embed "a sentence" "another" [--model DIR] [--batch-size N] [--no-pack]
@@ -333,8 +334,12 @@ def _add_bench(sub) -> None:
                                    "training throughput (embed.json, embed.md). `qkv bench train`: decoder training vs "
                                    "transformers' GPT-2 and 2 processes vs 1 (train.json, train.md). `qkv bench "
                                    "approx`: sparse masks, linear and Performer attention against exact attention: "
-                                   "error, accuracy, time, memory (approx.json, approx.md).")
-    p.add_argument("what", nargs="?", choices=("backends", "attention", "generate", "embed", "train", "approx"),
+                                   "error, accuracy, time, memory (approx.json, approx.md). `qkv bench "
+                                   "transformers`: a Llama-style transformers model with attn_implementation qkv vs "
+                                   "sdpa, eager and flex_attention on packed documents and a sliding window "
+                                   "(transformers.json, transformers.md).")
+    p.add_argument("what", nargs="?", choices=("backends", "attention", "generate", "embed", "train", "approx",
+                                                 "transformers"),
                    default="backends",
                    help="which benchmark (default backends)")
     p.add_argument("--out", default=os.path.join("runs", "bench"), help="where the results go (default runs/bench)")

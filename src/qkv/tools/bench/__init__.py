@@ -6,6 +6,8 @@
 - `train`: `qkv bench train` (training vs transformers' GPT-2, data parallel; train.json/.md);
 - `embed`: `qkv bench embed` (MiniLM embeddings vs sentence-transformers; embed.json/.md);
 - `approx`: `qkv bench approx` (sparse masks, linear and Performer attention; approx.json/.md).
+- `transformers`: `qkv bench transformers` (attn_implementation "qkv" in a Llama-style transformers model vs
+  sdpa, eager and flex_attention; transformers.json/.md).
 
 `python -m qkv.tools.bench.NAME` and benchmarks/bench_NAME.py run the same code.
 """
