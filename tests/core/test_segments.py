@@ -28,6 +28,7 @@ def test_segments_match_oracle_with_grads(lengths, causal, Hq, Hkv, monkeypatch)
     used = []
     real = _segments.by_segments
     monkeypatch.setattr(_segments, "by_segments", lambda *a: used.append(1) or real(*a))
+    monkeypatch.setattr(_segments, "PADDING_LIMIT", float("inf"))   # the route itself, even for uneven lengths
     q, k, v = rand_qkv(2, Hq, Hkv, L, L, 16, Dv=8, requires_grad=True, seed=L)
     q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
     qm, km, vm = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
@@ -50,6 +51,7 @@ def test_segment_path_only_where_exact(case, monkeypatch):
     used = []
     real = _segments.by_segments
     monkeypatch.setattr(_segments, "by_segments", lambda *a: used.append(1) or real(*a))
+    monkeypatch.setattr(_segments, "PADDING_LIMIT", float("inf"))   # the route itself, even for uneven lengths
     q, k, v = rand_qkv(2, 2, 2, 12, 12, 8)
     ids, kwargs = _ids([3, 4, 5]), {}
     if case == "unsorted_runs":
@@ -74,3 +76,23 @@ def test_segment_path_only_where_exact(case, monkeypatch):
     ref = qkv.attention(q.double(), k.double(), v.double(), mask=mask, backend="reference")
     assert_error_ratio(out, qkv.attention(q, k, v, mask=mask, backend="math"), ref, what=case)
     assert bool(used) == (case == "unsorted_runs")
+
+
+def test_auto_leaves_uneven_documents_to_tiled():
+    # padding 8 uneven documents to the longest would do ~4.8x their own work
+    from qkv.backends import registry
+    from qkv.backends.base import make_call
+    from qkv.backends.segments import PADDING_LIMIT
+    lens = torch.tensor([6, 34, 63, 9, 36, 4, 2, 8])
+    ids = torch.repeat_interleave(torch.arange(8), lens)[None]
+    L = int(lens.sum())
+    q, k = torch.randn(1, 2, L, 8), torch.randn(1, 2, L, 8)
+    uneven = make_call(q, k, k, mask=qkv.masks.document(ids) & qkv.masks.causal(), causal=False, score_mod=None,
+                       scale=None, dropout_p=0.0, return_lse=False, return_weights=False, q_offset=None)
+    assert 8 * 63 ** 2 > PADDING_LIMIT * int((lens ** 2).sum())
+    assert registry.select(uneven, "auto").name == "tiled"
+    even = torch.repeat_interleave(torch.arange(4), 40)[None]
+    q, k = torch.randn(1, 2, 160, 8), torch.randn(1, 2, 160, 8)
+    call = make_call(q, k, k, mask=qkv.masks.document(even) & qkv.masks.causal(), causal=False, score_mod=None,
+                     scale=None, dropout_p=0.0, return_lse=False, return_weights=False, q_offset=None)
+    assert registry.select(call, "auto").name == "segments"
