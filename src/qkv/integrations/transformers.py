@@ -254,8 +254,8 @@ def _check_kwargs(kwargs, module) -> None:
 
 
 def _plain_mask(attention_mask, query, key, module, is_causal, kwargs):
-    """(mask, q_offset) for a layer that got no HFMask: None, or a 4-D tensor built elsewhere."""
-    Lq, Lk = query.shape[-2], key.shape[-2]
+    """(mask, score_mod) for a layer that got no HFMask: None, or a 4-D tensor built elsewhere."""
+    Lq = query.shape[-2]
     if attention_mask is None:
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         if causal and Lq > 1:
@@ -279,7 +279,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
                       is_causal=None, **kwargs):
     """transformers' attention interface: (attn_output (B, Lq, Hq, Dv), attn_weights or None)."""
     _check_kwargs(kwargs, module)
-    B, Lq, Lk = query.shape[0], query.shape[-2], key.shape[-2]
+    B, Lk = query.shape[0], key.shape[-2]
     extra_mod = None
     if isinstance(attention_mask, HFMask):
         if attention_mask.kv_length != Lk:
