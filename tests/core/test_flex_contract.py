@@ -44,33 +44,28 @@ def flex(q, k, v, **kw):
 
 
 @contextlib.contextmanager
+def _tiled_attribute(name, value):
+    """`tiled` with one attribute set for the block, and its own value (or the class's) after."""
+    be = registry.get("tiled")
+    saved = be.__dict__.get(name)
+    setattr(be, name, value)
+    try:
+        yield
+    finally:
+        if saved is None:
+            delattr(be, name)
+        else:
+            setattr(be, name, saved)
+
+
 def small_tiles(block=(16, 8)):
     """`tiled` with tiles smaller than the call, so mods are evaluated tile by tile."""
-    be = registry.get("tiled")
-    saved = be.__dict__.get("block")
-    be.block = block
-    try:
-        yield
-    finally:
-        if saved is None:
-            del be.block
-        else:
-            be.block = saved
+    return _tiled_attribute("block", block)
 
 
-@contextlib.contextmanager
 def _engine(engine):
     """`tiled` with this engine ("auto": torch's fused kernel per tile run where it applies; "generic")."""
-    be = registry.get("tiled")
-    saved = be.__dict__.get("engine")
-    be.engine = engine
-    try:
-        yield
-    finally:
-        if saved is None:
-            del be.engine
-        else:
-            be.engine = saved
+    return _tiled_attribute("engine", engine)
 
 
 def backends(kind: str):
