@@ -43,7 +43,8 @@ def test_tiny_run_writes_json_and_markdown(tiny):
 
     md = (out / "attention.md").read_text()
     assert md.startswith("# qkv attention benchmark")
-    assert sum(line.startswith("| causal | 256 | fwd") for line in md.splitlines()) == 2  # fwd and fwd+bwd
+    # fwd and fwd+bwd, in the main table and in the efficiency table
+    assert sum(line.startswith("| causal | 256 | fwd") for line in md.splitlines()) == 4
 
 
 def test_tiny_run_measures_every_cell(tiny):
@@ -59,9 +60,56 @@ def test_tiny_run_measures_every_cell(tiny):
         assert (r["sdpa_mask_ms"] is None) == (r["case"] == "causal")
         if r["pass"] == "fwd":
             assert r["qkv_first_ms"] > 0 and r["qkv_block_mask_ms"] > 0 and r["first_call_ratio"] is None
-            assert 0 < r["efficiency"] and r["tiled_gflops"] > 0
-            assert r["tiled_flops"] == 4 * bench.D * r["live_pairs"]
+            assert 0 < r["tiled_vs_bmm"] and r["tiled_live_gflops"] > 0
+            assert r["live_tile_flops"] == 4 * bench.D * r["live_pairs"]
     assert result["matmul"]["gflops"] > 0
+
+
+def test_tiny_run_efficiency_is_useful_flops_over_the_gemm_rate(tiny):
+    _, result = tiny
+    gemm = result["gemm"]
+    assert gemm["n"] == bench.GEMM_N and gemm["flops"] == 2 * bench.GEMM_N ** 3 and gemm["op"] == "torch.mm"
+    assert gemm["threads"] == torch.get_num_threads() and gemm["dtype"] == "float32"
+    assert gemm["start"]["gflops"] > 0 and gemm["end"]["gflops"] > 0
+    assert gemm["gflops"] == round((gemm["start"]["gflops"] + gemm["end"]["gflops"]) / 2, 2)
+    L = 256
+    for r in result["rows"]:
+        # the allowed pairs of the case's mask, over batch and heads, the same in both passes
+        dense = bench.make_case(r["case"], L).qkv_mask().to_dense(L, L)[0, 0]          # (L, L)
+        assert r["allowed_pairs"] == int(dense.sum()) * bench.B * bench.H
+        assert r["density"] == round(r["allowed_pairs"] / (bench.B * bench.H * L * L), 6)
+        fwd_flops = 4 * bench.D * r["allowed_pairs"]
+        assert r["useful_flops"] == (fwd_flops if r["pass"] == "fwd" else fwd_flops * 7 // 2)
+        for name in bench.IMPLS:
+            ms = r[f"{name}_ms"]
+            if ms is None:  # flex is off here
+                assert r[f"{name}_useful_gflops"] is None and r[f"{name}_vs_gemm"] is None
+                continue
+            gflops = r[f"{name}_useful_gflops"]
+            assert gflops == round(r["useful_flops"] / (ms / 1e3) / 1e9, 2) and gflops > 0
+            assert r[f"{name}_vs_gemm"] == round(gflops / gemm["gflops"], 3), (r["case"], r["pass"], name)
+        if r["pass"] == "fwd":  # the old ratio: executed tiles over the attention-shaped bmm
+            assert r["tiled_vs_bmm"] == round(r["tiled_live_gflops"] / result["matmul"]["gflops"], 3)
+            assert r["live_pairs"] >= r["allowed_pairs"]
+        else:
+            assert "tiled_vs_bmm" not in r
+    eff_goals = [g for g in result["goals"] if g["goal"].startswith("efficiency")]
+    assert {(g["case"], g["pass"]) for g in eff_goals} == {(c, p) for c in ("causal", "document")
+                                                           for p in bench.PASSES}
+    for g in eff_goals:
+        assert g["target"] == 0.75 and "square GEMM" in g["goal"]
+        row = next(r for r in result["rows"] if (r["case"], r["pass"]) == (g["case"], g["pass"]))
+        assert g["measured"] == row["tiled_vs_gemm"]
+
+    for markdown in (False, True):
+        text = bench.render(result, markdown=markdown)
+        for column in ("tiled/gemm", "auto/gemm", "sdpa/gemm", "flex/gemm", "tiles/bmm", "allowed",
+                       "useful GFLOP", "tiled GFLOP/s"):
+            assert column in text, (markdown, column)
+        assert f"GEMM rate (every 'X/gemm' divides by it): {gemm['gflops']:.1f} GFLOP/s" in text
+        assert f"torch.mm ({bench.GEMM_N}, {bench.GEMM_N}) x ({bench.GEMM_N}, {bench.GEMM_N}) fp32" in text
+        assert f"{gemm['threads']} torch threads" in text
+        assert f"start {gemm['start']['gflops']:.1f} and end {gemm['end']['gflops']:.1f}" in text
 
 
 def test_tiny_run_agrees_and_states_goals(tiny):
@@ -95,6 +143,48 @@ def test_live_pairs_counts_the_tiles_tiled_executes():
     # a length that is not a multiple of the tile: the last row and column of tiles are clipped
     pairs, _ = bench.live_pairs(qkv.masks.causal(), 200, (128, 128))
     assert pairs == (128 * 128 + 72 * 128 + 72 * 72) * bench.H
+
+
+def test_live_pairs_are_executed_tiles_not_allowed_pairs():
+    # causal at L=256, 128x128 tiles: 3 live tiles of 128 x 128, of which L (L + 1) / 2 pairs may attend
+    live, _ = bench.live_pairs(qkv.masks.causal(), 256, (128, 128))
+    allowed = bench.allowed_pairs(qkv.masks.causal(), 256)
+    assert allowed == 256 * 257 // 2 * bench.B * bench.H < live
+
+
+@pytest.mark.parametrize("L", [300, 1024])
+@pytest.mark.parametrize("name", bench.CASES)
+def test_allowed_pairs_match_a_brute_force_count(name, L):
+    mask = bench.make_case(name, L).qkv_mask()
+    brute = int(mask.to_dense(L, L, B=bench.B, H=bench.H).sum())          # every (b, h, q, kv) element
+    assert bench.allowed_pairs(mask, L) == brute
+    # in bands of a few rows (the last one short), and with other batch and head counts
+    assert bench.allowed_pairs(mask, L, chunk=7 * L) == brute
+    assert bench.allowed_pairs(mask, L, batch=2, heads=3, chunk=5 * L + 1) == brute // (bench.B * bench.H) * 6
+
+
+def test_allowed_pairs_count_masks_that_depend_on_batch_and_heads():
+    valid = torch.tensor([300, 170])                                      # (2,) valid keys per batch
+    mask = qkv.masks.padding(valid) & qkv.masks.causal()
+    L = 300
+    assert bench.allowed_pairs(mask, L, batch=2, heads=3, chunk=64 * L) == int(
+        mask.to_dense(L, L, B=2, H=3).sum())
+
+
+def test_useful_flops_count_two_matmuls_forward_and_3_5x_with_the_backward():
+    assert bench.useful_flops(10, "fwd") == 4 * bench.D * 10
+    assert bench.useful_flops(10, "fwd+bwd") == 14 * bench.D * 10
+    assert bench.useful_flops(3, "fwd", d=32) == 3 * 4 * 32
+    with pytest.raises(ValueError, match="unknown pass"):
+        bench.useful_flops(10, "bwd")
+
+
+def test_gemm_rate_is_a_square_matmul_of_2n3_flops():
+    assert bench.gemm_flops(2048) == 2 * 2048 ** 3 and bench.gemm_flops(3) == 54
+    rate = bench.gemm_rate(0.05, n=128)
+    assert rate["flops"] == 2 * 128 ** 3 and rate["shape"] == "(128, 128) x (128, 128)"
+    assert rate["gflops"] > 0 and rate["ms"] > 0 and rate["runs"] >= 1
+    assert rate["threads"] == torch.get_num_threads() and rate["op"] == "torch.mm"
 
 
 @pytest.mark.parametrize("name", bench.CASES)

@@ -25,16 +25,55 @@ length L (4k, 16k, 32k; --quick: 1k, 4k) and pass (forward; forward+backward):
   backward Flex cannot run on this device.
 
 Also: qkv's first call with a fresh mask object (its BlockMask cache is empty, so the
-tile classification is included) against Flex's first call; the machine's matmul
-rate (a (8, 2048, 64) x (8, 64, 2048) fp32 bmm) and tiled's efficiency: the FLOPs of
-the tiles it executes (4 * D * (q, kv) pairs in FULL and PARTIAL tiles, per batch and
-head) per second, as a fraction of that rate; agreement of every contender with sdpa
-at L = 4096; and the memory case (L = 131072, causal, forward+backward, tiled) in a
-fresh subprocess, whose peak RSS (VmHWM on Linux: see `_memory_child`) is compared with
-the bytes of q, k, v, out and their gradients.
+tile classification is included) against Flex's first call; agreement of every contender
+with sdpa at L = 4096; and the memory case (L = 131072, causal, forward+backward, tiled)
+in a fresh subprocess, whose peak RSS (VmHWM on Linux: see `_memory_child`) is compared
+with the bytes of q, k, v, out and their gradients.
 
-Ratios are speed-ups of tiled (or auto): the other's ms / tiled's ms, so > 1 means
-tiled is faster. Timings are for reading; nothing here passes or fails a test.
+Efficiency: useful FLOP/s over the machine's real limit, a square fp32 GEMM.
+
+- GEMM rate (`gemm_rate`): GFLOP/s of `torch.mm` on (2048, 2048) x (2048, 2048) fp32
+  (2 n^3 FLOPs, n = 2048) at the current torch thread count, measured at the start and
+  at the end of the same run; the mean of the two is the rate every ratio divides by
+  (both are reported, so drift shows).
+- allowed pairs (`allowed_pairs`): the (b, h, q, kv) elements the mask lets attend,
+  counted exactly by evaluating the mask in bands of query rows (never L x L at once),
+  once per (case, L) and kept in both of its rows. Not the executed tiles: the masked
+  elements inside PARTIAL tiles do not count.
+- useful FLOPs: allowed pairs x 4 x D for the forward (QK^T and PV, 2 FLOPs each per
+  pair and head dim); the backward counts 2.5x the forward, so forward+backward is
+  3.5x. The same count for every contender: work a contender does on masked elements
+  (sdpa's dense mask, tiles' masked corners) is not useful.
+- "X/gemm" (`X_vs_gemm`, X in tiled, auto, sdpa, flex): X's useful FLOP/s (useful FLOPs
+  / X ms) divided by the GEMM rate, per pass. "tiled/gemm" is the efficiency figure
+  the goals judge (>= 75% at L = 16384 for every case, forward and forward+backward).
+- "tiles/bmm" (`tiled_vs_bmm`, forward only): the former "eff". Tiled's FLOP/s of the
+  tiles it executes (4 * D * (q, kv) pairs of FULL and PARTIAL tiles, `live_pairs`)
+  over the rate of an attention-shaped fp32 bmm, (8, 2048, 64) x (8, 64, 2048)
+  (`matmul_rate`, mean of start and end). That bmm is memory-bound, well below the
+  machine's limit, so this ratio can exceed 100%; it says how tiled's tiles compare
+  with one head-batched QK^T, not how close tiled is to the machine.
+
+The columns of the main table (one row per case, L and pass):
+
+    tiled ms, auto ms, sdpa ms, flex ms   median wall time of the pass (flex 'no bwd': Flex
+                                          has no backward on this device; 'n/a': not run)
+    mask ms        building sdpa's dense mask ('-' for plain causal); not in sdpa ms
+    vs flex, vs sdpa   flex ms / tiled ms, sdpa ms / tiled ms (> 1: tiled faster)
+    auto vs sdpa   sdpa ms / auto ms
+    qkv 1st ms, flex 1st ms, 1st ratio   (forward rows) first calls, BlockMask (and
+                   Flex's block mask + compile) included; 1st ratio = flex 1st / qkv 1st
+    tiled/gemm     tiled's useful FLOP/s / the GEMM rate (the efficiency figure)
+
+and of the efficiency table (same rows):
+
+    allowed        allowed (q, kv) pairs as a share of all L x L
+    useful GFLOP   useful FLOPs of the pass, over batch and heads, in 10^9
+    tiled GFLOP/s  tiled's useful FLOP/s
+    tiled/gemm, auto/gemm, sdpa/gemm, flex/gemm   each contender's useful FLOP/s / GEMM rate
+    tiles/bmm      (forward rows) tiled's executed-tile FLOP/s / the attention-shaped bmm rate
+
+Timings are for reading; nothing here passes or fails a test.
 """
 
 from __future__ import annotations
@@ -61,8 +100,8 @@ from qkv.masks import EMPTY, FULL, PARTIAL
 from qkv.tools.harness import (bench_main, format_machine, format_table, machine_info, median_ms, ratio,
                                reset_peak, rounded, ru_maxrss_bytes, status_bytes, write_results)
 
-__all__ = ["run", "main", "CASES", "make_case", "document_ids", "live_pairs", "measure", "matmul_rate",
-           "memory_case", "render", "evaluate_goals"]
+__all__ = ["run", "main", "CASES", "make_case", "document_ids", "live_pairs", "allowed_pairs", "useful_flops",
+           "measure", "matmul_rate", "gemm_flops", "gemm_rate", "memory_case", "render", "evaluate_goals"]
 
 B, H, D = 1, 8, 64
 DTYPE = torch.float32
@@ -77,6 +116,10 @@ AGREE_LENGTH = 4096      # the length agreement is checked at (else the shortest
 MEMORY_LENGTH = 131072
 PASSES = ("fwd", "fwd+bwd")
 IMPLS = ("tiled", "auto", "sdpa", "flex")
+GEMM_N = 2048            # the square GEMM of the machine's rate: (n, n) x (n, n) fp32
+BWD_FACTOR = 2.5         # useful backward FLOPs per forward FLOP: fwd+bwd counts 3.5x the forward
+EFFICIENCY_GOAL = 0.75   # tiled's useful FLOP/s over the square GEMM rate, every case, both passes
+PAIR_CHUNK = 1 << 22     # mask elements evaluated at once when counting allowed pairs
 
 
 # ----------------------------------------------------------------------------
@@ -179,13 +222,35 @@ def matmul_rate(budget_s: float = 2.0) -> dict:
             "gflops": round(flops / (ms / 1e3) / 1e9, 2)}
 
 
+def gemm_flops(n: int) -> int:
+    """FLOPs of one (n, n) x (n, n) matrix product: n^2 outputs of n multiply-adds, 2 n^3."""
+    return 2 * n ** 3
+
+
+def gemm_rate(budget_s: float = 2.0, n: int = GEMM_N) -> dict:
+    """GFLOP/s of a square fp32 `torch.mm`, (n, n) x (n, n), at the current torch thread count:
+    the machine's compute limit that useful FLOP/s are divided by. Warmed once, then `measure`."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g)                                         # (n, n)
+    b = torch.randn(n, n, generator=g)                                         # (n, n)
+    flops = gemm_flops(n)
+    torch.mm(a, b)
+    _, ms, runs, _ = measure(lambda: torch.mm(a, b), budget_s, max_runs=15)
+    return {"shape": f"({n}, {n}) x ({n}, {n})", "n": n, "dtype": "float32", "op": "torch.mm",
+            "threads": torch.get_num_threads(), "flops": flops, "ms": round(ms, 3), "runs": runs,
+            "gflops": round(flops / (ms / 1e3) / 1e9, 2)}
+
+
 # ----------------------------------------------------------------------------
 # Work done: live (q, kv) pairs of the tiles tiled executes
 # ----------------------------------------------------------------------------
 
 def live_pairs(mask, L: int, block: tuple[int, int]) -> tuple[int, dict]:
     """(q, kv) pairs in the FULL and PARTIAL tiles tiled computes, summed over batch and heads,
-    and the tile counts. Heads run together in tiled, so a tile is live if it is for any head."""
+    and the tile counts. Heads run together in tiled, so a tile is live if it is for any head.
+
+    These are *executed* pairs: a PARTIAL tile counts whole, its masked elements included.
+    The useful work is `allowed_pairs`."""
     bq, bk = block
     bm = mask.block_mask(L, L, block=(bq, bk), B=B, H=H, q_offset=0)
     kind = bm.kind                                                            # (B', H', nQ, nK)
@@ -197,6 +262,37 @@ def live_pairs(mask, L: int, block: tuple[int, int]) -> tuple[int, dict]:
     counts = {"EMPTY": int((kind == EMPTY).sum()), "PARTIAL": int((kind == PARTIAL).sum()),
               "FULL": int((kind == FULL).sum())}
     return pairs, counts
+
+
+def allowed_pairs(mask, L: int, *, batch: int = B, heads: int = H, chunk: int = PAIR_CHUNK) -> int:
+    """(b, h, q, kv) elements `mask` lets attend in an L x L call (q_offset 0), summed over
+    `batch` and `heads`: exact, from the mask itself (not its tile classification).
+
+    The mask is evaluated a band of about `chunk // L` query rows at a time, so memory stays
+    at one band (L = 16384: 256 rows, 4M booleans) whatever L is. A dimension the mask does
+    not depend on comes back with size 1 (`qkv.masks.evaluate`) and is counted by multiplying.
+    """
+    rows = max(1, chunk // max(1, L))
+    total = 0
+    for r0 in range(0, L, rows):
+        n = min(rows, L - r0)
+        m = qkv.masks.evaluate(mask, batch, heads, n, L, q_offset=r0)      # broadcastable to (B, H, n, L)
+        while m.dim() < 4:
+            m = m.unsqueeze(0)
+        m = m.expand(m.shape[0], m.shape[1], n, L)                          # (B' or 1, H' or 1, n, L)
+        total += int(m.sum()) * (batch // m.shape[0]) * (heads // m.shape[1])
+    return total
+
+
+def useful_flops(pairs: int, pass_: str, d: int = D) -> int:
+    """Useful FLOPs of one pass over `pairs` allowed (q, kv) pairs: 4 * d a pair forward (QK^T and
+    PV, 2 FLOPs per multiply-add); forward+backward 3.5x that (the backward counts 2.5x)."""
+    fwd = 4 * d * pairs
+    if pass_ == "fwd":
+        return fwd
+    if pass_ == "fwd+bwd":
+        return int(fwd * (1 + BWD_FACTOR))
+    raise ValueError(f"unknown pass {pass_!r}; choose from {', '.join(PASSES)}")
 
 
 # ----------------------------------------------------------------------------
@@ -363,6 +459,9 @@ def _bench_case(case: Case, L: int, flex: _Flex, *, budget_s: float, check: bool
     tiled_block = tuple(qkv.backends.get("tiled").block)
     first = _qkv_first_call(case, L, q, k, v, tiled_block)
     first["pairs"], first["tiles"] = live_pairs(case.qkv_mask(), L, tiled_block)
+    t0 = time.perf_counter()
+    first["allowed"] = allowed_pairs(case.qkv_mask(), L)   # once per (case, L), kept in both rows
+    first["allowed_ms"] = (time.perf_counter() - t0) * 1e3
     attns, dense, mask_ms = _contenders(case, L, budget_s)
     flex_first = _flex_first_call(case, L, flex, q, k, v, log)
 
@@ -484,8 +583,17 @@ def _flex_cell(flex: _Flex, row: dict, p: str, tensors, budget_s: float, log):
 
 
 def _row_summary(row: dict, mask_ms: float | None, first: dict, flex_first) -> None:
-    """The row's ratios; for the forward pass also the first calls, the live tiles and tiled's FLOP rate."""
+    """The row's ratios and every contender's useful FLOP/s; for the forward pass also the first calls,
+    the live tiles and tiled's FLOP rate over them. (The rates' ratios come in `_efficiency`.)"""
     row["sdpa_mask_ms"] = None if mask_ms is None else round(mask_ms, 3)
+    L = row["L"]
+    row["allowed_pairs"] = first["allowed"]
+    row["allowed_pairs_ms"] = round(first["allowed_ms"], 1)
+    row["density"] = round(first["allowed"] / (B * H * L * L), 6)
+    row["useful_flops"] = useful_flops(first["allowed"], row["pass"])
+    for name in IMPLS:
+        ms = row[f"{name}_ms"]
+        row[f"{name}_useful_gflops"] = None if ms is None else round(row["useful_flops"] / (ms / 1e3) / 1e9, 2)
     row["speedup_vs_flex"] = _ratio(row["flex_ms"], row["tiled_ms"])
     row["speedup_vs_sdpa"] = _ratio(row["sdpa_ms"], row["tiled_ms"])
     row["auto_vs_sdpa"] = _ratio(row["sdpa_ms"], row["auto_ms"])
@@ -497,8 +605,18 @@ def _row_summary(row: dict, mask_ms: float | None, first: dict, flex_first) -> N
         row["first_call_ratio"] = _ratio(row["flex_first_ms"], row["qkv_first_ms"])
         pairs = first["pairs"]
         flops = 4 * D * pairs
-        row["live_pairs"], row["tiles"], row["tiled_flops"] = pairs, first["tiles"], flops
-        row["tiled_gflops"] = round(flops / (row["tiled_ms"] / 1e3) / 1e9, 2)
+        row["live_pairs"], row["tiles"], row["live_tile_flops"] = pairs, first["tiles"], flops
+        row["tiled_live_gflops"] = round(flops / (row["tiled_ms"] / 1e3) / 1e9, 2)
+
+
+def _efficiency(rows: Sequence[dict], gemm_gflops: float, bmm_gflops: float) -> None:
+    """Into every row: each contender's useful FLOP/s over the GEMM rate (`X_vs_gemm`, None where X did
+    not run); into forward rows: tiled's executed-tile FLOP/s over the bmm rate (`tiled_vs_bmm`)."""
+    for r in rows:
+        for name in IMPLS:
+            r[f"{name}_vs_gemm"] = _ratio(r[f"{name}_useful_gflops"], gemm_gflops)
+        if r["pass"] == "fwd":
+            r["tiled_vs_bmm"] = _ratio(r["tiled_live_gflops"], bmm_gflops)
 
 
 def _agreement(outputs: dict, flex_first, L: int) -> dict:
@@ -537,7 +655,8 @@ def _fmt_x(r) -> str:
 
 def _progress(r: dict) -> str:
     return (f"{r['label']:<30} L={r['L']:<6} {r['pass']:<7} tiled {_fmt_ms(r['tiled_ms'])} ms, "
-            f"auto {_fmt_ms(r['auto_ms'])} ms, sdpa {_fmt_ms(r['sdpa_ms'])} ms, flex {_fmt_ms(r['flex_ms'])} ms")
+            f"auto {_fmt_ms(r['auto_ms'])} ms, sdpa {_fmt_ms(r['sdpa_ms'])} ms, flex {_fmt_ms(r['flex_ms'])} ms; "
+            f"tiled {r['tiled_useful_gflops']:.1f} useful GFLOP/s")
 
 
 # ----------------------------------------------------------------------------
@@ -574,9 +693,10 @@ def evaluate_goals(rows: Sequence[dict], memory: dict | None, goal_L: int) -> li
             if both is not None:
                 goals.append(_goal("masked fwd+bwd: tiled >= 3x SDPA with dense mask", case, goal_L, "fwd+bwd",
                                    both["speedup_vs_sdpa"], 3.0))
-        if fwd is not None:
-            goals.append(_goal("efficiency: tiled FLOP/s >= 70% of the matmul rate", case, goal_L, "fwd",
-                               fwd.get("efficiency"), 0.70))
+        for r in (fwd, both):
+            if r is not None:
+                goals.append(_goal(f"efficiency: tiled useful FLOP/s >= {EFFICIENCY_GOAL:.0%} of the square "
+                                   "GEMM rate", case, goal_L, r["pass"], r.get("tiled_vs_gemm"), EFFICIENCY_GOAL))
     if memory is not None:
         goals.append(_goal("memory: causal fwd+bwd peak extra <= 2x bytes of q,k,v,out,grads", "causal",
                            memory.get("L"), "fwd+bwd", memory.get("extra_ratio"), 2.0, "<="))
@@ -584,7 +704,11 @@ def evaluate_goals(rows: Sequence[dict], memory: dict | None, goal_L: int) -> li
 
 
 _MAIN_HEADER = ("case", "L", "pass", "tiled ms", "auto ms", "sdpa ms", "mask ms", "flex ms", "vs flex",
-                "vs sdpa", "auto vs sdpa", "qkv 1st ms", "flex 1st ms", "1st ratio", "eff")
+                "vs sdpa", "auto vs sdpa", "qkv 1st ms", "flex 1st ms", "1st ratio", "tiled/gemm")
+
+
+def _fmt_pct(x) -> str:
+    return "n/a" if x is None else f"{x:.0%}"
 
 
 def _main_cells(rows: Sequence[dict]) -> list[list[str]]:
@@ -599,7 +723,24 @@ def _main_cells(rows: Sequence[dict]) -> list[list[str]]:
             _fmt_x(r["speedup_vs_flex"]), _fmt_x(r["speedup_vs_sdpa"]), _fmt_x(r["auto_vs_sdpa"]),
             _fmt_ms(r["qkv_first_ms"]) if fwd else "-", _fmt_ms(r["flex_first_ms"]) if fwd else "-",
             _fmt_x(r["first_call_ratio"]) if fwd else "-",
-            f"{r['efficiency']:.0%}" if fwd and r.get("efficiency") is not None else "-",
+            _fmt_pct(r.get("tiled_vs_gemm")),
+        ])
+    return body
+
+
+_EFF_HEADER = ("case", "L", "pass", "allowed", "useful GFLOP", "tiled GFLOP/s", "tiled/gemm", "auto/gemm",
+               "sdpa/gemm", "flex/gemm", "tiles/bmm")
+
+
+def _eff_cells(rows: Sequence[dict]) -> list[list[str]]:
+    body = []
+    for r in rows:
+        rate = r["tiled_useful_gflops"]
+        body.append([
+            r["label"], str(r["L"]), r["pass"], f"{r['density']:.1%}", _fmt_ms(r["useful_flops"] / 1e9),
+            "n/a" if rate is None else f"{rate:.1f}",
+            *(_fmt_pct(r.get(f"{name}_vs_gemm")) for name in IMPLS),
+            _fmt_pct(r.get("tiled_vs_bmm")) if r["pass"] == "fwd" else "-",
         ])
     return body
 
@@ -628,11 +769,15 @@ _AGREE_HEADER = ("case", "L", "tiled", "auto", "flex", "tiled grads", "auto grad
 
 
 def _notes(result: dict) -> list[str]:
+    gm = result["gemm"]
     mm = result["matmul"]
     fl = result["flex"]
     notes = [
-        f"matmul rate: {mm['gflops']:.1f} GFLOP/s ({mm['shape']} fp32 bmm; "
-        f"start {mm['start']['gflops']:.1f}, end {mm['end']['gflops']:.1f})",
+        (f"GEMM rate (every 'X/gemm' divides by it): {gm['gflops']:.1f} GFLOP/s, the mean of start "
+         f"{gm['start']['gflops']:.1f} and end {gm['end']['gflops']:.1f}; {gm['op']} {gm['shape']} fp32, "
+         f"2n^3 = {gm['flops'] / 1e9:.1f} GFLOP a call, {gm['threads']} torch threads"),
+        (f"attention-shaped bmm rate (only 'tiles/bmm' divides by it): {mm['gflops']:.1f} GFLOP/s, the mean "
+         f"of start {mm['start']['gflops']:.1f} and end {mm['end']['gflops']:.1f}; {mm['shape']} fp32 bmm"),
         f"flex: {fl['status']}; backward: {fl['backward']}; compile cache: {fl['cache']}",
     ]
     mem = result["memory"]
@@ -650,14 +795,22 @@ def _notes(result: dict) -> list[str]:
 
 
 _LEGEND = ("ms: median of a few calls after a warm-up (one call when it takes half the budget); "
-           "flex 'no bwd': FlexAttention has no backward on this device; 'vs X' = X ms / tiled ms (> 1: tiled faster); 'auto vs sdpa' = sdpa ms / auto ms; "
-           "mask ms: building sdpa's dense mask, not in sdpa ms; 1st: first call, BlockMask (and Flex's "
-           "compile) included, '1st ratio' = flex 1st / qkv 1st; eff: tiled fwd FLOP/s of live tiles / matmul rate")
+           "flex 'no bwd': FlexAttention has no backward on this device; 'vs X' = X ms / tiled ms (> 1: tiled "
+           "faster); 'auto vs sdpa' = sdpa ms / auto ms; mask ms: building sdpa's dense mask, not in sdpa ms; "
+           "1st: first call, BlockMask (and Flex's compile) included, '1st ratio' = flex 1st / qkv 1st; "
+           "tiled/gemm: tiled's useful FLOP/s / the square GEMM rate (see the efficiency table)")
+
+_EFF_LEGEND = ("useful FLOPs = allowed (q, kv) pairs (counted from the mask, over batch and heads) x 4 x D "
+               "forward, x 3.5 forward+backward (the backward counts 2.5x); allowed: those pairs / (B H L^2); "
+               "'X/gemm' = X's useful FLOP/s / the square GEMM rate (notes); 'tiles/bmm' (fwd): tiled's FLOP/s "
+               "over every pair of the tiles it executes / the attention-shaped bmm rate (memory-bound, so it "
+               "can pass 100%)")
 
 
 def render(result: dict, *, markdown: bool = False) -> str:
     """The result as text (or Markdown): main table, goals, agreement, notes."""
     main = format_table(_MAIN_HEADER, _main_cells(result["rows"]), left=(0, 2), markdown=markdown)
+    eff = format_table(_EFF_HEADER, _eff_cells(result["rows"]), left=(0, 2), markdown=markdown)
     goals = format_table(_GOAL_HEADER, _goal_cells(result["goals"]), left=(0, 1, 3, 6), markdown=markdown)
     agree = (format_table(_AGREE_HEADER, _agreement_cells(result["agreement"]), markdown=markdown)
              if result["agreement"] else "(not checked)")
@@ -667,11 +820,13 @@ def render(result: dict, *, markdown: bool = False) -> str:
             f"# qkv attention benchmark{' (quick)' if result['quick'] else ''}", "",
             format_machine(result["machine"]) + ".", "",
             "B=1, H=8, D=64, fp32. " + _LEGEND + ".", "", main, "",
+            "## Useful FLOP/s over the square GEMM rate", "", _EFF_LEGEND + ".", "", eff, "",
             f"## Goals (judged at L = {result['config']['goal_length']})", "", goals, "",
             "## Agreement with sdpa (max |diff|)", "", agree, "",
             *[f"- {n}" for n in notes], "",
         ])
-    return "\n".join([main, "", _LEGEND, "", f"goals (judged at L = {result['config']['goal_length']}):", goals, "",
+    return "\n".join([main, "", _LEGEND, "", "useful FLOP/s over the square GEMM rate:", eff, "", _EFF_LEGEND, "",
+                      f"goals (judged at L = {result['config']['goal_length']}):", goals, "",
                       "agreement with sdpa (max |diff|):", agree, "", *notes])
 
 
@@ -682,11 +837,12 @@ def render(result: dict, *, markdown: bool = False) -> str:
 def run(out_dir="runs/bench", quick: bool = False, *, lengths: Sequence[int] | None = None,
         cases: Sequence[str] = CASES, flex: bool = True, memory: bool = True, budget_s: float | None = None,
         memory_length: int = MEMORY_LENGTH, flex_timeout_s: float = 120.0, seed: int = 0,
-        verbose: bool = True) -> dict:
+        gemm_n: int = GEMM_N, verbose: bool = True) -> dict:
     """Run the attention benchmark; print the tables; write attention.json and attention.md.
 
-    `quick`: L in {1024, 4096}, a shorter budget per measurement, no memory case.
-    Returns what was written to attention.json.
+    `quick`: L in {1024, 4096}, a shorter budget per measurement, no memory case. The square GEMM
+    (n = `gemm_n`, 2048 in both modes) and the bmm rates are measured at the start and the end, with a
+    budget of min(2 s, `budget_s`) each. Returns what was written to attention.json.
     """
     lengths = tuple(lengths) if lengths else (QUICK_LENGTHS if quick else LENGTHS)
     for L in lengths:
@@ -712,8 +868,12 @@ def run(out_dir="runs/bench", quick: bool = False, *, lengths: Sequence[int] | N
     for be in ("tiled", "auto", "sdpa"):
         _pass_fn(lambda a, b, c: qkv.attention(a, b, c, causal=True, backend=be), *w, "fwd+bwd")()
 
-    mm_start = matmul_rate()
-    log(f"matmul rate: {mm_start['gflops']:.1f} GFLOP/s ({mm_start['shape']}, fp32 bmm)")
+    rate_budget_s = min(2.0, budget_s)
+    gemm_start = gemm_rate(rate_budget_s, gemm_n)
+    mm_start = matmul_rate(rate_budget_s)
+    log(f"square GEMM rate: {gemm_start['gflops']:.1f} GFLOP/s ({gemm_start['op']} {gemm_start['shape']} fp32, "
+        f"{gemm_start['threads']} threads); attention-shaped bmm: {mm_start['gflops']:.1f} GFLOP/s "
+        f"({mm_start['shape']})")
 
     fx = _Flex(flex, flex_timeout_s)
     rows, agreement, case_info = [], {}, {}
@@ -729,11 +889,13 @@ def run(out_dir="runs/bench", quick: bool = False, *, lengths: Sequence[int] | N
                     agreement[name] = agree
                 if case.info:
                     case_info.setdefault(name, {})[str(L)] = case.info
-    mm_end = matmul_rate()
-    rate = max(mm_start["gflops"], mm_end["gflops"])  # the machine's capability; noise only slows it
-    for r in rows:
-        if r["pass"] == "fwd":
-            r["efficiency"] = round(r["tiled_gflops"] / rate, 3)
+    gemm_end = gemm_rate(rate_budget_s, gemm_n)
+    mm_end = matmul_rate(rate_budget_s)
+    log(f"square GEMM rate at the end: {gemm_end['gflops']:.1f} GFLOP/s; bmm: {mm_end['gflops']:.1f} GFLOP/s")
+    # the rates every ratio divides by: the mean of start and end (both kept, so drift shows)
+    gemm = round((gemm_start["gflops"] + gemm_end["gflops"]) / 2, 2)
+    rate = round((mm_start["gflops"] + mm_end["gflops"]) / 2, 2)
+    _efficiency(rows, gemm, rate)
 
     if memory:
         log(f"memory case: L={memory_length}, causal, fwd+bwd, tiled, in a fresh process ...")
@@ -759,8 +921,14 @@ def run(out_dir="runs/bench", quick: bool = False, *, lengths: Sequence[int] | N
                    "window": WINDOW, "prefix": PREFIX, "n_docs": N_DOCS, "case_info": case_info, "seed": seed,
                    "budget_s": budget_s,
                    "goal_length": goal_L, "agree_length": agree_L,
-                   "tiled_block": list(qkv.backends.get("tiled").block), "passes": list(PASSES)},
-        "matmul": {"shape": mm_start["shape"], "dtype": "float32", "gflops": rate, "start": mm_start, "end": mm_end},
+                   "tiled_block": list(qkv.backends.get("tiled").block), "passes": list(PASSES),
+                   "useful_flops": f"allowed (q, kv) pairs x 4 x D forward; x {1 + BWD_FACTOR:g} forward+backward",
+                   "efficiency_goal": EFFICIENCY_GOAL},
+        "gemm": {"shape": gemm_start["shape"], "n": gemm_n, "op": gemm_start["op"], "dtype": "float32",
+                 "threads": gemm_start["threads"], "flops": gemm_start["flops"], "gflops": gemm,
+                 "rule": "mean of start and end", "start": gemm_start, "end": gemm_end},
+        "matmul": {"shape": mm_start["shape"], "dtype": "float32", "gflops": rate, "rule": "mean of start and end",
+                   "start": mm_start, "end": mm_end},
         "flex": {"status": status, "compiled": fx.compiled_once, "error": fx.error if flex else None,
                  "backward": backward, "cache": cache_state, "timeout_s": flex_timeout_s},
         "rows": rows, "agreement": agreement, "memory": mem, "goals": goals,
