@@ -18,6 +18,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e ".[dev,pretrained]"
+	@# compile the CPU decode kernels ahead (~20 s), so no process meets numba's compiler
+	$(PY) -m qkv.kernels.build
 	touch $@
 
 demo: install

@@ -7,6 +7,11 @@ from __future__ import annotations
 
 import os
 
+# the CPU decode kernels compile (or load) on first use in the process that uses them, as they
+# always did, rather than in the background: every run then takes the same path (the tests of
+# the background build, tests/cache/test_kernel_cache.py, set their own QKV_NUMBA)
+os.environ.setdefault("QKV_NUMBA", "wait")
+
 import pytest
 import torch
 from hypothesis import settings

@@ -172,8 +172,12 @@ def _cmd_generate(args) -> int:
     print()
     if stats.get("steps"):
         decode_tps = (stats["new_tokens"] - 1) / stats["decode_s"] if stats["decode_s"] > 0 else float("nan")
+        path = {"loaded": "CPU kernels", "held": "torch path: the CPU kernels would not pay for their load here",
+                "building": "torch path: CPU kernels compiling in the background",
+                "at exit": "torch path: CPU kernels compile in the background after this run, for later runs"}.get(
+                    stats.get("kernels"), "torch path")
         print(f"[{len(new)} tokens; prefill {len(ids)} tokens in {stats['prefill_s']:.2f} s; "
-              f"decode {decode_tps:.1f} tokens/s; {args.cache} cache]", file=sys.stderr)
+              f"decode {decode_tps:.1f} tokens/s; {args.cache} cache; {path}]", file=sys.stderr)
     return 0
 
 

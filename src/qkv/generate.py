@@ -19,6 +19,7 @@ their blocks, and finished sequences leave the batch and free their blocks.
 
 from __future__ import annotations
 
+import math
 import operator
 import time
 from collections.abc import Iterator, Sequence
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from qkv import fused
+from qkv import fused, kernels
 from qkv.models.config import DecoderConfig
 
 __all__ = ["generate", "stream", "sample", "SamplingError"]
@@ -178,6 +179,33 @@ def stream(model, prompts, *, max_new_tokens: int = 32, temperature: float = 0.0
                 block_size, stats, _own_loop)
 
 
+def _prefill(model, batch, max_new_tokens, cache_kind, block_size):
+    """The prompts through the model: (cache, paged sequence ids or None, each prompt's last logits)."""
+    device, B = model.embed.weight.device, len(batch)
+    if cache_kind == "contiguous":
+        kv = model.new_cache(B, kind="contiguous", max_len=max(len(p) for p in batch) + max_new_tokens)
+        rows = [kv.row(b) for b in range(B)]
+        last = [model(torch.tensor([p], device=device), cache=rows[b], last_only=True)[0, -1]
+                for b, p in enumerate(batch)]                               # B x (V,)
+        sids = None
+    else:
+        blocks = sum(-(-(len(p) + max_new_tokens) // block_size) for p in batch)
+        kv = model.new_cache(0, kind="paged", num_blocks=blocks, block_size=block_size)
+        sids, last, seen = [], [], {}
+        for p in batch:
+            key = tuple(p)
+            if key in seen:                         # same prompt: share its blocks, reuse its logits
+                j = seen[key]
+                sids.append(kv.view([sids[j]]).fork(0))
+                last.append(last[j])
+                continue
+            sid = kv.pool.new_sequence()
+            last.append(model(torch.tensor([p], device=device), cache=kv.view([sid]), last_only=True)[0, -1])
+            seen[key] = len(sids)
+            sids.append(sid)
+    return kv, sids, last
+
+
 def _run(model, batch, single, max_new_tokens, temperature, top_k, top_p, generator, stops, cache_kind,
          block_size, stats, own_loop):
     device = model.embed.weight.device
@@ -190,30 +218,15 @@ def _run(model, batch, single, max_new_tokens, temperature, top_k, top_p, genera
         return
     was_training = model.training
     model.eval()
+    # the CPU decode kernels are held back (torch's path runs) until the steps left would pay for
+    # loading them: `kernels.pays`, from the torch path's own step time (the fastest step so far)
+    step_s, released = math.inf, False
+    hold = kernels.available() and not (kernels.loaded() or kernels.WAIT)
     try:
         with torch.no_grad():
             t0 = time.perf_counter()
-            if cache_kind == "contiguous":
-                kv = model.new_cache(B, kind="contiguous", max_len=max(len(p) for p in batch) + max_new_tokens)
-                rows = [kv.row(b) for b in range(B)]
-                last = [model(torch.tensor([p], device=device), cache=rows[b], last_only=True)[0, -1]
-                        for b, p in enumerate(batch)]                                       # B x (V,)
-                sids = None
-            else:
-                blocks = sum(-(-(len(p) + max_new_tokens) // block_size) for p in batch)
-                kv = model.new_cache(0, kind="paged", num_blocks=blocks, block_size=block_size)
-                sids, last, seen = [], [], {}
-                for p in batch:
-                    key = tuple(p)
-                    if key in seen:                         # same prompt: share its blocks, reuse its logits
-                        j = seen[key]
-                        sids.append(kv.view([sids[j]]).fork(0))
-                        last.append(last[j])
-                        continue
-                    sid = kv.pool.new_sequence()
-                    last.append(model(torch.tensor([p], device=device), cache=kv.view([sid]), last_only=True)[0, -1])
-                    seen[key] = len(sids)
-                    sids.append(sid)
+            with kernels.held(hold):
+                kv, sids, last = _prefill(model, batch, max_new_tokens, cache_kind, block_size)
             token = pick(torch.stack(last))                                                 # (B,)
             if stats is not None:
                 stats["prefill_s"] = time.perf_counter() - t0
@@ -244,10 +257,16 @@ def _run(model, batch, single, max_new_tokens, temperature, top_k, top_p, genera
                     inputs = token[active][:, None]                      # (B', 1)
                 else:
                     step_cache, inputs = kv, token[:, None]              # contiguous: every row steps
-                if session is not None:
-                    logits = model.decode_step(inputs.to(device), step_cache, session)[:, -1]
-                else:
-                    logits = model(inputs.to(device), cache=step_cache, last_only=True)[:, -1]   # (B' or B, V)
+                left = max_new_tokens - 1 - step
+                held = hold and not kernels.loaded() and (step_s == math.inf or not kernels.pays(left, step_s))
+                released = released or not held
+                with kernels.held(held), kernels.horizon(None if held else left * step_s):
+                    if session is not None:
+                        logits = model.decode_step(inputs.to(device), step_cache, session)[:, -1]
+                    else:
+                        logits = model(inputs.to(device), cache=step_cache, last_only=True)[:, -1]   # (B' or B, V)
+                if held:
+                    step_s = min(step_s, time.perf_counter() - t1)
                 nxt = pick(logits)
                 if sids is not None:
                     token = token.clone()
@@ -256,6 +275,7 @@ def _run(model, batch, single, max_new_tokens, temperature, top_k, top_p, genera
                     token = nxt
                 if stats is not None:
                     stats["decode_s"] += time.perf_counter() - t1
+                    stats["kernels"] = "loaded" if kernels.loaded() else kernels.status() if released else "held"
     finally:
         model.train(was_training)
 

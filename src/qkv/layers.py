@@ -573,7 +573,7 @@ class Block(nn.Module):
         (see `_fused_decode`)."""
         if (torch.is_grad_enabled() or self.training or x.shape[1] != 1 or x.dtype != torch.float32 or not x.is_cpu
                 or x.shape[0] != cache.batch or not cache.fused_ready() or ATTENTION_HOOK.get() is not None
-                or not kernels.available()):
+                or not kernels.ready()):
             return None
         plan = self._fused_plan()
         if plan is None:

@@ -24,13 +24,14 @@ say how each loop reads memory and why.
 from __future__ import annotations
 
 import math
+import sys
 
 import numba
 import numpy as np
 from numba import types
 from numba.extending import intrinsic
 
-__all__ = ["KERNELS", "set_threads", "skinny_ptr", "skinny", "paged", "norm_rows", "exp_rows", "activate",
+__all__ = ["KERNELS", "SIGNATURES", "DECODE", "load", "cache_index", "set_threads", "skinny_ptr", "skinny", "paged", "norm_rows", "exp_rows", "activate",
            "rotate", "block", "block_ptr", "blocks_ptr", "f32ptr", "i64ptr", "pointer_to"]
 
 # prefer the OpenMP pool (torch's own runtime is OpenMP; its idle threads
@@ -414,6 +415,45 @@ def blocks_ptr(P, N, FL):                        # pragma: no cover - compiled
 
 #: the entry points `qkv.kernels.launch` runs, by launch name
 KERNELS = {"skinny": skinny_ptr, "paged": paged, "block": blocks_ptr, "activate": activate}
+
+
+def _c(dtype, ndim):
+    return types.Array(dtype, ndim, "C")
+
+
+_f32, _i64 = types.float32, types.int64
+#: the argument types each launch name is called with by the wrappers in `qkv.kernels` (Python
+#: ints and floats arrive as int64 and float64, tensors' `.numpy()` as C-contiguous arrays), so
+#: that `load` and `build` compile exactly the overloads a decode step then finds
+SIGNATURES = {
+    "skinny": (_i64, _i64, _i64, types.boolean, _i64, _i64, _i64, _i64),
+    "paged": (_c(_f32, 4), _c(_f32, 4), _c(_f32, 4), _c(_i64, 2), _c(_i64, 1), _i64, _i64, types.float64,
+              _c(_f32, 4)),
+    "block": (_c(_i64, 2), _c(_i64, 2), _c(types.float64, 2)),
+    "activate": (_c(_f32, 1), _c(_f32, 1), _i64, types.boolean, _c(_f32, 1), _c(types.int32, 1), _c(_f32, 1)),
+}
+#: what a decode step launches (`activate` on its own is for tests)
+DECODE = ("skinny", "paged", "block")
+
+
+def load(names=DECODE) -> int:
+    """Give each kernel of `names` its overload for SIGNATURES, from numba's disk cache where it
+    holds one (milliseconds), else by compiling it (seconds). Returns how many were compiled."""
+    compiled = 0
+    for name in names:
+        dispatcher = KERNELS[name]
+        before = sum(dispatcher.stats.cache_misses.values())
+        dispatcher.compile(SIGNATURES[name])
+        compiled += sum(dispatcher.stats.cache_misses.values()) - before
+    return compiled
+
+
+def cache_index(names=DECODE) -> tuple[str, list[str]]:
+    """(numba's cache directory for this file, the index files of `names` in it), after `load`."""
+    path = KERNELS[names[0]].stats.cache_path
+    tag = f"py{sys.version_info[0]}{sys.version_info[1]}"
+    funcs = [KERNELS[n].py_func for n in names]
+    return path, [f"cpu.{f.__qualname__}-{f.__code__.co_firstlineno}.{tag}.nbi" for f in funcs]
 
 
 def set_threads(threads: int) -> None:

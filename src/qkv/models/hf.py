@@ -66,6 +66,7 @@ import torch
 from torch import Tensor
 
 from qkv._util.files import read_json, write_atomic, write_text_atomic
+from qkv._util.meta import meta_model
 from qkv._util.safetensors import PICKLE_RECIPE, PICKLE_SUFFIXES, Memory, Safetensors, Source
 from qkv.models.config import DecoderConfig
 from qkv.models.decoder import Decoder
@@ -640,7 +641,7 @@ def state_dict_from_hf(tensors, config: DecoderConfig | EncoderConfig, *, dtype:
             raise ValueError(f"the checkpoint holds both {names[canon]!r} and {k!r}")
         names[canon] = k
     _check_sizes(source, names, config, arch, embed_key)
-    shapes = {k: v.shape for k, v in model_cls(config, device="meta").state_dict().items()}
+    shapes = {k: v.shape for k, v in meta_model(model_cls, config).state_dict().items()}
     expected = _expected(table, config.n_layers, shapes)
     ignore = [_pattern(p) for p in ignored]
     present = {c for c in names if not any(p.match(c) for p in ignore)}

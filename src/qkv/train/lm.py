@@ -32,6 +32,7 @@ from qkv._util import budget as _budget
 from qkv._util.checks import check_int as _check_int
 from qkv._util.checks import check_number as _check_number
 from qkv._util.files import read_json, write_atomic
+from qkv._util.meta import meta_model
 from qkv.models import Decoder, DecoderConfig
 from qkv.models.hf import config_to_hf
 from qkv.train.loop import _param_groups, lr_schedule
@@ -108,7 +109,7 @@ def estimate_memory(config, batch_size: int, context: int) -> dict[str, int]:
     _check_int("batch_size", batch_size, 1)
     _check_int("context", context, 1)
 
-    params = sum(p.numel() for p in Decoder(config, device="meta").parameters())
+    params = sum(p.numel() for p in meta_model(Decoder, config).parameters())
     tokens = batch_size * context
     act = 4 * tokens * config.n_layers * (16 * config.d_model + 2 * config.ffn_hidden + 3 * config.n_heads * context)
     logits = 4 * tokens * 3 * config.vocab_size
