@@ -14,7 +14,11 @@ the weight-and-cache streaming floor (bytes per step / memory bandwidth measured
 in the same run); a cached decode step against recomputing the 1024-token prefix;
 paged against contiguous throughput, and the unused fraction of each cache on a
 mixed-length batch; the cache bytes of GQA (8 KV heads) against MHA (32) in a
-Llama-style model. --quick: a tiny model, seconds. Prints the tables and the goals
+Llama-style model. In fresh processes timed from start to exit: the cold start of
+`qkv generate` on a `qkv train --preset tiny` checkpoint (first run ever with an empty
+kernel cache, the run right after it, QKV_NUMBA=0), and `qkv generate` (kernels cached,
+and QKV_NUMBA=0) against a transformers `generate` script on the GPT-2-small shape, with
+the new tokens checked identical. --quick: a tiny model, under a minute. Prints the tables and the goals
 (met / not met), writes runs/bench/generate.json and generate.md. `qkv bench
 generate` runs the same code (`qkv.tools.bench.generate.run`). Timings are for reading,
 never for pass/fail.

@@ -41,9 +41,26 @@ both sides always generate exactly N tokens. What is measured:
 6. GQA: a Llama-style model (2 layers, d=2048, Hq=32, D=64) with Hkv=8 against the
    same with Hkv=32 (MHA), caches filled with the same 512-token prompt:
    cache bytes (nbytes and used_bytes) ratio; goal exactly 1/4.
+7. cold start, in fresh processes (`qkv.tools.bench.coldstart`, as is 8): `python -m qkv
+   generate --prompt "def " --max-new-tokens 32` on a `qkv train --preset tiny` checkpoint
+   (60 steps; decode speed does not depend on what the weights learned), timed by this
+   process from the child's start to its exit: the first run ever (QKV_NUMBA=1, numba's
+   cache and qkv's stamp in a new empty directory), a second run right after it (whether a
+   background build's log, lock and stamp exist is recorded) and QKV_NUMBA=0; 3 interleaved
+   rounds, medians of wall time and of the decode tokens/s the CLI prints. Goals: second
+   run wall <= 1.1x QKV_NUMBA=0's and its decode tokens/s >= QKV_NUMBA=0's; first run wall
+   <= 1.5x QKV_NUMBA=0's.
+8. end to end against transformers, fresh processes: the GPT-2-small shape with random
+   weights written by `qkv.models.hf.save`, 32 prompt ids, 64 new tokens, greedy: `python -m
+   qkv generate --ids` with the kernels built first (`python -m qkv.kernels.build`, same
+   environment) and with QKV_NUMBA=0, against a `python -c` that loads
+   `GPT2LMHeadModel.from_pretrained` (sdpa, fp32) and calls `generate`; 3 interleaved rounds
+   after one untimed, medians, the new tokens checked identical. Goal: transformers wall /
+   qkv wall >= 2x.
 
 `--quick`: a tiny GPT-2 (2 layers, d=128, 4 heads, V=1000), L=32, N=8, batch 2,
-context 128, a 64 MiB bandwidth buffer; seconds. Writes generate.json and
+context 128, a 64 MiB bandwidth buffer; the cold start on a 10-step checkpoint and the
+end to end on the tiny shape (64 new tokens), one round each; under a minute. Writes generate.json and
 generate.md under the output directory. Timings are for reading; the goals
 say met / not met but nothing here fails a test.
 """
@@ -64,6 +81,7 @@ import torch
 
 from qkv._util import hugepages
 from qkv.cache import cache_bytes
+from qkv.tools.bench import coldstart
 from qkv.tools.harness import (bench_main, format_machine, format_table, machine_info, median_ms,
                                quiet_transformers, ratio, rounded, usable_cores, write_results)
 
@@ -465,7 +483,7 @@ def _goal(goal: str, measured, target: float, direction: str, shown: str = "x") 
 def evaluate_goals(result: dict) -> list[dict]:
     bb, fl, gq = result["batchB"], result["floor"], result["gqa"]
     B = result["config"]["batch"]
-    return [
+    in_process = [
         _goal("batch 1: qkv decode step time / streaming floor", fl["qkv_ratio"], 1.2, "<="),
         _goal(f"batch {B}: qkv decode tokens/s / HF's (judged on decode throughput)",
               bb["contiguous"]["decode_vs_hf"], 3.0, ">="),
@@ -478,6 +496,7 @@ def evaluate_goals(result: dict) -> list[dict]:
         _goal(f"GQA cache bytes / MHA cache bytes (Hkv {gq['gqa']['n_kv_heads']} vs {gq['mha']['n_kv_heads']})",
               gq["nbytes_ratio"], gq["expected_ratio"], "=="),
     ]
+    return in_process + coldstart.goals(result, _goal)      # the fresh-process sections (7, 8)
 
 
 def _f(x, fmt: str = "{:.2f}") -> str:
@@ -575,6 +594,7 @@ def _notes(result: dict) -> list[str]:
         f"{gq['gqa']['nbytes'] / 2**20:.1f} MiB (used {gq['gqa']['used_bytes'] / 2**20:.1f}), "
         f"Hkv={gq['mha']['n_kv_heads']} {gq['mha']['nbytes'] / 2**20:.1f} MiB (used "
         f"{gq['mha']['used_bytes'] / 2**20:.1f}): ratio {gq['nbytes_ratio']:.4f} (used {gq['used_ratio']:.4f})",
+        *coldstart.notes(result),
     ]
 
 
@@ -597,23 +617,27 @@ def _agreement(result: dict) -> list[str]:
         ("mixed lengths, paged vs contiguous", result["mixed"]["tokens_identical"], result["mixed"]["first_mismatch"]),
     ]:
         lines.append(f"{label}: {'identical' if ok else f'DIFFERENT (first at {where})'}")
-    return lines
+    return lines + coldstart.agreement(result)
 
 
 def render(result: dict, *, markdown: bool = False) -> str:
     main = format_table(_MAIN_HEADER, _main_cells(result), left=(0, 1, 10), markdown=markdown)
     goals = format_table(_GOAL_HEADER, _goal_cells(result["goals"]), left=(0, 3), markdown=markdown)
     mem = format_table(_MEM_HEADER, _mem_cells(result["mixed"]), left=(0,), markdown=markdown)
+    cold, e2e = coldstart.render_tables(result, markdown=markdown)
     notes, agree = _notes(result), _agreement(result)
     if markdown:
         return "\n".join([
             f"# qkv generation benchmark{' (quick)' if result['quick'] else ''}", "",
             format_machine(result["machine"]) + ".", "", _LEGEND + ".", "", main, "",
+            "## Fresh processes: cold start and end to end", "", coldstart.COLD_LEGEND + ".", "", cold, "", e2e, "",
             "## Goals", "", goals, "", "## KV cache memory (mixed-length batch, end of generation)", "", mem, "",
             "## Generated tokens", "", *[f"- {a}" for a in agree], "", "## Notes", "", *[f"- {n}" for n in notes],
             "", f"Finished in {result['seconds']:.0f} s.", "",
         ])
-    return "\n".join([format_machine(result["machine"]), "", main, "", _LEGEND, "", "goals:", goals, "",
+    return "\n".join([format_machine(result["machine"]), "", main, "", _LEGEND, "",
+                      "fresh processes (cold start, end to end):", cold, "", e2e, "", coldstart.COLD_LEGEND, "",
+                      "goals:", goals, "",
                       "KV cache memory (mixed-length batch, end of generation):", mem, "",
                       "generated tokens:", *[f"  {a}" for a in agree], "", *notes])
 
@@ -713,14 +737,29 @@ def _run(s: Sizes, out_dir, quick: bool, seed: int, log, hf_version: str) -> dic
 
     context = s.prompt + s.new_tokens / 2          # mean context over the decode steps (cache holds L+1 .. L+N-1)
     floor = streaming_floor(step_bytes(model, context), batch1, bandwidth["read_gbs"])
+    del model
+    gc.collect()
+
+    # fresh processes, timed from start to exit, with the torch thread count this run set (read at its
+    # start: loading numba's kernels in this process can reset the OpenMP count torch reports)
+    cold = coldstart.COLD_QUICK if quick else coldstart.COLD_FULL
+    threads = info["torch_threads"]
+    cold_start = coldstart.cold_start(cold, threads, log)
+    shape = {"vocab": s.vocab, "d_model": s.d_model, "n_layers": s.n_layers, "n_heads": s.n_heads,
+             "max_positions": s.max_positions}
+    end_to_end = coldstart.end_to_end(cold, shape, threads, seed + 6, log)
+    for k in ("qkv", "qkv_off"):
+        if not end_to_end[k]["tokens_identical_to_hf"]:
+            _warn(log, f"end to end, {coldstart.E2E_NAMES[k]} vs transformers", end_to_end[k]["first_mismatch"])
 
     result = {
         "benchmark": "generate", "quick": bool(quick), "machine": info,
         "config": {**asdict(s), "seed": seed, "dtype": "float32", "greedy": True, "params": params,
                    "hf_attn_implementation": "sdpa", "transformers": hf_version},
         "bandwidth": bandwidth, "batch1": batch1, "batchB": batchB, "floor": floor, "recompute": recompute,
-        "mixed": mixed, "gqa": gqa,
+        "mixed": mixed, "gqa": gqa, "cold_start": cold_start, "end_to_end": end_to_end,
     }
+    result["config"]["cold"] = asdict(cold)
     result["config"]["batch"] = s.batch
     result["goals"] = evaluate_goals(result)
     result["seconds"] = round(time.perf_counter() - started, 1)
