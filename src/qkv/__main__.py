@@ -1,7 +1,5 @@
 """`python -m qkv`: the same as the `qkv` command."""
 
-import sys
+from qkv.cli import run
 
-from qkv.cli import main
-
-sys.exit(main())
+run()

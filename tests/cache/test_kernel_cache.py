@@ -123,11 +123,20 @@ def test_held_kernels_neither_load_nor_build(default_mode, monkeypatch):
     assert kernels.ready() and loads == [1]                           # cached: loaded on the first ask
 
 
-def test_pays_weighs_the_steps_left_against_the_load():
+def test_pays_weighs_the_steps_left_against_the_load(monkeypatch):
+    monkeypatch.setattr(kernels, "_active", False)
     step = 0.001
     assert not kernels.pays(10, step)                                 # 10 ms of decode left: not worth 1 s
     needed = int(kernels.LOAD_S / (kernels.SAVING * step)) + 1
     assert kernels.pays(needed, step) and not kernels.pays(needed - 2, step)
+    monkeypatch.setattr(kernels, "_active", True)
+    assert kernels.pays(1, step)                                      # loaded already: nothing to pay
+
+
+def test_the_torch_step_estimate_grows_with_the_weights():
+    tiny, gpt2 = kernels.torch_step_s(4 * 120_000), kernels.torch_step_s(4 * 124_000_000)
+    assert tiny < 0.002 < 0.03 < gpt2 < 0.1
+    assert not kernels.pays(32, tiny) or kernels.loaded()             # 32 tokens of a tiny model: never worth it
 
 
 def test_stamp_is_refused_when_stale(tmp_path, monkeypatch):

@@ -35,6 +35,8 @@ import sys
 import torch
 from torch import Tensor, nn
 
+from qkv._util.meta import values_undefined
+
 __all__ = ["empty", "zeros", "pack_parameters", "joined"]
 
 HUGE = 2 << 20                      # bytes in a transparent huge page (x86-64 and arm64 with 4 KiB pages)
@@ -107,11 +109,13 @@ def pack_parameters(module: nn.Module) -> int:
         params = [p for p in params if p.dim() >= 2] + [p for p in params if p.dim() < 2]
         arena = empty(sum(p.numel() for p in params), dtype=dtype)
         at = 0
+        undefined = values_undefined()          # no values to move (a checkpoint fills them next)
         with torch.no_grad():
             for p in params:
                 n = p.numel()
                 view = arena[at:at + n].view(p.shape)
-                view.copy_(p)
+                if not undefined:
+                    view.copy_(p)
                 p.data = view
                 at += n
         moved += len(params)

@@ -66,7 +66,7 @@ import torch
 from torch import Tensor
 
 from qkv._util.files import read_json, write_atomic, write_text_atomic
-from qkv._util.meta import meta_model
+from qkv._util.meta import meta_model, uninitialised
 from qkv._util.safetensors import PICKLE_RECIPE, PICKLE_SUFFIXES, Memory, Safetensors, Source
 from qkv.models.config import DecoderConfig
 from qkv.models.decoder import Decoder
@@ -566,14 +566,14 @@ def _expected(table: dict, n_layers: int, shapes: dict[str, torch.Size]) -> dict
     return out
 
 
-def _convert(x: Tensor, how: str, shapes: list[tuple]) -> list[Tensor]:
+def _convert(x: Tensor, how: str, shapes: list[tuple], views: bool = False) -> list[Tensor]:
+    """x in qkv's layout: as is, transposed, and/or split; `views`: strided views of x (for a
+    caller that copies them into place anyway), else contiguous tensors."""
     if how == "copy":
         return [x]
-    if how == "t":
-        return [x.t().contiguous()]
-    if how == "t_split":
-        return [p.contiguous() for p in x.t().split([s[0] for s in shapes], dim=0)]
-    return [p.contiguous() for p in x.split([s[0] for s in shapes], dim=0)]
+    parts = [x.t()] if how == "t" else x.t().split([s[0] for s in shapes], dim=0) if how == "t_split" else \
+        x.split([s[0] for s in shapes], dim=0)
+    return list(parts) if views else [p.contiguous() for p in parts]
 
 
 def _layer_hint(keys, n_layers: int) -> str:
@@ -605,7 +605,7 @@ def _check_sizes(source: Source, names: dict[str, str], config, arch: str, embed
 
 
 def state_dict_from_hf(tensors, config: DecoderConfig | EncoderConfig, *, dtype: torch.dtype | None = None,
-                       device=None) -> dict[str, Tensor]:
+                       device=None, _views: bool = False) -> dict[str, Tensor]:
     """Rename and convert Hugging Face tensors into a `Decoder(config)` (or `Encoder(config)`) state dict.
 
     `tensors`: a mapping of HF names to tensors (e.g. `hf_model.state_dict()`). Uses
@@ -689,7 +689,7 @@ def state_dict_from_hf(tensors, config: DecoderConfig | EncoderConfig, *, dtype:
                          f"false if the head is separate")
     out: dict[str, Tensor] = {}
     for c, (targets, how, _) in expected.items():
-        for t, x in zip(targets, _convert(data[names[c]], how, [tuple(shapes[t]) for t in targets])):
+        for t, x in zip(targets, _convert(data[names[c]], how, [tuple(shapes[t]) for t in targets], _views)):
             out[t] = x.to(device=device, dtype=dtype)
     if set(out) != set(shapes):   # the tables cover every parameter; a gap here is a bug in them
         raise RuntimeError(f"internal: the {arch} key table leaves {sorted(set(shapes) - set(out))} unset")
@@ -737,6 +737,12 @@ def _as_dtype(dtype):
     raise TypeError(f"dtype must be a torch float dtype or one of {sorted(names)}, got {dtype!r}")
 
 
+def parameter_count(config: DecoderConfig | EncoderConfig) -> int:
+    """How many parameters a model of `config` holds (built on the meta device: no memory)."""
+    model_cls = Encoder if isinstance(config, EncoderConfig) else Decoder
+    return sum(p.numel() for p in meta_model(model_cls, config).parameters())
+
+
 def load(path, *, dtype=None, device=None, backend: str = "auto") -> Decoder | Encoder:
     """Load a Hugging Face GPT-2 / Llama / Mistral checkpoint directory as a `Decoder`, or a
     BERT one (model_type "bert", BertModel) as an `Encoder` (in eval mode).
@@ -756,13 +762,16 @@ def load(path, *, dtype=None, device=None, backend: str = "auto") -> Decoder | E
     files, weight_map = _weight_files(directory)      # pickle-only weights are refused before the config is parsed
     try:
         config = config_from_hf(raw)
-        state = state_dict_from_hf(Safetensors(files, weight_map), config, dtype=_as_dtype(dtype), device=device)
+        # views, not copies: load_state_dict below copies each into the model's own buffer
+        state = state_dict_from_hf(Safetensors(files, weight_map), config, dtype=_as_dtype(dtype), device=device,
+                                   _views=True)
     except ValueError as exc:                         # say which checkpoint, once
         if str(directory) in str(exc):
             raise
         raise ValueError(f"{directory}: {exc}") from exc
     model_cls = Encoder if isinstance(config, EncoderConfig) else Decoder
-    model = model_cls(config, backend=backend, device=device, dtype=next(iter(state.values())).dtype)
+    # every parameter comes from `state` (strict): drawing random ones first would be wasted
+    model = uninitialised(model_cls, config, backend=backend, device=device, dtype=next(iter(state.values())).dtype)
     model.load_state_dict(state, strict=True)
     return model.eval()
 
