@@ -174,7 +174,9 @@ def _non_finite(call: Call, backend: str, out, lse, weights):
         if weights is not None:
             weights = weights.masked_fill(bad_q, float("nan"))
         return out, lse, weights
-    if call.dropout_p > 0 or bool(torch.isfinite(out).all() & torch.isfinite(call.q).all()):
+    # a finite sum means finite entries (NaN and Inf propagate through a sum; an overflow only
+    # sends the call to the exact look below): one reduction, not a full-size bool tensor each
+    if call.dropout_p > 0 or bool(torch.isfinite(out.sum()) & torch.isfinite(call.q.sum())):
         return out, lse, weights
     if all(bool(torch.isfinite(t).all()) for t in (call.q, call.k, call.v)):
         return out, lse, weights  # finite inputs: a NaN comes from the score_mod, the same on every backend

@@ -204,6 +204,14 @@ class Mask:
         """
         return None
 
+    def row_ranges(self, q, Lk: int):
+        """(lo, hi): for masks that allow each query row one interval of keys, `lo <= kv < hi`
+        whatever the head, the bounds for the query positions `q` (an int64 (Lq,) tensor) as
+        int64 (B' in {1, B}, Lq) tensors, clamped to [0, Lk] (hi <= lo: no key). None for every
+        other mask. Lets the tiled backend cut rows into runs whose keys are a FULL block between
+        at most two triangles (see `qkv.backends.tiled.range_runs`)."""
+        return None
+
     def validate(self, B: int, H: int, Lq: int, Lk: int, q_offset: int) -> None:
         """Raise ValueError if this mask cannot describe a call of this shape."""
 
@@ -383,6 +391,15 @@ class _And(Mask):
         self.a.validate(*args)
         self.b.validate(*args)
 
+    def row_ranges(self, q, Lk):
+        if type(self) is not _And:               # _Or: a union of intervals is not one
+            return None
+        ra = self.a.row_ranges(q, Lk)
+        rb = None if ra is None else self.b.row_ranges(q, Lk)
+        if rb is None:
+            return None
+        return torch.maximum(ra[0], rb[0]), torch.minimum(ra[1], rb[1])
+
     analytic = property(lambda self: self.a.analytic and self.b.analytic)
     batch_hint = property(lambda self: _merge_hint(self.a.batch_hint, self.b.batch_hint))
     head_hint = property(lambda self: _merge_hint(self.a.head_hint, self.b.head_hint))
@@ -474,6 +491,9 @@ class _Causal(Mask):
     def __call__(self, b, h, q, kv):
         return kv <= q
 
+    def row_ranges(self, q, Lk):
+        return _ranges(torch.zeros_like(q), q + 1, Lk)
+
     def tile_bounds(self, g):
         qs, qe = g.q_tiles()
         ks, ke = g.k_tiles()
@@ -481,6 +501,14 @@ class _Causal(Mask):
 
     def __repr__(self):
         return "causal()"
+
+
+def _ranges(lo, hi, Lk: int):
+    """(lo, hi) as (B', Lq) int64, clamped to [0, Lk]."""
+    lo, hi = torch.broadcast_tensors(lo.long(), hi.long())
+    if lo.dim() == 1:
+        lo, hi = lo[None], hi[None]
+    return lo.clamp(0, Lk), hi.clamp(0, Lk)
 
 
 def causal() -> Mask:
@@ -506,6 +534,9 @@ class _SlidingWindow(Mask):
         if self.causal:
             return (d >= 0) & (d < self.window)
         return xp(d).abs(d) < self.window
+
+    def row_ranges(self, q, Lk):
+        return _ranges(q - self.window + 1, q + 1 if self.causal else q + self.window, Lk)
 
     def tile_bounds(self, g):
         dmin, dmax = _distance_range(g)
@@ -580,6 +611,9 @@ class _PrefixLM(Mask):
     def __call__(self, b, h, q, kv):
         return (kv < self.n) | (kv <= q)
 
+    def row_ranges(self, q, Lk):
+        return _ranges(torch.zeros_like(q), torch.clamp(q + 1, min=self.n), Lk)
+
     def tile_bounds(self, g):
         qs, qe = g.q_tiles()
         ks, ke = g.k_tiles()
@@ -627,6 +661,27 @@ class _Document(Mask):
         bi = pick(b, ids.shape[0])
         return ids[bi, q] == ids[bi, kv]
 
+    def row_ranges(self, q, Lk):
+        # one interval per row only where every id is one run of positions
+        ids = self.ids.to(q.device)
+        if not len(q):
+            return None
+        if int(q.max()) >= ids.shape[1] or Lk > ids.shape[1]:
+            return None
+        ids = ids[:, :Lk]
+        new = torch.ones_like(ids, dtype=torch.bool)
+        new[:, 1:] = ids[:, 1:] != ids[:, :-1]                       # a run starts here
+        for row, starts in zip(ids, new):
+            if int(starts.sum()) != int(torch.unique(row).numel()):
+                return None                                          # an id that comes back
+        pos = torch.arange(Lk, device=q.device).expand_as(ids)
+        start = torch.cummax(torch.where(new, pos, torch.zeros_like(pos)), dim=1).values
+        end_new = torch.ones_like(new)
+        end_new[:, :-1] = new[:, 1:]                                 # a run ends after here
+        end = torch.flip(torch.cummin(torch.flip(torch.where(end_new, pos + 1, torch.full_like(pos, Lk)), [1]),
+                                      dim=1).values, [1])
+        return _ranges(start[:, q], end[:, q], Lk)
+
     def tile_bounds(self, g):
         ids = self.ids.to(g.device)
         if ids.shape[1] > 1 and not bool((ids[:, 1:] >= ids[:, :-1]).all()):
@@ -673,6 +728,10 @@ class _Padding(Mask):
 
     def __call__(self, b, h, q, kv):
         return kv < like(self.lengths, q)[b]
+
+    def row_ranges(self, q, Lk):
+        n = self.lengths.to(q.device).view(-1, 1)
+        return _ranges(torch.zeros_like(q)[None], n.expand(-1, q.shape[0]), Lk)
 
     def tile_bounds(self, g):
         ks, ke = g.k_tiles()

@@ -333,10 +333,14 @@ def write_stamp(**extra) -> str:
     cache_path, index = cpu.cache_index()
     path = stamp_path()
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump({"key": cache_key(), "cache_path": cache_path, "index": index, **extra}, f)
-    os.replace(tmp, path)
+    tmp = f"{path}.{os.getpid()}.tmp"            # a reader sees the old stamp or the new one, never half
+    try:
+        with open(tmp, "w") as f:
+            json.dump({"key": cache_key(), "cache_path": cache_path, "index": index, **extra}, f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return path
 
 

@@ -834,6 +834,19 @@ def render(result: dict, *, markdown: bool = False) -> str:
 # The benchmark
 # ----------------------------------------------------------------------------
 
+def _flex_status(flex: bool, fx: _Flex) -> tuple[str, str]:
+    """(what happened to FlexAttention, what happened to its backward), for the notes."""
+    if not flex:
+        status = "skipped (--no-flex)"
+    elif fx.compiled_once and fx.ok:
+        status = "compiled and ran on the CPU"
+    elif fx.compiled_once:
+        status = f"compiled, then stopped: {fx.error}"
+    else:
+        status = f"n/a: {fx.error}"
+    return status, "not tried" if not fx.compiled_once else fx.bwd_error if fx.bwd_error else "supported"
+
+
 def run(out_dir="runs/bench", quick: bool = False, *, lengths: Sequence[int] | None = None,
         cases: Sequence[str] = CASES, flex: bool = True, memory: bool = True, budget_s: float | None = None,
         memory_length: int = MEMORY_LENGTH, flex_timeout_s: float = 120.0, seed: int = 0,
@@ -904,16 +917,7 @@ def run(out_dir="runs/bench", quick: bool = False, *, lengths: Sequence[int] | N
         mem = {"skipped": "quick mode" if quick else "--no-memory"}
     goals = evaluate_goals(rows, None if "skipped" in mem else mem, goal_L)
 
-    if not flex:
-        status = "skipped (--no-flex)"
-    elif fx.compiled_once and fx.ok:
-        status = "compiled and ran on the CPU"
-    elif fx.compiled_once:
-        status = f"compiled, then stopped: {fx.error}"
-    else:
-        status = f"n/a: {fx.error}"
-    backward = ("not tried" if not fx.compiled_once else
-                fx.bwd_error if fx.bwd_error else "supported")
+    status, backward = _flex_status(flex, fx)
     result = {
         "benchmark": "attention", "quick": bool(quick), "machine": info,
         "config": {"B": B, "H": H, "D": D, "dtype": "float32", "lengths": list(lengths), "cases": list(cases),
