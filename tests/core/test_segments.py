@@ -29,6 +29,7 @@ def test_segments_match_oracle_with_grads(lengths, causal, Hq, Hkv, monkeypatch)
     real = _segments.by_segments
     monkeypatch.setattr(_segments, "by_segments", lambda *a: used.append(1) or real(*a))
     monkeypatch.setattr(_segments, "PADDING_LIMIT", float("inf"))   # the route itself, even for uneven lengths
+    monkeypatch.setattr(qkv.backends.get("tiled"), "run_rows", 0)     # ... and where tiled's row runs would win
     q, k, v = rand_qkv(2, Hq, Hkv, L, L, 16, Dv=8, requires_grad=True, seed=L)
     q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
     qm, km, vm = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
@@ -52,6 +53,7 @@ def test_segment_path_only_where_exact(case, monkeypatch):
     real = _segments.by_segments
     monkeypatch.setattr(_segments, "by_segments", lambda *a: used.append(1) or real(*a))
     monkeypatch.setattr(_segments, "PADDING_LIMIT", float("inf"))   # the route itself, even for uneven lengths
+    monkeypatch.setattr(qkv.backends.get("tiled"), "run_rows", 0)     # ... and where tiled's row runs would win
     q, k, v = rand_qkv(2, 2, 2, 12, 12, 8)
     ids, kwargs = _ids([3, 4, 5]), {}
     if case == "unsorted_runs":
@@ -78,7 +80,7 @@ def test_segment_path_only_where_exact(case, monkeypatch):
     assert bool(used) == (case == "unsorted_runs")
 
 
-def test_auto_leaves_uneven_documents_to_tiled():
+def test_auto_leaves_documents_to_tiled_but_with_dropout():
     # padding 8 uneven documents to the longest would do ~4.8x their own work
     from qkv.backends import registry
     from qkv.backends.base import make_call
@@ -95,4 +97,13 @@ def test_auto_leaves_uneven_documents_to_tiled():
     q, k = torch.randn(1, 2, 160, 8), torch.randn(1, 2, 160, 8)
     call = make_call(q, k, k, mask=qkv.masks.document(even) & qkv.masks.causal(), causal=False, score_mod=None,
                      scale=None, dropout_p=0.0, return_lse=False, return_weights=False, q_offset=None)
-    assert registry.select(call, "auto").name == "segments"
+    assert registry.select(call, "auto").name == "tiled"           # row runs: no padding at all
+    tiled = qkv.backends.get("tiled")
+    before, tiled.run_rows = tiled.run_rows, 0
+    try:
+        assert registry.select(call, "auto").name == "segments"      # against the tile engine, the padded batch
+    finally:
+        tiled.run_rows = before
+    dropout = make_call(q, k, k, mask=qkv.masks.document(even) & qkv.masks.causal(), causal=False, score_mod=None,
+                        scale=None, dropout_p=0.1, return_lse=False, return_weights=False, q_offset=None)
+    assert registry.select(dropout, "auto").name == "segments"       # tiled has no dropout
