@@ -100,8 +100,11 @@ def test_forward_sweep_in_a_separate_process():
                                                       ("linear", 512)]
     for r in rows[:2]:
         assert r["ms"] > 0
-        if r["peak_bytes"] is not None:                   # Linux: the peak holds at least q, k, v and out
-            assert r["peak_bytes"] >= r["tensor_bytes"]
+        if r["peak_bytes"] is not None:
+            # Linux: the peak RSS growth over the call. At 2 MiB of tensors it can fall short of
+            # q, k, v and out (freed memory the allocator still holds is reused without new pages:
+            # 1.6-1.9 MiB seen in CI), so only its sign is certain here
+            assert 0 <= r["peak_bytes"] < 64 * r["tensor_bytes"]
     for r in rows[2:]:                                     # projected past the (tiny) cap: not run
         assert "ms" not in r and r["skipped"].startswith("projected")
 
