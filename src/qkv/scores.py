@@ -37,7 +37,8 @@ from qkv._util.array import is_numpy, like, to_float, xp
 from qkv._util.mods import describe, evaluate
 from qkv.masks import pick
 
-__all__ = ["ScoreMod", "as_score_mod", "unfound_grad_tensors", "alibi", "softcap", "relative_bias", "t5_bucket", "bias", "chain"]
+__all__ = ["ScoreMod", "as_score_mod", "unfound_grad_tensors", "alibi", "softcap", "relative_bias", "t5_bucket", "bias", "chain",
+           "kernel_terms"]
 
 
 class ScoreMod:
@@ -312,3 +313,29 @@ def chain(*mods: Callable) -> ScoreMod:
         if not callable(m):
             raise TypeError(f"chain expects callables, got {type(m).__name__}")
     return _Chain([as_score_mod(m) for m in mods])
+
+
+def kernel_terms(score_mod) -> list[tuple] | None:
+    """`score_mod` as the built-in terms a kernel applies as variants, in order: ("alibi", slopes,
+    symmetric), ("relative", table, bidirectional, max_distance), ("bias", t (B', H', rows, cols),
+    q_offset), ("softcap", cap); a `chain` gives its parts. None when any part is not a built-in
+    (a user's function, a ScoreMod subclass of one's own), which only a generic engine can apply."""
+    mods = score_mod.mods if type(score_mod) is _Chain else [score_mod]
+    terms = []
+    for mod in mods:
+        if type(mod) is _Chain:
+            inner = kernel_terms(mod)
+            if inner is None:
+                return None
+            terms += inner
+        elif type(mod) is _Alibi:
+            terms.append(("alibi", mod.slopes, mod.symmetric))
+        elif type(mod) is _RelativeBias:
+            terms.append(("relative", mod.table, mod.bidirectional, mod.max_distance))
+        elif type(mod) is _Bias:
+            terms.append(("bias", mod.t, mod.q_offset))
+        elif type(mod) is _Softcap:
+            terms.append(("softcap", mod.cap))
+        else:
+            return None
+    return terms

@@ -25,7 +25,7 @@ from qkv.backends.base import (FLOATS, Backend, BackendError, Call, Capabilities
                                memory_refusal, zeros_output)
 from qkv.backends.registry import (CapabilityTable, get, internal, list, names, preferred, register, select,
                                    use_backend)
-from qkv.backends import linear, math, reference, sdpa, segments, tiled
+from qkv.backends import linear, math, reference, sdpa, segments, tiled, triton_backend
 
 __all__ = ["Capabilities", "Call", "Backend", "register", "get", "names", "list", "select",
            "use_backend", "BackendError", "MemoryNeedError"]
@@ -37,4 +37,5 @@ register(tiled.TiledBackend())
 register(linear.LinearBackend())      # approximate: explicit backend= or a layer's attention= only, never auto
 register(linear.PerformerBackend())
 register(segments.SegmentsBackend(), auto_rank=0, hidden=True)   # packed documents, before every other
+register(triton_backend.TritonBackend(), auto_rank=0)   # auto's first on CUDA; the CPU only under the interpreter
 register(tiled.CarefulBackend(), hidden=True)                      # qkv.attention's repair of non-finite inputs
