@@ -350,13 +350,17 @@ def _add_bench(sub) -> None:
                                    "error, accuracy, time, memory (approx.json, approx.md). `qkv bench "
                                    "transformers`: a Llama-style transformers model with attn_implementation qkv vs "
                                    "sdpa, eager and flex_attention on packed documents and a sliding window "
-                                   "(transformers.json, transformers.md).")
+                                   "(transformers.json, transformers.md). `qkv bench gpu` (needs a CUDA GPU): qkv's "
+                                   "Triton kernels vs torch SDPA's CUDA backends, compiled FlexAttention and "
+                                   "flash-attn: TFLOP/s on masks, paged decode bandwidth, first-call JIT time "
+                                   "(gpu.json, gpu.md).")
     p.add_argument("what", nargs="?", choices=("backends", "attention", "generate", "embed", "train", "approx",
-                                                 "transformers"),
+                                                 "transformers", "gpu"),
                    default="backends",
                    help="which benchmark (default backends)")
     p.add_argument("--out", default=os.path.join("runs", "bench"), help="where the results go (default runs/bench)")
-    p.add_argument("--quick", action="store_true", help="backends: L in {256, 512}; attention: L in {1024, 4096}")
+    p.add_argument("--quick", action="store_true", help="backends: L in {256, 512}; attention: L in {1024, 4096}; "
+                   "gpu: a few small cases, about a minute")
     p.add_argument("--lengths", type=int, nargs="+", metavar="L", help="attention: sequence lengths "
                    "(default 4096 16384 32768)")
     p.add_argument("--no-flex", action="store_true", help="attention: skip FlexAttention (no compilation)")
