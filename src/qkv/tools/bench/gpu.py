@@ -510,9 +510,10 @@ def _first_child(arg: str) -> None:
     """In the fresh process: the first causal forward+backward with qkv (triton) or compiled Flex, timed."""
     cfg = json.loads(arg)
     B, H, L, D, impl = cfg["B"], cfg["H"], cfg["L"], cfg["D"], cfg["impl"]
-    dev = torch.device("cuda")
+    dev = torch.device(cfg.get("device", "cuda"))                 # "cpu": the tests, under TRITON_INTERPRET=1
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     torch.zeros(1, device=dev)
-    torch.cuda.synchronize()                                   # the CUDA context is up before the clock starts
+    sync()                                                     # the CUDA context is up before the clock starts
     q, k, v, dout = (torch.randn(B, H, L, D, device=dev, dtype=DTYPE) for _ in range(4))
     leaves = [t.requires_grad_(True) for t in (q, k, v)]
     if impl == "qkv":
@@ -527,11 +528,11 @@ def _first_child(arg: str) -> None:
             return torch.autograd.grad(fn(*leaves, block_mask=bm), leaves, dout)
     t0 = time.perf_counter()
     call()
-    torch.cuda.synchronize()
+    sync()
     first_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     call()
-    torch.cuda.synchronize()
+    sync()
     print(json.dumps({"first_s": round(first_s, 3), "second_ms": round((time.perf_counter() - t0) * 1e3, 2)}))
 
 
@@ -549,7 +550,8 @@ def _first_case(spec: dict, deadline: float, log) -> dict:
                 if left < 20:
                     runs.append({**run_, "skipped": "budget spent"})
                     continue
-                cfg = json.dumps({k: spec[k] for k in ("B", "H", "L", "D")} | {"impl": impl})
+                cfg = json.dumps({k: spec[k] for k in ("B", "H", "L", "D")} | {"impl": impl,
+                                                                                "device": spec.get("device", "cuda")})
                 cmd = [sys.executable, "-m", "qkv.tools.bench.gpu", "--first-child", cfg]
                 run_.update(_child(cmd, env, min(FIRST_TIMEOUT_S, left + GRACE_S / 2)))
                 runs.append(run_)
