@@ -14,6 +14,11 @@ os.environ.setdefault("QKV_NUMBA", "wait")
 
 import pytest
 import torch
+
+# without a GPU, the `triton` backend's kernels run on CPU tensors in Triton's interpreter (read when
+# the kernels are defined, on first use), as CI checks them
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from hypothesis import settings
 
 import qkv

@@ -70,8 +70,10 @@ def _engine(engine):
 
 def backends(kind: str):
     """Backends that take `kind` ("score_mod" or "masks"), by their capabilities (`segments` serves
-    packed-document masks only: test_segments)."""
-    return [n for n in registry.names() if getattr(registry.get(n).capabilities, kind) and n != "segments"]
+    packed-document masks only: test_segments; `triton` qkv's built-in score mods only, on CUDA or in
+    Triton's interpreter: tests/backends/test_triton.py)."""
+    return [n for n in registry.names() if getattr(registry.get(n).capabilities, kind)
+            and n not in ("segments", "triton")]
 
 
 # ----------------------------------------------------------------------------

@@ -24,7 +24,8 @@ from conftest import assert_error_ratio, max_err, rand_qkv
 
 B, HQ, HKV, LQ, LK, D = 2, 4, 2, 9, 21, 8     # GQA, Lq != Lk (bottom-right aligned)
 EXACT = [name for name, caps in qkv.backends.list() if caps.exact]
-SINK_BACKENDS = [name for name, caps in qkv.backends.list() if caps.sinks]
+# triton (fp16/bf16/fp32, CUDA or Triton's interpreter) has its sinks test in tests/backends/test_triton.py
+SINK_BACKENDS = [name for name, caps in qkv.backends.list() if caps.sinks and name != "triton"]
 
 
 def mask_for(name: str):
@@ -74,9 +75,10 @@ def oracle(q, k, v, sinks, mask=None):
 def test_every_exact_backend_but_sdpa_serves_sinks():
     """Which backends take sinks: the exact ones that return an LSE; sdpa (no LSE) and the approximate ones not."""
     assert set(SINK_BACKENDS) == {"reference", "math", "tiled"}
+    assert qkv.backends.get("triton").capabilities.sinks
     for name, caps in qkv.backends.list():
         assert not caps.sinks or (caps.exact and caps.return_lse), name
-    assert set(EXACT) - set(SINK_BACKENDS) == {"sdpa"}
+    assert set(EXACT) - set(SINK_BACKENDS) == {"sdpa", "triton"}
 
 
 # -- outputs, LSE and weights against the float64 oracle -----------------------------------

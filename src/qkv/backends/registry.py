@@ -155,6 +155,8 @@ def _who_can(call: Call) -> str:
     order = [n for n in _AUTO_ORDER if n in _REGISTRY] + [n for n in _REGISTRY if n not in _AUTO_ORDER]
     # approximate backends compute something else: never suggested in place of an exact one
     able = [name for name in order if _REGISTRY[name].capabilities.exact and _REGISTRY[name].refusal(call) is None]
+    # only backends whose table lists the call's device (triton serves the CPU only to its tests, in Triton's interpreter)
+    able = [name for name in able if {"any", call.device.type} & set(_REGISTRY[name].capabilities.devices)]
     if able:
         return f"use backend={able[0]!r}" + (f" (or {', '.join(map(repr, able[1:]))})" if able[1:] else "")
     return "no registered backend supports this combination"

@@ -233,11 +233,14 @@ _CAPS_INTERPRETED = replace(_CAPS, devices=("cuda", "cpu"))
 
 class TritonBackend(Backend):
     name = "triton"
+    capabilities = _CAPS
 
-    @property
-    def capabilities(self) -> Capabilities:
-        """CUDA; and the CPU while Triton's interpreter is on (TRITON_INTERPRET=1, read per call)."""
-        return _CAPS_INTERPRETED if _gpu.interpreting() else _CAPS
+    def refusal(self, call: Call) -> str | None:
+        # the CPU is served only while Triton's interpreter is on (TRITON_INTERPRET=1, read per call);
+        # the capability table keeps saying what users get: CUDA
+        if call.device.type == "cpu" and _gpu.interpreting():
+            return Backend.refusal(_Interpreted(), call)
+        return super().refusal(call)
 
     def extra_refusal(self, call: Call) -> str | None:
         why = _gpu.why_not(call.device)
@@ -258,3 +261,12 @@ class TritonBackend(Backend):
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (call.q, call.k, call.v))
         out, lse = _Attention.apply(q, k, v, call)
         return out, lse, None
+
+
+class _Interpreted(TritonBackend):
+    """The same backend as the refusal sees it under Triton's interpreter: the CPU among its devices."""
+
+    capabilities = _CAPS_INTERPRETED
+
+    def refusal(self, call: Call) -> str | None:
+        return Backend.refusal(self, call)

@@ -34,7 +34,6 @@ as the GPU rounds them. fp32 dots use input_precision="ieee" (not TF32).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -556,10 +555,12 @@ def backward(q, k, v, out, lse, dout, dlse, plan: Plan, *, scale: float, q_offse
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = Hq // Hkv
     dout = dout.contiguous()
-    delta = (dout.float() * out.float()).sum(-1)                          # (B, Hq, Lq)
+    # delta = rowsum(dO * O) - dLSE (B, Hq, Lq), summed in float64: a row whose weight sits on one key
+    # has dP - delta ~ 0, and the kernels' dP is fp32, so delta must not add an error of its own
+    delta = (dout.double() * out.double()).sum(-1)
     if dlse is not None:
-        delta = delta - torch.where(torch.isfinite(lse), dlse.float(), torch.zeros_like(delta))
-    delta = delta.contiguous()
+        delta = delta - torch.where(torch.isfinite(lse), dlse.double(), torch.zeros_like(delta))
+    delta = delta.float().contiguous()
     lse = lse.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     mod_args, flags = _mod_args(plan, q.device)
