@@ -293,20 +293,32 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_selftest(args) -> int:
+    if args.backend == "triton":
+        import torch
+
+        if not torch.cuda.is_available():   # its kernels on CPU tensors in Triton's interpreter (read when defined)
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+            print("selftest: no CUDA device; the triton backend's kernels run in Triton's interpreter "
+                  "(TRITON_INTERPRET=1) on the CPU", file=sys.stderr)
     selftest = _tool("selftest")
+    if args.backend is not None:
+        try:
+            selftest.only(args.backend)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
     if args.case is not None:                       # replay one case: its description and every comparison
         if args.seed is None:
             raise UsageError("--case needs the --seed it was drawn from (the reproducer line gives both)")
         if args.case < 0:
             raise UsageError(f"--case must be >= 0, got {args.case}")
-        return 0 if selftest.replay(args.seed, args.case).ok else 1
+        return 0 if selftest.replay(args.seed, args.case, backend=args.backend).ok else 1
     if args.minutes is not None and not args.minutes > 0:
         raise UsageError(f"--minutes must be > 0, got {args.minutes}")
     if args.max_cases is not None and args.max_cases < 1:
         raise UsageError(f"--max-cases must be >= 1, got {args.max_cases}")
     minutes = 1.0 if args.minutes is None and args.max_cases is None else args.minutes
     summary = selftest.run(minutes=minutes, seed=args.seed, max_cases=args.max_cases, progress=True,
-                           json_path=args.json)
+                           json_path=args.json, backend=args.backend)
     print(selftest.summary_text(summary))
     if args.json:
         print(f"summary: {args.json}")
@@ -461,6 +473,8 @@ def _add_selftest(sub) -> None:
     p.add_argument("--case", type=int, default=None, metavar="I", help="replay case I of --seed and print all of it")
     p.add_argument("--max-cases", type=int, default=None, metavar="N", help="stop after N cases")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the summary as JSON (atomically)")
+    p.add_argument("--backend", default=None, metavar="NAME", help="run the attention cases on this exact backend "
+                   "alone (e.g. triton: without a GPU, in Triton's interpreter on the CPU)")
     p.set_defaults(func=_cmd_selftest)
 
 

@@ -246,3 +246,47 @@ def test_cli_exit_status_is_1_on_a_mismatch(broken_tiled, capsys):
 def test_cli_usage_errors(argv, message, capsys):
     assert cli.main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
+# qkv selftest --backend triton: its kernels fuzzed (in Triton's interpreter without a GPU)
+
+
+@pytest.mark.slow
+def test_selftest_fuzzes_the_triton_backend_alone(monkeypatch):
+    pytest.importorskip("triton")
+    try:
+        summary = selftest.run(max_cases=12, seed=SEED, progress=False, backend="triton")
+    finally:
+        selftest.only(None)
+    assert summary["kinds"] == {"attention": 12}
+    assert set(summary["backends"]) <= {"triton", "masks"}
+    assert summary["backends"]["triton"]["forward"] >= 4, summary["backends"]
+    assert not summary["mismatches"], summary["mismatches"]
+
+
+def test_selftest_backend_catches_a_broken_triton_kernel(monkeypatch):
+    pytest.importorskip("triton")
+    from qkv.backends import triton_backend
+
+    real = triton_backend._Attention.apply
+    monkeypatch.setattr(triton_backend._Attention, "apply", lambda *a: tuple(t * 1.01 for t in real(*a)))
+    index = first_case(SEED, lambda c: c.kind == "attention" and c.params["dtype"] == "fp32"
+                       and c.params["score_mod"] is None and c.params["mask"] is None and not c.params.get("dropout_p")
+                       and not c.params.get("return_weights") and c.params["Lq"] * c.params["Lk"] <= 4096
+                       and c.params["D"] <= 64 and c.params["Lq"] > 0 and c.params["Lk"] > 0)
+    selftest.only("triton")
+    try:
+        result = selftest.run_case(SEED, index)
+        line = result.reproducer
+    finally:
+        selftest.only(None)
+    assert not result.ok and line.endswith("--backend triton")
+
+
+def test_selftest_backend_refuses_an_approximate_or_unknown_name(capsys):
+    assert cli.main(["selftest", "--backend", "linear", "--max-cases", "1"]) == 2
+    assert "exact backend" in capsys.readouterr().err
+    assert cli.main(["selftest", "--backend", "nope", "--max-cases", "1"]) == 2
+    assert "unknown backend 'nope'" in capsys.readouterr().err
+    assert selftest.attention.exact_backends()[-1] == "auto"        # nothing left restricted

@@ -33,11 +33,13 @@ import os
 import sys
 import time
 
+import qkv
 from qkv.testing import EPS, max_err, ratio_check
 from qkv.tools.selftest.approx import run_approx
 from qkv.tools.selftest.attention import exact_backends, run_attention
 from qkv.tools.selftest.cache import run_cache
-from qkv.tools.selftest.cases import MAX_WORK, Case, build_mask, make_case, mask_definition, reproducer
+from qkv.tools.selftest.cases import (MAX_WORK, ONLY_BACKEND, Case, build_mask, make_case, mask_definition,
+                                     reproducer)
 from qkv.tools.selftest.results import KNOWN, KNOWN_RATIO, KNOWN_REL, CaseResult, exception_text
 
 __all__ = ["EPS", "KNOWN", "KNOWN_RATIO", "KNOWN_REL", "MAX_WORK", "max_err", "ratio_check", "Case", "make_case",
@@ -80,9 +82,21 @@ def _tally(summary: dict, result: CaseResult) -> None:
         kinds[key] = kinds.get(key, 0) + 1
 
 
+def only(backend: str | None) -> None:
+    """Run the attention cases on `backend` alone (None: every exact backend and auto); the
+    other kinds of case (cache, approx) are skipped then. Mismatch lines replay with it."""
+    if backend is not None:
+        caps = qkv.backends.get(backend).capabilities          # an unknown name: ValueError listing them
+        if not caps.exact or backend == "reference":
+            raise ValueError(f"--backend takes an exact backend other than the oracle, not {backend!r}; "
+                             f"the approximate ones are tested by the approx cases")
+    ONLY_BACKEND[0] = backend
+
+
 def run(minutes: float | None = None, seed: int | None = None, max_cases: int | None = None,
-        progress: bool = True, json_path=None, start: int = 0, stream=None) -> dict:
-    """Run cases start, start + 1, ... of `seed` until `minutes` pass or `max_cases` ran.
+        progress: bool = True, json_path=None, start: int = 0, stream=None, backend: str | None = None) -> dict:
+    """Run cases start, start + 1, ... of `seed` until `minutes` pass or `max_cases` ran
+    (with `backend`, its attention cases only: `only`).
 
     Returns a summary: cases, wall time, checks per backend (forward and gradient
     comparisons; refusals), mismatches (each with the one line that replays it),
@@ -97,7 +111,11 @@ def run(minutes: float | None = None, seed: int | None = None, max_cases: int | 
                "kinds": {}, "backends": {}, "mismatches": [], "errors_by_kind": {}, "known": []}
     t0 = last = time.monotonic()
     index = start
+    only(backend)
     while (max_cases is None or summary["cases"] < max_cases) and (deadline is None or time.monotonic() < deadline):
+        if backend is not None and make_case(seed, index).kind != "attention":
+            index += 1
+            continue
         _record(summary, run_case(seed, index), stream if progress else None)
         index += 1
         now = time.monotonic()
@@ -141,8 +159,9 @@ def _progress(summary: dict, seconds: float, stream) -> None:
     print(("\r" + line) if stream.isatty() else line, end="" if stream.isatty() else "\n", file=stream, flush=True)
 
 
-def replay(seed: int, index: int, stream=None) -> CaseResult:
-    """Run one case and print its full description and every comparison."""
+def replay(seed: int, index: int, stream=None, backend: str | None = None) -> CaseResult:
+    """Run one case (with `backend`, on that backend alone) and print its full description and every comparison."""
+    only(backend)
     result = run_case(seed, index)
     print(result.report(), file=sys.stdout if stream is None else stream)
     return result

@@ -23,7 +23,8 @@ import qkv
 from qkv import masks as M
 from qkv.backends import BackendError
 from qkv.testing import EPS, Verdict, max_err, ratio_check
-from qkv.tools.selftest.cases import DTYPES, F64, Ctx, build_mask, build_score_mod, mask_definition
+from qkv.tools.selftest.cases import (DTYPES, F64, ONLY_BACKEND, Ctx, build_mask, build_score_mod,
+                                     mask_definition)
 from qkv.tools.selftest.results import (GRAD_NAMES, KNOWN_RATIO, KNOWN_REL, TILED_FP32_RATIO, CaseResult, Check,
                                         exception_text, self_check, worse)
 
@@ -31,7 +32,10 @@ __all__ = ["exact_backends", "inputs", "run_attention", "flash_form", "score_noi
 
 
 def exact_backends() -> list[str]:
-    """The registry's exact backends other than the oracle itself, then `auto`."""
+    """The registry's exact backends other than the oracle itself, then `auto`; under
+    `qkv selftest --backend NAME` that one backend alone."""
+    if ONLY_BACKEND[0] is not None:
+        return [ONLY_BACKEND[0]]
     names = [n for n in qkv.backends.names()
              if n != "reference" and qkv.backends.get(n).capabilities.exact]
     return names + ["auto"]

@@ -60,8 +60,13 @@ class Case:
         return "\n".join(lines)
 
 
+#: `qkv selftest --backend NAME`: the one backend the attention cases run (None: every exact one)
+ONLY_BACKEND: list = [None]
+
+
 def reproducer(seed: int, index: int) -> str:
-    return f"python -m qkv selftest --seed {seed} --case {index}"
+    only = ONLY_BACKEND[0]
+    return f"python -m qkv selftest --seed {seed} --case {index}" + (f" --backend {only}" if only else "")
 
 
 def _rng(seed: int, index: int) -> random.Random:
