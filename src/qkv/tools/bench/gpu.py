@@ -13,8 +13,7 @@ Prefill (B x L = 16384 tokens, H x D = 2048: H 16 at D 128, H 32 at D 64):
     dense            no mask                                  no block mask
     causal           causal=True                              causal().to_flex(B, H, L, L)
     sliding_window   mask=sliding_window(1024)                mask.to_flex(...)
-    document         mask=document(ids) & causal()            mask.to_flex(...)   (16 packed documents
-                                                                                   of random lengths)
+    document         mask=document(ids) & causal()            mask.to_flex(...)   (16 random lengths)
     prefix_lm        mask=prefix_lm(L // 4)                   mask.to_flex(...)
     alibi            causal=True, score_mod=alibi(H)          causal; score + slope[h] * (kv - q)
     softcap          causal=True, score_mod=softcap(30.0)     causal; 30 * tanh(score / 30)
@@ -29,12 +28,9 @@ bf16 bias of the mask (and ALiBi) where it fits in 4 GiB; Flex on the 16k goal c
 documents; no prefix-LM) when it imports. A contender that does not apply shows 'n/a[k]', one
 that failed 'err[k]', note k saying why.
 
-FLOPs: 4 * B * H * Lq * Lk_live * D forward (QK^T and PV, 2 FLOPs a multiply-add); the backward
-counts 2.5x that, forward+backward 3.5x. Lk_live = allowed (q, kv) pairs / (B * Lq), counted
-exactly from the mask: `Mask.row_ranges` (one key interval per row; causal, windows, documents,
-prefix-LM and their &), else the mask evaluated in bands of rows. The same count for every
-contender; work on masked elements does not count. The rows per case: fwd (no grad), fwd+bwd
-(forward then torch.autograd.grad of q, k, v), bwd = fwd+bwd ms - fwd ms of the same contender.
+FLOPs: 4 * B * H * Lq * Lk_live * D forward, x 2.5 backward, x 3.5 forward+backward, Lk_live counted
+exactly from the mask (`gpu_cases.allowed_pairs`), the same for every contender. The rows per case:
+fwd (no grad), fwd+bwd (forward, then torch.autograd.grad of q, k, v), bwd = fwd+bwd ms - fwd ms.
 
 Decode: one query per sequence, Hq 32 / Hkv 8, D 128, cache lengths 1k, 4k, 16k (B 8) and 64k,
 128k (B 1), through `qkv.kernels.gpu.decode.paged_decode` on a paged cache (block size 16, the
@@ -63,6 +59,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib.metadata
 import json
 import os
 import signal
@@ -542,8 +539,8 @@ def _first_case(spec: dict, deadline: float, log) -> dict:
     impls = ("qkv", "flex") if spec["flex"] else ("qkv",)
     with tempfile.TemporaryDirectory(prefix="qkv-bench-gpu-first-") as d:
         for impl in impls:
-            env = dict(os.environ, TRITON_CACHE_DIR=os.path.join(d, impl, "triton"),
-                       TORCHINDUCTOR_CACHE_DIR=os.path.join(d, impl, "inductor"))
+            env = _child_env(TRITON_CACHE_DIR=os.path.join(d, impl, "triton"),
+                             TORCHINDUCTOR_CACHE_DIR=os.path.join(d, impl, "inductor"))
             for cache in ("cold", "warm"):
                 run_ = {"impl": impl, "cache": cache}
                 left = deadline - time.time()
@@ -558,6 +555,13 @@ def _first_case(spec: dict, deadline: float, log) -> dict:
                 log(f"  first call {impl} ({cache} cache): " + (f"{run_['first_s']:.2f} s" if "first_s" in run_
                                                                else run_.get("error", "?")[:160]))
     return {**spec, "runs": runs}
+
+
+def _child_env(**extra: str) -> dict:
+    """The environment of a measuring subprocess: this one's, with the qkv being run first on PYTHONPATH."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(qkv.__file__)))
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, PYTHONPATH=path, **extra)
 
 
 def _child(cmd: list[str], env: dict, timeout: float) -> dict:
@@ -582,11 +586,9 @@ def _child(cmd: list[str], env: dict, timeout: float) -> dict:
 # ----------------------------------------------------------------------------
 
 def _version(dist: str) -> str:
-    from importlib import metadata
-
     try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
         return "not installed"
 
 
@@ -684,7 +686,7 @@ def drive(specs: Sequence[dict], *, deadline: float, device: str = "cuda", log=p
                 json.dump({"device": device, "deadline": deadline, "rows": rows_path, "specs": remaining}, f)
             with open(err_path, "w", encoding="utf-8") as err:
                 try:
-                    rc = subprocess.run(command + [job_path], stderr=err,
+                    rc = subprocess.run(command + [job_path], stderr=err, env=_child_env(),
                                         timeout=max(1.0, deadline - time.time()) + GRACE_S).returncode
                 except subprocess.TimeoutExpired:
                     rc = None
@@ -710,10 +712,9 @@ def drive(specs: Sequence[dict], *, deadline: float, device: str = "cuda", log=p
 
 
 def _tail(path: str, lines: int = 1) -> str:
-    with contextlib.suppress(OSError):
-        with open(path, encoding="utf-8", errors="replace") as f:
-            text = [ln for ln in f.read().strip().splitlines() if ln.strip()]
-        return " | ".join(text[-lines:])[-400:] or "(no error output)"
+    """The last `lines` non-blank lines of a worker's stderr (its error, usually)."""
+    with contextlib.suppress(OSError), open(path, encoding="utf-8", errors="replace") as f:
+        return " | ".join([ln for ln in f.read().splitlines() if ln.strip()][-lines:])[-400:] or "(no error output)"
     return "(no error output)"
 
 
