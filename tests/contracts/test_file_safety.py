@@ -1024,6 +1024,9 @@ ALLOWED_WRITES = {
                                            "benchmark's own worker processes (rank logs, the initial weights, "
                                            "read back with torch.load(weights_only=True))",
     ("cli.py", "main"): "opens os.devnull to silence native libraries' output",
+    ("tools/bench/gpu.py", "_worker"): "appends result rows to a scratch file in the benchmark's private temporary "
+                                       "directory, read back by its parent process (a cut line is skipped)",
+    ("tools/bench/gpu.py", "drive"): "the worker's job file and stderr in the same private temporary directory",
     ("kernels/__init__.py", "_start_build"): "the background kernel build's log, appended to: a record of its "
                                              "output for a person, never read back",
     ("kernels/build.py", "_locked"): "a lock file opened for flock: it holds no data",
