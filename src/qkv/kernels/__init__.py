@@ -440,7 +440,16 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, checked: bo
 
 
 def paged_decode_applies(q: Tensor, kpool: Tensor) -> bool:
-    """Whether `paged_decode` can serve these tensors (fp32 CPU, no autograd, the kernels `ready()`)."""
+    """Whether `paged_decode` can serve these tensors: fp32 CPU, no autograd, the kernels `ready()`;
+    or CUDA tensors (fp16/bf16/fp32, one dtype, head dim 16..256, no autograd) where the Triton
+    kernels run (`qkv.kernels.gpu.applies`)."""
+    if q.device.type == "cuda" or kpool.device.type == "cuda":
+        from qkv.kernels import gpu
+
+        return (q.device == kpool.device and q.dtype == kpool.dtype
+                and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and 16 <= q.shape[-1] <= 256
+                and not (torch.is_grad_enabled() and (q.requires_grad or kpool.requires_grad))
+                and gpu.applies(q.device))
     if not ENABLED or _cpu is False:
         return False
     if q.device.type != "cpu" or kpool.device.type != "cpu" or q.dtype != torch.float32 \
@@ -462,7 +471,15 @@ def paged_decode(q: Tensor, kpool: Tensor, vpool: Tensor, tables: Tensor, length
     lengths (B,): tokens per sequence, the query's own included (it sits at
     position lengths[b] - 1). With `window` the query sees the last `window`
     positions only. Returns (B, Hq, 1, D).
+
+    CUDA tensors go to the Triton kernel (`qkv.kernels.gpu.decode.paged_decode`, which also takes
+    n > 1 new rows, split-KV and the LSE).
     """
+    if q.device.type == "cuda":
+        from qkv.kernels.gpu import decode as gpu_decode
+
+        return gpu_decode.paged_decode(q, kpool, vpool, tables, lengths, block_size=block_size, window=window,
+                                       scale=scale)
     if kpool.dim() == 3:
         kpool, vpool = kpool[None], vpool[None]
     B, Hq, n, D = q.shape
