@@ -10,6 +10,11 @@ LSE) or 3x (gradients) the math backend's own error in the same dtype, plus a fe
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -241,3 +246,18 @@ def test_tiled_generic_engine_on_cuda():
         ref = _run("math", q, k, v, do, dl, torch.float64, True, mask=mask, score_mod=lambda s, b, h, qi, kv: s * 0.5)
         for i in (0, 2, 3, 4):
             assert_error_ratio(cand[i], base[i], ref[i], ratio=2.0 if i == 0 else 3.0, what=f"tiled cuda {dtype}")
+
+
+@pytest.mark.slow
+def test_every_kernel_variant_compiles_for_an_h100_without_one(tmp_path):
+    """The interpreter checks the arithmetic; Triton's compiler (to a cubin for sm_90, with its bundled
+    ptxas, no GPU needed) checks what only a GPU build meets: types, layouts, shared memory."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)                      # a cold cache: every variant compiled here
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(qkv.__file__).parents[1]), env.get("PYTHONPATH", "")])
+    script = Path(__file__).with_name("compile_gpu_kernels.py")
+    done = subprocess.run([sys.executable, str(script), "90"], env=env, capture_output=True, text=True, timeout=900)
+    lines = [line for line in done.stdout.splitlines() if line.startswith(("ok", "FAIL"))]
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert len(lines) == 19 and all(line.startswith("ok") for line in lines), done.stdout
