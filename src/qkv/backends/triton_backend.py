@@ -40,6 +40,8 @@ __all__ = ["TritonBackend", "plan", "MAX_HEAD_DIM"]
 
 MAX_HEAD_DIM = 256
 _PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # BlockMask -> {key: Plan}
+_UNMASKED: dict = {}                                               # (shape, tiles, device) -> Plan of a call without a mask
+_UNMASKED_SIZE = 16
 _BITS_ELEMENTS = 1 << 24                                           # mask elements evaluated at once
 
 
@@ -153,10 +155,9 @@ def _kernel_terms_refusal(call: Call) -> str | None:
 
 
 def _whole(call: Call, bq: int, bk: int):
-    """Every tile FULL: the lists of a call without a mask."""
+    """The (1, 1, nQ, nK) tile kinds of a call without a mask: every tile FULL."""
     nQ, nK = -(-call.Lq // bq), -(-call.Lk // bk)
-    kind = torch.full((1, 1, nQ, nK), _masks.FULL, dtype=torch.int8, device=call.device)
-    return kind
+    return torch.full((1, 1, nQ, nK), _masks.FULL, dtype=torch.int8, device=call.device)
 
 
 def plan(call: Call, block_q: int, block_k: int, *, transposed: bool = False):
@@ -170,7 +171,10 @@ def plan(call: Call, block_q: int, block_k: int, *, transposed: bool = False):
                                       q_offset=call.q_offset, device=call.device)
         kind = holder.kind.to(call.device)
     key = (transposed, call.Lq, call.Lk, call.q_offset)
-    cached = _PLANS.get(holder, {}).get(key) if holder is not None else None
+    if holder is None:                          # no mask: the lists depend on the shape alone
+        cached = _UNMASKED.get((key, block_q, block_k, str(call.device)))
+    else:
+        cached = _PLANS.get(holder, {}).get(key)
     if cached is not None:
         return _with_mods(cached, call)
     full_cnt, full_idx = _lists(kind, _masks.FULL)
@@ -189,6 +193,10 @@ def plan(call: Call, block_q: int, block_k: int, *, transposed: bool = False):
             p.slot, p.bits = _bits(call, kind, block_q, block_k)
     if holder is not None:
         _PLANS.setdefault(holder, {})[key] = p
+    else:
+        if len(_UNMASKED) >= _UNMASKED_SIZE:
+            _UNMASKED.pop(next(iter(_UNMASKED)))  # the oldest shape
+        _UNMASKED[(key, block_q, block_k, str(call.device))] = p
     return _with_mods(p, call)
 
 
