@@ -23,12 +23,12 @@ import pytest
 SRC = Path(__file__).resolve().parents[2] / "src" / "qkv"
 
 FLOORS = {
-    "qkv._util": 0, "qkv.hooks": 0, "qkv.testing": 0, "qkv.kernels": 0, "qkv.distributed": 0,
+    "qkv._util": 0, "qkv.hooks": 0, "qkv.testing": 0, "qkv.kernels": 0,
     "qkv.reference": 1, "qkv.positional": 1, "qkv.masks": 1, "qkv.data": 1,
     "qkv.scores": 2,
     "qkv.backends": 3,
     "qkv.attention": 4, "qkv.fused": 4,
-    "qkv.decode": 5,
+    "qkv.decode": 5, "qkv.distributed": 5,
     "qkv.layers": 6, "qkv.nn": 6, "qkv.cache": 6,
     "qkv.models": 7,
     "qkv.generate": 8, "qkv.inspect": 8, "qkv.checkpoint": 8, "qkv.integrations": 8,

@@ -738,6 +738,58 @@ def range_backward(call: Call, q, k, v, out, lse, dout, groups):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+# ----------------------------------------------------------------------------
+# Pieces: one call's keys are part of longer rows (context parallelism)
+# ----------------------------------------------------------------------------
+#
+# A caller that splits each row's keys into pieces (`qkv.distributed`'s ring: one piece per
+# rank's shard) merges the pieces' outputs by their LSE, and differentiates the merged result:
+# with P = exp(S - LSE) over the whole row and delta = rowsum(dO * O) of the merged O, a piece's
+# share of the gradients is the flash backward of that piece given the merged O and LSE. torch's
+# fused kernel takes O and LSE as inputs, so the share costs one backward, no recomputed forward.
+
+def _piece_groups(call: Call):
+    if _FUSED_FWD is None or call.device.type != "cpu" or call.score_mod is not None:
+        return None, None
+    if call.D != call.Dv or call.D == 0 or call.dropout_p:
+        return None, None
+    runs = TiledBackend.run_rows and call.scale >= 0
+    groups = range_plan(call, TiledBackend.run_rows) if runs else None
+    if groups is not None:
+        return "ranges", groups
+    return "fused", make_plan(call, TiledBackend.block)[0]
+
+
+def piece_forward(call: Call):
+    """(out, lse) of one piece of longer rows from torch's fused CPU kernel, without autograd; None
+    where the kernel does not serve the call (score_mod, a GPU, Dv != D: run `qkv.attention`).
+
+    The LSE carries the kernel's exp approximation (about 20 correct bits below float64,
+    `fused_applies`); a caller uses it to weigh the pieces when it merges them."""
+    engine, groups = _piece_groups(call)
+    if engine is None:
+        return None
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (call.q, call.k, call.v))
+    with torch.no_grad():
+        return (range_forward if engine == "ranges" else fused_forward)(call, q, k, v, groups)
+
+
+def piece_backward(call: Call, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor):
+    """(dq, dk, dv): this piece's share of the gradients of rows whose *merged* output and LSE
+    (over all pieces) are `out` and `lse`, given d(out) = `dout` (and no gradient on the LSE),
+    in the inputs' dtype. None where `piece_forward` is None."""
+    engine, groups = _piece_groups(call)
+    if engine is None:
+        return None
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (call.q, call.k, call.v))
+    out, dout = out.to(q.dtype).contiguous(), dout.to(q.dtype).contiguous()
+    lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse).to(call.stat_dtype)
+    with torch.no_grad():
+        if engine == "ranges":
+            return range_backward(call, q, k, v, out, lse, dout, groups)
+        return fused_backward(call, q, k, v, out, lse, dout, groups)
+
+
 class _TiledAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, call, groups, engine, q, k, v, *params):
