@@ -18,6 +18,7 @@ generate text, embed sentences, draw attention maps.
     qkv train [DATA] [--tokenizer byte|char|bpe[:N]|PATH] [--preset tiny|mini|small|base] [--config FILE] [--steps N]
               [--batch-size B] [--context T] [--lr LR] [--warmup W] [--accum K] [--bf16] [--eval-every N]
               [--ckpt-every N] [--keep N] [--out runs/train] [--resume] [--seed S]
+              [--context-parallel N] [--data-parallel M]   (under torchrun; WORLD_SIZE = N x M)
     qkv selftest [--minutes N] [--seed S] [--case I] [--max-cases N] [--json PATH]
     qkv --version
 
@@ -283,7 +284,8 @@ def _cmd_train(args) -> int:
                                 config=args.config, steps=args.steps, batch_size=args.batch_size,
                                 context=args.context, lr=args.lr, warmup=args.warmup, accum_steps=args.accum,
                                 bf16=args.bf16, eval_every=args.eval_every, ckpt_every=args.ckpt_every,
-                                keep=args.keep, resume=args.resume, seed=args.seed, progress=True)
+                                keep=args.keep, resume=args.resume, seed=args.seed, progress=True,
+                                context_parallel=args.context_parallel, data_parallel=args.data_parallel)
     except (ValueError, TypeError, FileNotFoundError, checkpoint.CheckpointError) as exc:
         raise UsageError(str(exc).replace("\n", " ")) from exc
     if distributed.is_main():                      # under torchrun: once, from rank 0
@@ -457,6 +459,10 @@ def _add_train(sub) -> None:
     p.add_argument("--keep", type=int, default=3, help="checkpoints to keep (default 3)")
     p.add_argument("--out", default=os.path.join("runs", "train"), help="run directory (default runs/train)")
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
+    p.add_argument("--context-parallel", type=int, default=1, metavar="N",
+                   help="under torchrun: split each sequence across N ranks (ring attention); default 1")
+    p.add_argument("--data-parallel", type=int, default=None, metavar="M",
+                   help="under torchrun: M groups share out the batch (WORLD_SIZE = N x M; default WORLD_SIZE / N)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the batches (default 0)")
     p.set_defaults(func=_cmd_train)
 

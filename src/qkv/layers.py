@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qkv import backends, fused, kernels, masks
+from qkv import distributed as _dist
 from qkv import scores as _scores
 from qkv._util.checks import check_int
 from qkv.attention import attention
@@ -241,6 +242,9 @@ class MultiHeadAttention(nn.Module):
         if hook is not None:  # qkv.inspect.capture records this call's inputs; the call itself is unchanged
             extra = {} if self.sinks is None else {"sinks": self.sinks}
             hook(self, q, k, mask=mask, causal=causal, score_mod=score_mod, scale=self.scale, q_offset=None, **extra)
+        cp = _dist.active() if context is None and context_kv is None else None
+        if cp is not None:                      # the sequence is split across a group: attend across it
+            return self._across(cp, q, k, v, mask, causal, score_mod, return_weights, B, Lq)
         with _kernel.use_feature_map(self.feature_map):                     # a Performer layer's own features
             result = attention(q, k, v, mask=mask, causal=causal, score_mod=score_mod, scale=self.scale,
                                    dropout_p=self.dropout if self.training else 0.0, backend=self.backend,
@@ -249,6 +253,20 @@ class MultiHeadAttention(nn.Module):
         out = out.transpose(1, 2).reshape(B, Lq, self.n_heads * self.head_dim)  # (B, Lq, Hq*D)
         out = self.o_proj(out)                                              # (B, Lq, d_model)
         return (out, weights) if return_weights else out
+
+    def _across(self, cp, q, k, v, mask, causal, score_mod, return_weights, B, Lq):
+        """Self-attention over a sequence split across `cp`'s group (`qkv.distributed.sharded`)."""
+        if return_weights or self.feature_map is not None or self.backend in ("linear", "performer"):
+            raise ValueError("a context-parallel forward runs exact attention across the ranks: return_weights, "
+                             "linear and Performer attention are not available there")
+        if self.training and self.dropout:
+            raise ValueError(f"attention dropout ({self.dropout}) is not available in a context-parallel forward; "
+                             f"set the model's attention dropout to 0")
+        out = _dist.context_attention(q, k, v, strategy=cp.strategy, mask=mask, causal=causal, score_mod=score_mod,
+                                      scale=self.scale, sinks=self.sinks, group=cp.group, layout=cp.layout,
+                                      backend=self.backend)
+        out = out.transpose(1, 2).reshape(B, Lq, self.n_heads * self.head_dim)    # (B, Lr, Hq*D)
+        return self.o_proj(out)
 
     def _cached(self, x, cache, positions, score_mod, mask, return_weights, context):
         if context is not None or mask is not None or return_weights:

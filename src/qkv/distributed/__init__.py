@@ -10,13 +10,15 @@ Two kinds of parallelism:
   ulysses_attention    all-to-all over heads (heads divisible by the group's size)
   context_attention    either, by `choose_strategy`
 
-`count()` records the messages a rank sends (tests assert the algorithm's numbers).
+`sharded(ContextParallel(...))` makes qkv's attention layers and decoder do this inside a model
+(`qkv train --context-parallel N`). `count()` records the messages a rank sends (tests assert the algorithm's numbers).
 """
 
 from __future__ import annotations
 
 from qkv.distributed.layout import LAYOUTS, Piece, group_size, order, pieces, positions, shard, unshard
 from qkv.distributed.ring import ring_attention
+from qkv.distributed.scope import ContextParallel, active, new_groups, sharded
 from qkv.distributed.transport import Traffic, count
 from qkv.distributed.ulysses import ulysses_attention
 from qkv.distributed.world import (World, all_sum, barrier, check_divisible, env_world, is_main, process_group,
@@ -25,7 +27,7 @@ from qkv.distributed.world import (World, all_sum, barrier, check_divisible, env
 __all__ = ["World", "env_world", "process_group", "shard_rows", "check_divisible", "all_sum", "barrier", "is_main",
            "LAYOUTS", "Piece", "pieces", "positions", "shard", "unshard", "order",
            "ring_attention", "ulysses_attention", "context_attention", "choose_strategy", "bytes_per_rank",
-           "count", "Traffic", "STRATEGIES"]
+           "count", "Traffic", "STRATEGIES", "ContextParallel", "sharded", "active", "new_groups"]
 
 STRATEGIES = ("auto", "ring", "ulysses")
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from qkv import distributed as _dist
 from qkv import fused, kernels, masks
 from qkv._util import hugepages
 from qkv._util.checks import check_int as _check_int
@@ -207,7 +208,8 @@ class Decoder(nn.Module):
             cache.check_room(L)                     # all layers or none: a full cache changes nothing
             positions = cache.lengths[:, None] + torch.arange(L)                # (B, L)
         elif positions is None:
-            positions = torch.arange(L)                                         # (L,)
+            cp = _dist.active()                 # a rank's rows of a sequence split across a group
+            positions = torch.arange(L) if cp is None else cp.positions(L)      # (L,)
         else:
             _check_positions(positions, B, L)
         positions = positions.to(tokens.device)

@@ -129,14 +129,20 @@ def _check_memory(config, batch_size: int, context: int, limit: int | None) -> N
                          f"preset, batch size or context (accumulate with --accum instead)")
 
 
-def lm_loss(model: nn.Module, tokens: Tensor) -> tuple[Tensor, int]:
+def lm_loss(model: nn.Module, tokens: Tensor, *, cp=None) -> tuple[Tensor, int]:
     """Mean next-token cross-entropy (nats) of windows tokens (B, T + 1): the model
-    reads tokens[:, :-1] with the causal mask and predicts tokens[:, 1:]."""
+    reads tokens[:, :-1] with the causal mask and predicts tokens[:, 1:]. With `cp` (a
+    `qkv.distributed.ContextParallel`), over this rank's rows of each window only."""
     if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.shape[1] < 2:
         raise ValueError(f"tokens must be (B, T + 1) ids with T >= 1, got "
                          f"{tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__}")
-    logits = model(tokens[:, :-1])                                          # (B, T, V)
-    target = tokens[:, 1:]                                                  # (B, T)
+    inputs, target = tokens[:, :-1], tokens[:, 1:]                          # (B, T) each
+    if cp is None:
+        logits = model(inputs)                                              # (B, T, V)
+    else:
+        inputs, target = cp.shard(inputs), cp.shard(target)               # (B, T / N) each
+        with _dist.sharded(cp):
+            logits = model(inputs)
     return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten()), target.numel()
 
 
@@ -153,7 +159,7 @@ def evaluate_lm(model: nn.Module, batches: list[Tensor], *, bf16: bool = False) 
 
 
 @torch.no_grad()
-def _lm_sums(model: nn.Module, batches: list[Tensor], *, bf16: bool = False) -> tuple[float, int]:
+def _lm_sums(model: nn.Module, batches: list[Tensor], *, bf16: bool = False, cp=None) -> tuple[float, int]:
     """(summed next-token loss in nats, tokens) over windows (b, T + 1)."""
     was = model.training
     model.eval()
@@ -161,7 +167,7 @@ def _lm_sums(model: nn.Module, batches: list[Tensor], *, bf16: bool = False) -> 
     try:
         for x in batches:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss, k = lm_loss(model, x)
+                loss, k = lm_loss(model, x, cp=cp)
             total += float(loss) * k
             n += k
     finally:
@@ -266,7 +272,8 @@ def train_lm(data=None, *, out="runs/train", tokenizer: str = "bpe", preset: str
              eval_windows: int = 64, ckpt_every: int = 0, keep: int = 3, resume: bool = False, seed: int = 0,
              val_fraction: float = 0.02, max_corpus_bytes: int = _data.DEFAULT_CORPUS_BYTES,
              progress: bool = False, plot: bool = True, stop_after: int | None = None,
-             memory_limit: int | None = -1) -> LMResult:
+             memory_limit: int | None = -1, context_parallel: int = 1,
+             data_parallel: int | None = None) -> LMResult:
     """Train a decoder language model on text with teacher forcing and the causal mask.
 
     Args:
@@ -300,6 +307,14 @@ def train_lm(data=None, *, out="runs/train", tokenizer: str = "bpe", preset: str
     another W. Validation is shared out and summed; rank 0 alone prints, plots and writes
     checkpoints, and every rank waits for each checkpoint to be written.
 
+    Context parallel (`context_parallel` N > 1, under torchrun with WORLD_SIZE = N x M, M =
+    `data_parallel`, default WORLD_SIZE / N): consecutive groups of N ranks share each
+    sequence, every rank holding its zigzag rows of the context (`qkv.distributed`); the
+    decoder's attention runs across the group (ring attention), the rest per token. The M
+    groups split the global batch as data parallelism does, and DDP averages over all ranks:
+    each holds the same number of tokens, so the gradient is the one-process gradient.
+    `context` must be divisible by 2N.
+
     Validation bits per character = loss (nats/token) x tokens per character of the
     validation text / ln 2; for "char" that is loss / ln 2, for "byte" loss / ln 2 per
     byte times bytes per character (1 for ASCII text).
@@ -310,8 +325,11 @@ def train_lm(data=None, *, out="runs/train", tokenizer: str = "bpe", preset: str
         weight_decay=weight_decay, clip=clip, stop_after=stop_after, preset=preset, config=config,
         tokenizer=tokenizer, out=out)
     world = _dist.env_world()
-    _dist.check_divisible(batch_size, world)
+    dp_size = _check_parallel(world, context_parallel, data_parallel, context)
+    _dist.check_divisible(batch_size, _dist.World(0, dp_size))
     with _dist.process_group("cpu") as world:
+        cp, dp_rank = _dist.new_groups(context_parallel, world.size, world.rank) if world.distributed else (None, 0)
+        dp = _dist.World(dp_rank, dp_size)
         start_ckpt = _open_run(out, resume, world)
         ds = _load_data(data, tok_spec, start_ckpt, context=context, val_fraction=val_fraction,
                         max_corpus_bytes=max_corpus_bytes)
@@ -319,7 +337,7 @@ def train_lm(data=None, *, out="runs/train", tokenizer: str = "bpe", preset: str
                              config=config)
         if memory_limit == -1:
             memory_limit = available_memory()
-        _check_memory(cfg, batch_size // world.size, context, memory_limit)
+        _check_memory(cfg, batch_size // dp_size, context // context_parallel, memory_limit)
 
         args = {"data": None if data is None else str(Path(data).resolve()), "tokenizer": tok_spec,
                 "config": cfg.to_dict(), "steps": steps, "batch_size": batch_size, "context": context, "lr": lr,
@@ -332,7 +350,7 @@ def train_lm(data=None, *, out="runs/train", tokenizer: str = "bpe", preset: str
         history, start = LMHistory(), 0
         if start_ckpt is not None:
             history, start = _restore(start_ckpt, model, opt, args, ds, out)
-        run = _Run(world=world, out=out, ds=ds, model=model, opt=opt, history=history, args=args, tok_spec=tok_spec,
+        run = _Run(world=world, cp=cp, dp=dp, out=out, ds=ds, model=model, opt=opt, history=history, args=args, tok_spec=tok_spec,
                    seed=seed, batch_size=batch_size, context=context, accum_steps=accum_steps, bf16=bf16, clip=clip,
                    keep=keep, val_batches=ds.val_batches(batch_size, context, max_windows=eval_windows),
                    # every checkpoint carries its tokenizer.json, so `qkv generate` takes text prompts
@@ -348,6 +366,24 @@ def train_lm(data=None, *, out="runs/train", tokenizer: str = "bpe", preset: str
             bpc = vl * ds.tokens_per_char / math.log(2)
         return LMResult(model, ds, history, vl, bpc, out, last_ckpt, start_ckpt,
                         tokens / seconds if seconds > 0 else 0.0)
+
+
+def _check_parallel(world, context_parallel: int, data_parallel: int | None, context: int) -> int:
+    """The number M of data-parallel groups, with WORLD_SIZE = N x M checked (N = context_parallel)."""
+    _check_int("context_parallel", context_parallel, 1)
+    N = context_parallel
+    if world.size % N:
+        raise ValueError(f"--context-parallel {N} must divide the {world.size} processes (WORLD_SIZE); launch "
+                         f"torchrun --nproc_per_node={N * max(1, world.size // N)}")
+    M = world.size // N
+    if data_parallel is not None and data_parallel != M:
+        raise ValueError(f"--data-parallel {data_parallel} x --context-parallel {N} must equal the {world.size} "
+                         f"processes (WORLD_SIZE); launch torchrun --nproc_per_node={data_parallel * N}")
+    if N > 1 and context % (2 * N):
+        lo = context // (2 * N) * (2 * N)
+        raise ValueError(f"--context {context} must be divisible by 2 x --context-parallel = {2 * N} (each rank "
+                         f"holds two equal chunks of every window); use {lo or 2 * N} or {lo + 2 * N}")
+    return M
 
 
 def _check_args(*, steps, batch_size, context, accum_steps, eval_windows, keep, eval_every, ckpt_every, seed, warmup,
@@ -435,6 +471,8 @@ class _Run:
     owns it, so that it goes before the process group does)."""
 
     world: object
+    cp: object              # qkv.distributed.ContextParallel of this rank's sequence group, or None
+    dp: object              # this rank's data-parallel place: a World over the M groups
     out: Path
     ds: _data.TextData
     model: nn.Module
@@ -513,12 +551,12 @@ def _train_step(run: _Run, net: nn.Module, params: list[Tensor], step: int, rate
     total, tokens = 0.0, 0
     for k in range(run.accum_steps):
         x = run.ds.batch(step, run.batch_size, run.context, seed=run.seed, micro=k)       # (B, T+1)
-        x = _dist.shard_rows(x, world)                                                  # (B/W, T+1)
+        x = _dist.shard_rows(x, run.dp)                                                 # (B/M, T+1)
         # gradients are averaged over ranks once, on the last micro-batch
         sync = not world.distributed or k == run.accum_steps - 1
         with contextlib.nullcontext() if sync else net.no_sync():
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=run.bf16):
-                loss, n = lm_loss(net, x)
+                loss, n = lm_loss(net, x, cp=run.cp)
             (loss / run.accum_steps).backward()
         total += float(loss.detach())
         tokens += n * world.size
@@ -535,7 +573,8 @@ def _validate(run: _Run) -> float:
     """The validation loss (nats per token) of the whole run: each rank scores every W-th window
     batch; the sums over ranks give the one-process mean."""
     world = run.world
-    total, count = _dist.all_sum(list(_lm_sums(run.model, run.val_batches[world.rank::world.size], bf16=run.bf16)),
+    dp = run.dp
+    total, count = _dist.all_sum(list(_lm_sums(run.model, run.val_batches[dp.rank::dp.size], bf16=run.bf16, cp=run.cp)),
                                  world)
     return total / count
 
