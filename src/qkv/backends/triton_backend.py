@@ -36,7 +36,7 @@ from qkv import scores as _scores
 from qkv.backends.base import Backend, Call, Capabilities
 from qkv.kernels import gpu as _gpu
 
-__all__ = ["TritonBackend", "plan", "MAX_HEAD_DIM"]
+__all__ = ["TritonBackend", "plan", "MAX_HEAD_DIM", "piece_forward", "piece_backward", "registry_refusal"]
 
 MAX_HEAD_DIM = 256
 _PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # BlockMask -> {key: Plan}
@@ -204,16 +204,27 @@ def _with_mods(p, call: Call):
     return replace(p, mods=_mods(call))
 
 
+def _forward(call: Call, q, k, v):
+    kern = _kernels()
+    fcfg = kern.forward_config(call.D, call.dtype)
+    # the G heads of a group share a program (block_m // G positions of each) unless the tiles differ by head
+    fplan = plan(call, fcfg.block_m // call.G if call.G <= fcfg.block_m else fcfg.block_m, fcfg.block_n)
+    if call.G > 1 and (fplan.per_head or call.G > fcfg.block_m):
+        fplan = plan(call, fcfg.block_m, fcfg.block_n)
+    return kern.forward(q, k, v, fplan, scale=call.scale, q_offset=call.q_offset, config=fcfg)
+
+
+def _backward(call: Call, q, k, v, out, lse, dout, dlse):
+    kern = _kernels()
+    bcfg = kern.backward_config(call.D, call.dtype)
+    bplan = plan(call, bcfg.block_m, bcfg.block_n, transposed=True)
+    return kern.backward(q, k, v, out, lse, dout, dlse, bplan, scale=call.scale, q_offset=call.q_offset, config=bcfg)
+
+
 class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, call):
-        kern = _kernels()
-        fcfg = kern.forward_config(call.D, call.dtype)
-        # the G heads of a group share a program (block_m // G positions of each) unless the tiles differ by head
-        fplan = plan(call, fcfg.block_m // call.G if call.G <= fcfg.block_m else fcfg.block_m, fcfg.block_n)
-        if call.G > 1 and (fplan.per_head or call.G > fcfg.block_m):
-            fplan = plan(call, fcfg.block_m, fcfg.block_n)
-        out, lse = kern.forward(q, k, v, fplan, scale=call.scale, q_offset=call.q_offset, config=fcfg)
+        out, lse = _forward(call, q, k, v)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.call = call
         return out, lse
@@ -221,12 +232,38 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        call, kern = ctx.call, _kernels()
-        bcfg = kern.backward_config(call.D, call.dtype)
-        bplan = plan(call, bcfg.block_m, bcfg.block_n, transposed=True)
-        dq, dk, dv = kern.backward(q, k, v, out, lse, dout, dlse, bplan, scale=call.scale, q_offset=call.q_offset,
-                                   config=bcfg)
+        dq, dk, dv = _backward(ctx.call, q, k, v, out, lse, dout, dlse)
         return dq, dk, dv, None
+
+
+# Pieces of longer rows (context parallelism, as `qkv.backends.tiled.piece_forward`): the backward
+# kernel takes the merged rows' out, LSE and their gradients, so a piece's share of the gradients is
+# one backward launch, with no recomputed forward and any gradient on the LSE.
+
+def piece_forward(call: Call):
+    """(out, lse) of one piece of longer rows from the kernels, without autograd; None where this
+    backend refuses the call (not on CUDA or the interpreter, a score_mod it has no variant for)."""
+    if registry_refusal(call) is not None:
+        return None
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (call.q, call.k, call.v))
+    with torch.no_grad():
+        return _forward(call, q, k, v)
+
+
+def piece_backward(call: Call, out, lse, dout, dlse=None):
+    """(dq, dk, dv): this piece's share of the gradients of rows whose merged output and LSE are `out`
+    and `lse`, given their gradients `dout` and `dlse` (None: none). None where `piece_forward` is."""
+    if registry_refusal(call) is not None:
+        return None
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (call.q, call.k, call.v))
+    with torch.no_grad():
+        return _backward(call, q, k, v, out.to(q.dtype).contiguous(), lse.float().contiguous(),
+                         dout.to(q.dtype).contiguous(), None if dlse is None else dlse.float().contiguous())
+
+
+def registry_refusal(call: Call) -> str | None:
+    """Why this backend would refuse `call` (None: it serves it)."""
+    return TritonBackend().refusal(call)
 
 
 _CAPS = Capabilities(

@@ -15,8 +15,8 @@ sequence's mask seen through `PieceMask` (absolute positions), as does the score
 
 The backward sends K/V round the ring again, with the gradient of each shard travelling
 beside it: every rank adds its share (the flash backward given the merged output and LSE,
-`qkv.backends.tiled.piece_backward`, where torch's fused CPU kernel applies; else the piece is
-recomputed under autograd) and passes it on; after N steps it reaches its owner.
+`piece_backward` of `qkv.backends.tiled` where torch's fused CPU kernel applies, of
+`qkv.backends.triton_backend` on CUDA; else the piece is recomputed under autograd) and passes it on; after N steps it reaches its owner.
 
 Messages per rank (`qkv.distributed.count`): forward N - 1 sends and N - 1 receives; backward
 (N - 1) + N sends and as many receives (K/V N - 1 times, the gradients N times: the last one
@@ -33,7 +33,8 @@ from torch import Tensor
 
 from qkv.attention import attention
 from qkv.backends.base import check_sinks, make_call
-from qkv.backends.tiled import piece_backward, piece_forward, score_mod_tensors
+from qkv.backends import tiled, triton_backend
+from qkv.backends.tiled import score_mod_tensors
 from qkv.masks import EMPTY, FULL, PARTIAL, as_mask, causal as causal_mask
 from qkv.scores import as_score_mod
 
@@ -124,8 +125,18 @@ def _call(spec: _Spec, q, k, v, mask, mod):
                      return_lse=True, return_weights=False, q_offset=0)
 
 
+def _engine(spec: _Spec, device: torch.device):
+    """Where a piece's forward and its backward given the merged rows run without autograd: the
+    Triton kernels on CUDA (or when named), torch's fused CPU kernel in `tiled`; None: neither
+    (pieces go through `qkv.attention` and autograd)."""
+    if spec.backend == "triton" or (spec.backend == "auto" and device.type == "cuda"):
+        return triton_backend
+    return tiled if spec.backend in ("auto", "tiled") else None
+
+
 def _forward_piece(spec: _Spec, q, k, v, mask, mod):
-    got = piece_forward(_call(spec, q, k, v, mask, mod)) if spec.backend in ("auto", "tiled") else None
+    engine = _engine(spec, q.device)
+    got = None if engine is None else engine.piece_forward(_call(spec, q, k, v, mask, mod))
     if got is None:
         with torch.no_grad():
             got = attention(q, k, v, mask=mask, score_mod=mod, scale=spec.scale, q_offset=0, return_lse=True,
@@ -192,9 +203,12 @@ def _backward_step(spec, step, q, kk, vv, out, lse, dout, dlse, params, dq, gk, 
     for task in spec.steps[step]:
         rows, krows, qs, ks, vs, mask, mod = _views(spec, task, step, q, kk, vv)
         o, lr, do = out[:, :, rows], lse[:, :, rows], dout[:, :, rows]
-        got = None
-        if dlse is None and spec.backend in ("auto", "tiled"):
-            got = piece_backward(_call(spec, qs, ks, vs, mask, mod), o, lr, do)
+        got, engine = None, _engine(spec, q.device)
+        if engine is triton_backend:            # its kernels take the LSE's gradient too
+            got = engine.piece_backward(_call(spec, qs, ks, vs, mask, mod), o, lr, do,
+                                        None if dlse is None else dlse[:, :, rows])
+        elif engine is not None and dlse is None:
+            got = engine.piece_backward(_call(spec, qs, ks, vs, mask, mod), o, lr, do)
         if got is None:
             got, gp = _recomputed(spec, qs, ks, vs, mask, mod, o, lr, do, None if dlse is None else dlse[:, :, rows],
                                   params)
