@@ -67,6 +67,7 @@ from qkv.masks import check_bool
 from qkv.nn import MultiheadAttention
 
 __all__ = ["capture", "attention_maps", "attention_modules", "head_stats", "AttentionMaps", "Capture",
+           "rollout", "image_attention", "ImageAttention",
            "DEFAULT_MAX_CELLS"]
 
 #: rows=None captures every query row only while Lq * Lk stays within this many weights
@@ -512,3 +513,162 @@ def attention_maps(model: nn.Module, *args, layers=None, heads=None, rows=None,
     with capture(model, layers=layers, heads=heads, rows=rows, max_cells=max_cells) as cap, torch.no_grad():
         model(*args, **kwargs)
     return cap.maps
+
+
+# -----------------------------------------------------------------------------
+# Vision: attention rollout and per-patch maps
+#
+# Legend for this part: L layers, H heads, N tokens (N = P + 1 with a CLS token, N = P
+# without), P = gh * gw patches of a gh x gw patch grid, C x H x W images.
+
+
+def _rollout_layers(weights) -> list[Tensor]:
+    """`weights` (a list of per-layer tensors, an AttentionMaps, or one stacked tensor) as a list."""
+    if isinstance(weights, Mapping):
+        weights = list(weights.values())
+    elif isinstance(weights, Tensor):
+        if weights.dim() not in (4, 5):
+            raise ValueError(f"weights as one tensor must be stacked per layer, (L, B, H, N, N) or (L, B, N, N), "
+                             f"got shape {tuple(weights.shape)}; or pass a list of per-layer tensors")
+        weights = list(weights.unbind(0))
+    elif isinstance(weights, (list, tuple)):
+        weights = list(weights)
+    else:
+        raise TypeError(f"weights must be a list of per-layer attention weights (B, H, N, N) or (B, N, N), an "
+                        f"AttentionMaps, or one stacked tensor; got {type(weights).__name__}")
+    if not weights:
+        raise ValueError("weights is empty: give the attention weights of at least one layer")
+    out = []
+    for i, w in enumerate(weights):
+        if not isinstance(w, Tensor):
+            raise TypeError(f"weights[{i}] must be a torch.Tensor, got {type(w).__name__}")
+        if not w.is_floating_point():
+            raise TypeError(f"weights[{i}] must be floating point attention probabilities, got {w.dtype}")
+        if w.dim() not in (3, 4) or w.shape[-1] != w.shape[-2]:
+            raise ValueError(f"weights[{i}] must be (B, H, N, N) or (B, N, N) with every query row of a layer "
+                             f"(capture with rows=None), got shape {tuple(w.shape)}")
+        if out and (w.shape[0], w.shape[-1]) != (out[0].shape[0], out[0].shape[-1]):
+            raise ValueError(f"weights[{i}] is {tuple(w.shape)} but weights[0] is {tuple(out[0].shape)}: every "
+                             f"layer needs the same batch B and tokens N")
+        out.append(w)
+    return out
+
+
+def rollout(weights, *, residual: bool = True) -> Tensor:
+    """Attention rollout (Abnar & Zuidema, 2020): how much each token draws on each input token.
+
+    `weights` is a list of per-layer attention probabilities, first layer first, each
+    (B, H, N, N) (heads are averaged) or (B, N, N); an `AttentionMaps` captured with
+    rows=None, or one stacked (L, B, H, N, N) tensor, also do. Per layer the head mean A
+    becomes A' = (A + I) / 2 with every row renormalised to sum 1 (`residual=True`, which
+    accounts for the residual stream; with `residual=False`, A' = A, rows renormalised
+    where their sum is not zero), and the result is R = A'_L ... A'_1, accumulated in
+    float64. Row q of R (B, N, N) is query token q's share of every input token; its rows
+    sum to 1. Returned in the dtype of weights[0], on its device.
+    """
+    layers = _rollout_layers(weights)
+    B, N = layers[0].shape[0], layers[0].shape[-1]
+    eye = torch.eye(N, dtype=torch.float64, device=layers[0].device)
+    R = eye.expand(B, N, N)
+    for w in layers:
+        a = w.detach().to(eye.device, torch.float64)
+        if not torch.isfinite(a).all():
+            raise ValueError("weights hold NaN/inf values; rollout needs finite attention probabilities")
+        a = a.mean(dim=1) if a.dim() == 4 else a                                  # (B, N, N)
+        if residual:
+            a = (a + eye) / 2
+        s = a.sum(-1, keepdim=True)
+        a = torch.where(s > 0, a / torch.where(s > 0, s, torch.ones_like(s)), a)
+        R = a @ R                                                                 # A'_l (A'_{l-1} ... A'_1)
+    return R.to(layers[0].dtype)
+
+
+class ImageAttention:
+    """What `image_attention` returns (see there for the shapes).
+
+    maps (B, layers, heads, gh, gw): the query's weights on each patch; cls (B, layers, heads):
+    its weight on the tokens before the patches (the CLS token; zeros without one); rollout
+    (B, gh, gw); weights: per layer of the model, (B, H, N, N), every head and query row;
+    layers (names), heads, query (a token index), grid (gh, gw), n_lead (tokens before the
+    patches), logits (the model's output).
+    """
+
+    def __init__(self, maps, cls, rollout, weights, layers, heads, query, grid, n_lead, logits):
+        self.maps, self.cls, self.rollout, self.weights = maps, cls, rollout, weights
+        self.layers, self.heads, self.query, self.grid = layers, heads, query, grid
+        self.n_lead, self.logits = n_lead, logits
+
+    def __repr__(self) -> str:
+        return (f"ImageAttention(maps={tuple(self.maps.shape)}, rollout={tuple(self.rollout.shape)}, "
+                f"query={self.query}, grid={self.grid}, layers={len(self.layers)})")
+
+
+def _image_query(query, n_lead: int, grid: tuple[int, int]) -> int:
+    """`query` (a token index, negative from the end, or a (row, col) patch) as a token index."""
+    gh, gw = grid
+    N = n_lead + gh * gw
+    if isinstance(query, tuple):
+        if len(query) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in query):
+            raise TypeError(f"query as a patch must be (row, col) ints, got {query!r}")
+        r, c = query
+        if not (0 <= r < gh and 0 <= c < gw):
+            raise ValueError(f"query patch {query} is outside the {gh} x {gw} patch grid")
+        return n_lead + r * gw + c
+    if isinstance(query, bool) or not isinstance(query, int):
+        raise TypeError(f"query must be a token index (0 = CLS) or a (row, col) patch, got {query!r}")
+    if not -N <= query < N:
+        raise ValueError(f"query must be a token index in 0..{N - 1} ({n_lead} leading token(s), then the "
+                         f"{gh} x {gw} patches row by row), got {query}")
+    return query % N
+
+
+def image_attention(model: nn.Module, images: Tensor, *, layers=None, heads=None, query=0) -> ImageAttention:
+    """Where one query token of a vision transformer looks, per layer and head, and its rollout.
+
+    `model` is a `qkv.models.ViT` (anything with `.grid((H, W))` and qkv attention whose
+    tokens are `n_lead` leading tokens, the CLS token, then the P patches row by row);
+    `images` (B, C, H, W) as the model takes them. `query` is a token index (0 = the CLS
+    token with pool="cls"; token n_lead + r * gw + c is patch (r, c)) or a (row, col) patch.
+    `layers` / `heads` pick the maps as in `capture`.
+
+    One forward pass without autograd under `capture(model)` (every layer, head and query
+    row: the rollout needs them all); the maps are its rows `query` of the chosen layers
+    and heads. Returns an `ImageAttention`: maps (B, layers, heads, gh, gw), the query's
+    weights on the patches with the CLS column dropped and NOT renormalised (each map sums
+    to 1 - cls, the query's weight on the leading tokens, kept in .cls); rollout (B, gh, gw),
+    the query's row of `rollout(weights)` over the patches, also not renormalised (divide
+    by its sum for a distribution over the patches).
+    """
+    if not isinstance(images, Tensor) or images.dim() != 4:
+        got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"images must be a (B, C, H, W) tensor, got {got}; add a batch axis with x[None]")
+    if not callable(getattr(model, "grid", None)):
+        raise TypeError(f"model must be a vision transformer with .grid((H, W)) (qkv.models.ViT), got "
+                        f"{type(model).__name__}")
+    gh, gw = (int(v) for v in model.grid(tuple(images.shape[-2:])))
+    chosen = _select_layers(attention_modules(model), layers)
+    head_list = None if heads is None else _int_list("heads", heads)
+    with capture(model) as every, torch.no_grad():
+        logits = model(images)
+    weights = [every.maps[n] for n in every.maps.names]                          # (B, H, N, N) each
+    N = weights[0].shape[-1]
+    n_lead = N - gh * gw
+    if n_lead < 0 or any(w.shape[-2:] != (N, N) for w in weights):
+        raise ValueError(f"the model's attention runs over {N} tokens, which is not the {gh} x {gw} patch grid "
+                         f"plus leading tokens; image_attention needs a ViT-like model (CLS, then patches)")
+    q = _image_query(query, n_lead, (gh, gw))
+    picked, head_ids, per_layer = [], None, []
+    for name, m in chosen:
+        n = _n_heads(m)
+        hs = torch.arange(n) if head_list is None else _resolve("head", head_list, n, f"layer {name!r} with {n} heads")
+        if head_ids is not None and not torch.equal(hs, head_ids):
+            raise ValueError("the chosen layers have different numbers of heads; pass heads= explicitly")
+        head_ids = hs
+        picked.append(name)
+        per_layer.append(every.maps[name][:, hs.to(weights[0].device), q, :])     # (B, nh, N)
+    rows = torch.stack(per_layer, dim=1)                                          # (B, layers, nh, N)
+    B = rows.shape[0]
+    maps = rows[..., n_lead:].reshape(B, len(picked), len(head_ids), gh, gw)
+    roll = rollout(weights)[:, q, n_lead:].reshape(B, gh, gw)
+    return ImageAttention(maps, rows[..., :n_lead].sum(-1), roll, weights, picked, head_ids.tolist(), q,
+                          (gh, gw), n_lead, logits)
