@@ -1,5 +1,6 @@
 """Every model's configuration as data, side by side: `DecoderConfig` (GPT-2, Llama and Mistral style
-decoders), `EncoderConfig` (BERT-style encoders) and `Seq2SeqConfig` (encoder-decoders).
+decoders), `EncoderConfig` (BERT-style encoders), `Seq2SeqConfig` (encoder-decoders) and `ViTConfig`
+(Vision Transformers).
 
 The three families differ in a handful of switches:
 
@@ -23,7 +24,7 @@ from qkv._util.checks import check_int
 from qkv.backends.linear import ATTENTION_KINDS
 from qkv.layers import ACTIVATIONS, NORMS
 
-__all__ = ["DecoderConfig", "EncoderConfig", "Seq2SeqConfig", "ROPE_SCALINGS", "ATTENTION_KINDS", "ENCODER_ACTIVATIONS"]
+__all__ = ["DecoderConfig", "EncoderConfig", "Seq2SeqConfig", "ViTConfig", "VIT_POOLS", "VIT_POSITIONS", "ROPE_SCALINGS", "ATTENTION_KINDS", "ENCODER_ACTIVATIONS"]
 
 ROPE_SCALINGS = ("linear", "ntk", "llama3")
 
@@ -382,3 +383,126 @@ class Seq2SeqConfig(_AsDict):
         return self.d_model // self.n_heads
 
     _UNKNOWN = "fields"
+
+
+# -----------------------------------------------------------------------------
+# Vision Transformers
+
+VIT_POOLS = ("cls", "mean")
+VIT_POSITIONS = ("learned", "sincos")
+
+
+def _pair(name: str, value) -> tuple[int, int]:
+    """An int or an (h, w) pair of ints >= 1 as an (h, w) tuple (a JSON list is accepted too)."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be an int or an (h, w) pair, got {value!r}")
+        return (check_int(f"{name}[0]", value[0]), check_int(f"{name}[1]", value[1]))
+    v = check_int(name, value)
+    return (v, v)
+
+
+@dataclass
+class ViTConfig(_AsDict):
+    """A Vision Transformer (Dosovitskiy et al. 2021): patches -> pre-norm encoder -> pooled token -> head.
+
+    Attributes:
+        image_size, patch_size: ints or (h, w) pairs (stored as (h, w) tuples); the patch must
+            divide the image: the grid is (h // ph, w // pw). Other image sizes divisible by the
+            patch run too (learned positions are interpolated, sincos ones recomputed).
+        channels: C, the input channels (3 for RGB, 1 for grey).
+        d_model, n_layers, n_heads: the sizes (n_heads must divide d_model).
+        ffn_hidden: the MLP's hidden width (default 4 * d_model).
+        num_classes: the classifier head's outputs; None: no head, and the model returns the
+            pooled (B, d) features.
+        pool: "cls" (a learned [CLS] token in front of the patches; its final state is pooled,
+            as in the paper and Hugging Face) or "mean" (no [CLS] token: the mean of the patch tokens).
+        positions: "learned" (a table over the training grid) or "sincos" (fixed 2-D sinusoids;
+            d_model must then be a multiple of 4).
+        norm_eps: LayerNorm epsilon (Hugging Face ViT: 1e-12).
+        qkv_bias: biases on the query/key/value projections (the other projections always have one).
+        activation: the MLP's: "gelu" (exact erf, HF's hidden_act "gelu"), "gelu_tanh" or "relu".
+        dropout: on the embeddings, the attention weights and the residual branches (training only).
+        pooler: Hugging Face ViTModel's pooler (a d x d linear layer and tanh over the pooled token),
+            applied when num_classes is None: forward then returns HF's pooler_output.
+    """
+
+    image_size: int | tuple = 224
+    patch_size: int | tuple = 16
+    channels: int = 3
+    d_model: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    ffn_hidden: int | None = None
+    num_classes: int | None = None
+    pool: str = "cls"
+    positions: str = "learned"
+    norm_eps: float = 1e-12
+    qkv_bias: bool = True
+    activation: str = "gelu"
+    dropout: float = 0.0
+    pooler: bool = False
+
+    def __post_init__(self):
+        self.image_size = _pair("image_size", self.image_size)
+        self.patch_size = _pair("patch_size", self.patch_size)
+        (h, w), (ph, pw) = self.image_size, self.patch_size
+        if h % ph or w % pw:
+            raise ValueError(f"patch_size {self.patch_size} must divide image_size {self.image_size} in both "
+                             f"directions; pick a patch size among the divisors of the image sides")
+        for name in ("channels", "d_model", "n_layers", "n_heads"):
+            check_int(name, getattr(self, name))
+        if self.d_model % self.n_heads:
+            divisors = [n for n in range(1, self.d_model + 1) if self.d_model % n == 0 and n <= 64]
+            raise ValueError(f"n_heads={self.n_heads} does not divide d_model={self.d_model}; choose one of "
+                             f"{divisors}")
+        if self.ffn_hidden is None:
+            self.ffn_hidden = 4 * self.d_model
+        check_int("ffn_hidden", self.ffn_hidden)
+        if self.num_classes is not None:
+            check_int("num_classes", self.num_classes)
+        if self.pool not in VIT_POOLS:
+            raise ValueError(f"pool must be one of {', '.join(map(repr, VIT_POOLS))}, got {self.pool!r}")
+        if self.positions not in VIT_POSITIONS:
+            raise ValueError(f"positions must be one of {', '.join(map(repr, VIT_POSITIONS))}, "
+                             f"got {self.positions!r}")
+        if self.positions == "sincos" and self.d_model % 4:
+            raise ValueError(f"2-D sincos positions give each axis d_model/2 channels of sin/cos pairs: d_model "
+                             f"must be a multiple of 4, got {self.d_model}")
+        eps = self.norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+            raise ValueError(f"norm_eps must be a finite number > 0, got {eps!r}; e.g. 1e-12")
+        self.norm_eps = float(eps)
+        for name in ("qkv_bias", "pooler"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.pooler and self.num_classes is not None:
+            raise ValueError("pooler=True is Hugging Face ViTModel's pooler, used without a classifier head; "
+                             "set num_classes=None or pooler=False")
+        if self.activation not in ENCODER_ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(map(repr, ENCODER_ACTIVATIONS))}, "
+                             f"got {self.activation!r}")
+        p = self.dropout
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout must be a probability in [0, 1), got {p!r}")
+        self.dropout = float(p)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(gh, gw): the patch grid of image_size."""
+        return (self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1])
+
+    @property
+    def num_tokens(self) -> int:
+        """N: the tokens of an image_size input (P patches, plus one with pool="cls")."""
+        gh, gw = self.grid
+        return gh * gw + (self.pool == "cls")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["image_size"], d["patch_size"] = list(self.image_size), list(self.patch_size)   # JSON-friendly
+        return d
