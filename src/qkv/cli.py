@@ -11,6 +11,7 @@ generate text, embed sentences, draw attention maps.
     qkv bench train [--quick] [--out runs/bench]
     qkv bench approx [--quick] [--out runs/bench]
     qkv bench transformers [--quick] [--out runs/bench]
+    qkv bench context [--quick] [--lengths L ...] [--out runs/bench]
     qkv generate --checkpoint DIR --prompt "text or token ids" [--max-new-tokens N] [--temperature T]
                  [--top-k K] [--top-p P] [--seed S] [--stop ID ...] [--cache contiguous|paged]
     qkv embed "a sentence" "another" [--model DIR] [--batch-size N] [--no-pack]
@@ -86,14 +87,17 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    if args.what != "attention" and (args.lengths or args.no_flex or args.no_memory):
-        raise UsageError("--lengths, --no-flex and --no-memory belong to `qkv bench attention`")
+    if (args.what not in ("attention", "context") and args.lengths) or \
+            (args.what != "attention" and (args.no_flex or args.no_memory)):
+        raise UsageError("--lengths, --no-flex and --no-memory belong to `qkv bench attention` (--lengths also to "
+                         "`qkv bench context`)")
     bench = _tool(f"bench.{args.what}")              # qkv.tools.bench.backends, .attention, .generate, ...
-    if args.what != "attention":
+    if args.what not in ("attention", "context"):
         bench.run(args.out, quick=args.quick)
         return 0
+    extra = {} if args.what == "context" else {"flex": not args.no_flex, "memory": not args.no_memory}
     try:
-        bench.run(args.out, quick=args.quick, lengths=args.lengths, flex=not args.no_flex, memory=not args.no_memory)
+        bench.run(args.out, quick=args.quick, lengths=args.lengths, **extra)
     except ValueError as exc:  # e.g. --lengths 4
         raise UsageError(str(exc)) from exc
     return 0
@@ -367,16 +371,18 @@ def _add_bench(sub) -> None:
                                    "(transformers.json, transformers.md). `qkv bench gpu` (needs a CUDA GPU): qkv's "
                                    "Triton kernels vs torch SDPA's CUDA backends, compiled FlexAttention and "
                                    "flash-attn: TFLOP/s on masks, paged decode bandwidth, first-call JIT time "
-                                   "(gpu.json, gpu.md).")
+                                   "(gpu.json, gpu.md). `qkv bench context`: ring attention over 2 processes "
+                                   "(zigzag, contiguous) and all-to-all against one process at 1 and 2 threads, "
+                                   "with a model on paper of when transfers hide (context.json, context.md).")
     p.add_argument("what", nargs="?", choices=("backends", "attention", "generate", "embed", "train", "approx",
-                                                 "transformers", "gpu"),
+                                                 "transformers", "gpu", "context"),
                    default="backends",
                    help="which benchmark (default backends)")
     p.add_argument("--out", default=os.path.join("runs", "bench"), help="where the results go (default runs/bench)")
     p.add_argument("--quick", action="store_true", help="backends: L in {256, 512}; attention: L in {1024, 4096}; "
                    "gpu: a few small cases, about a minute")
     p.add_argument("--lengths", type=int, nargs="+", metavar="L", help="attention: sequence lengths "
-                   "(default 4096 16384 32768)")
+                   "(default 4096 16384 32768); context: (default 16384 32768 65536)")
     p.add_argument("--no-flex", action="store_true", help="attention: skip FlexAttention (no compilation)")
     p.add_argument("--no-memory", action="store_true", help="attention: skip the 131072-token memory case")
     p.set_defaults(func=_cmd_bench)

@@ -8,6 +8,8 @@
 - `approx`: `qkv bench approx` (sparse masks, linear and Performer attention; approx.json/.md).
 - `transformers`: `qkv bench transformers` (attn_implementation "qkv" in a Llama-style transformers model vs
   sdpa, eager and flex_attention; transformers.json/.md).
+- `context`: `qkv bench context` (ring attention and all-to-all over 2 processes against one process, and a
+  model on paper of when the ring's transfers hide; context.json/.md).
 
 `python -m qkv.tools.bench.NAME` and benchmarks/bench_NAME.py run the same code.
 """
