@@ -89,3 +89,85 @@ def test_rollout_refuses_bad_input():
         rollout([torch.full((1, 3, 3), float("nan"))])
     with pytest.raises(TypeError, match="list"):
         rollout("weights")
+
+
+# -----------------------------------------------------------------------------
+# image_attention on a tiny ViT with float64 weights
+
+
+def _tiny_vit(pool="cls", backend="math"):
+    from qkv.models import ViT, ViTConfig
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=8, patch_size=2, channels=1, d_model=16, n_layers=3, n_heads=2, ffn_hidden=32,
+                    num_classes=10, pool=pool)
+    model = ViT(cfg, backend=backend, dtype=torch.float64).eval()
+    with torch.no_grad():                        # HF's 0.02 init gives near-uniform maps: make them peaked
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def _by_hand(model, images, layer):
+    """The (B, H, N, N) weights of one layer, recomputed from its input with qkv.attention (math, return_weights)."""
+    import qkv
+
+    seen = {}
+    handle = model.layers[layer].register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
+    with torch.no_grad():
+        model(images)
+    handle.remove()
+    block = model.layers[layer]
+    att = block.self_attn
+    x = block.norm1(seen["x"]).detach()                                          # pre-norm
+    B, N, d = x.shape
+    H = model.config.n_heads
+    split = lambda t: t.view(B, N, H, d // H).transpose(1, 2)                    # noqa: E731
+    with torch.no_grad():
+        q, k, v = split(att.q_proj(x)), split(att.k_proj(x)), split(att.v_proj(x))
+    _, w = qkv.attention(q, k, v, backend="math", return_weights=True)
+    plain = torch.softmax(q @ k.transpose(-1, -2) / (d // H) ** 0.5, dim=-1)    # and once more without qkv
+    assert torch.allclose(w, plain, atol=1e-12)
+    return w
+
+
+def test_image_attention_maps_are_the_weights_by_hand():
+    from qkv.inspect import image_attention
+
+    model = _tiny_vit()
+    images = torch.rand(2, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for query in (0, 6, (2, 1)):
+        ia = image_attention(model, images, layers=[1], heads=[1, 0], query=query)
+        q = query if isinstance(query, int) else 1 + query[0] * 4 + query[1]
+        assert ia.query == q and ia.grid == (4, 4) and ia.n_lead == 1 and ia.heads == [1, 0]
+        w = _by_hand(model, images, 1)                                           # (B, H, N, N)
+        want = w[:, [1, 0], q, 1:].reshape(2, 1, 2, 4, 4)                         # CLS column dropped
+        assert ia.maps.dtype == torch.float64 and ia.maps.shape == (2, 1, 2, 4, 4)
+        assert torch.allclose(ia.maps, want, atol=1e-12, rtol=0)
+        assert torch.allclose(ia.cls, w[:, [1, 0], q, 0][:, None], atol=1e-12)   # not renormalised: the rest
+        assert torch.allclose(ia.maps.sum((-2, -1)) + ia.cls, torch.ones(2, 1, 2, dtype=torch.float64))
+        full = [_by_hand(model, images, i) for i in range(3)]
+        R = torch.as_tensor(_oracle(full))
+        assert torch.allclose(ia.rollout, R[:, q, 1:].reshape(2, 4, 4), atol=1e-12)
+    assert not torch.allclose(ia.maps[0, 0, 0], ia.maps[0, 0, 1])                 # heads differ: a real check
+
+
+def test_image_attention_other_sizes_mean_pool_and_errors():
+    from qkv.inspect import image_attention
+
+    model = _tiny_vit(pool="mean", backend="auto")
+    images = torch.rand(1, 1, 12, 8, dtype=torch.float64)                        # interpolated positions
+    ia = image_attention(model, images, query=-1)
+    assert ia.n_lead == 0 and ia.grid == (6, 4) and ia.maps.shape == (1, 3, 2, 6, 4) and ia.query == 23
+    assert torch.allclose(ia.maps.sum((-2, -1)), torch.ones(1, 3, 2, dtype=torch.float64))
+    assert torch.allclose(ia.rollout.sum((-2, -1)), torch.ones(1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="token index"):
+        image_attention(model, images, query=24)
+    with pytest.raises(ValueError, match="outside"):
+        image_attention(model, images, query=(6, 0))
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        image_attention(model, images[0])
+    with pytest.raises(ValueError, match="patch"):
+        image_attention(model, torch.rand(1, 1, 7, 8, dtype=torch.float64))
+    with pytest.raises(TypeError, match="grid"):
+        image_attention(torch.nn.Linear(2, 2), images)
