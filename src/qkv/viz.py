@@ -46,6 +46,8 @@ from qkv.reference import Trace
 
 __all__ = ["heatmap", "grid", "mask_picture", "html", "trace_picture", "attention_report", "format_focus",
            "token_label", "find_token", "heatmap_figsize", "grid_figsize",
+           "image_grid", "rollout_picture", "image_html", "image_report", "read_image", "overlay",
+           "image_grid_figsize", "rollout_figsize",
            "MAX_DENSE", "MAX_HTML_WEIGHTS", "MAX_HTML_TOKENS"]
 
 MAX_DENSE = 1 << 22            # mask_picture: largest Lq * Lk drawn element by element (2048 x 2048)
@@ -656,3 +658,326 @@ def format_focus(report: dict) -> str:
         s = r["strongest_head"]
         lines.append(f"  layer {r['layer']}: {tops}   | head {s['head']}: {s['token']!r} {s['weight']:.2f}")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------
+# Images: attention over the patches of a vision transformer
+# (legend: C channels, H x W image pixels, gh x gw patch grid, P = gh * gw, N tokens)
+# ----------------------------------------------------------------------------
+
+MAX_IMAGE_PIXELS = 1024 * 1024  # image pictures and the image viewer: largest H * W
+MAX_IMAGES = 32                 # rollout_picture: images side by side
+
+
+def _image_rgb(name: str, image) -> np.ndarray:
+    """One image, (C, H, W), (H, W, C) with C in {1, 3}, or (H, W), as (H, W, 3) float in [0, 1]
+    (scaled from its own min..max, so normalised inputs display too)."""
+    a = _as_array(name, image, np.ndim(image) if not isinstance(image, torch.Tensor) else image.dim(),
+                  "an image is (C, H, W), (H, W, C) or (H, W)")
+    if a.ndim == 3 and a.shape[0] in (1, 3):
+        a = np.moveaxis(a, 0, -1)                                       # channels first (as torch) wins a tie
+    elif a.ndim == 2:
+        a = a[..., None]
+    if a.ndim != 3 or a.shape[-1] not in (1, 3):
+        raise ValueError(f"{name} must be one image (C, H, W), (H, W, C) with 1 or 3 channels, or (H, W); got "
+                         f"shape {tuple(np.shape(image))} (pick one image of a batch with x[0])")
+    if a.shape[0] * a.shape[1] > MAX_IMAGE_PIXELS:
+        raise ValueError(f"{name} has {a.shape[0]} x {a.shape[1]} pixels, above the {MAX_IMAGE_PIXELS:,} drawn; "
+                         "pass a smaller image")
+    lo, hi = float(a.min()), float(a.max())
+    a = (a - lo) / (hi - lo) if hi > lo else np.full_like(a, 0.5)
+    return np.repeat(a, 3, axis=-1) if a.shape[-1] == 1 else a
+
+
+def _patch_map(name: str, amap) -> np.ndarray:
+    return _as_array(name, amap, 2, "a map is one (gh, gw) patch grid: pick a layer and head, maps[b, l, h]")
+
+
+def _upsample(m: np.ndarray, H: int, W: int) -> np.ndarray:
+    """A (gh, gw) map spread over H x W pixels: each pixel takes the value of the patch it lies in."""
+    gh, gw = m.shape
+    return m[(np.arange(H) * gh) // H][:, (np.arange(W) * gw) // W]
+
+
+def overlay(image, amap, *, alpha: float = 0.6, cmap: str = "inferno", vmin: float | None = None,
+            vmax: float | None = None) -> np.ndarray:
+    """The image (see `image_grid`) under a translucent heat map of `amap` (gh, gw), upsampled
+    to the image's pixels: (H, W, 3) float in [0, 1], (1 - alpha) * image + alpha * cmap(t) with
+    t = (amap - vmin) / (vmax - vmin) clipped to [0, 1] (default: the map's own min and max)."""
+    from matplotlib import colormaps
+
+    img = _image_rgb("image", image)
+    m = _patch_map("amap", amap)
+    alpha = float(alpha)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    lo = float(m.min()) if vmin is None else float(vmin)
+    hi = float(m.max()) if vmax is None else float(vmax)
+    norm = np.clip((m - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(m)
+    heat = colormaps[cmap](_upsample(norm, *img.shape[:2]))[..., :3]
+    return (1.0 - alpha) * img + alpha * heat
+
+
+def _query_patch(query, grid: tuple[int, int]):
+    """`query` as a (row, col) patch to outline, or None (None, or the CLS token)."""
+    if query is None:
+        return None
+    r, c = query
+    if not (0 <= r < grid[0] and 0 <= c < grid[1]):
+        raise ValueError(f"query patch {query} is outside the {grid[0]} x {grid[1]} patch grid")
+    return int(r), int(c)
+
+
+def _outline(ax, rc, grid, H, W) -> None:
+    from matplotlib.patches import Rectangle
+
+    r, c = rc
+    ph, pw = H / grid[0], W / grid[1]
+    ax.add_patch(Rectangle((c * pw - 0.5, r * ph - 0.5), pw, ph, fill=False, edgecolor="#00e5ff", linewidth=1.5))
+
+
+def image_grid_figsize(n_layers: int, n_heads: int, H: int, W: int) -> tuple[float, float]:
+    """(width, height) in inches of `image_grid`'s figure."""
+    cell = min(1.6, max(0.6, 10.0 / max(n_layers, n_heads)))
+    return 1.0 + n_heads * cell + 0.2, 0.8 + n_layers * cell * min(2.0, H / W) + 0.2
+
+
+def image_grid(image, maps, path, *, query=None, alpha: float = 0.6, cmap: str = "inferno",
+               shared: bool = False, title: str | None = None, dpi: int = 100) -> Path:
+    """A layers x heads grid of one image under each head's attention map, as a PNG.
+
+    `image`: (C, H, W) (C = 1 gray or 3 colour), (H, W, C) or (H, W), any range (drawn
+    from its min..max). `maps`: {layer_name: (heads, gh, gw)}, a list of them, or one
+    (layers, heads, gh, gw) array, e.g. `qkv.inspect.image_attention(...).maps[b]`. Each map
+    is upsampled to the image's pixels (each pixel takes its patch's value) and drawn over
+    the image (`overlay`), scaled from its own min to its max (`shared=True`: one scale for all).
+    `query` (row, col) outlines the query patch. Returns the path.
+    """
+    img = _image_rgb("image", image)
+    H, W = img.shape[:2]
+    layers = _layers(maps)
+    n_layers, n_heads = len(layers), max(a.shape[0] for _, a in layers)
+    if n_layers > MAX_GRID_SIDE or n_heads > MAX_GRID_SIDE:
+        raise ValueError(f"image_grid draws at most {MAX_GRID_SIDE} layers x {MAX_GRID_SIDE} heads, got "
+                         f"{n_layers} x {n_heads}; pass a subset")
+    grid_hw = layers[0][1].shape[1:]
+    rc = _query_patch(query, grid_hw)
+    dpi = check_int("dpi", dpi, 20)
+    p = _path(path, (".png",))
+    lo_all = min(float(a.min()) for _, a in layers) if shared else None
+    hi_all = max(float(a.max()) for _, a in layers) if shared else None
+    w_in, h_in = image_grid_figsize(n_layers, n_heads, H, W)
+    fig = _figure(w_in, h_in, dpi)
+    cell_w = (w_in - 1.2) / n_heads
+    cell_h = (h_in - 1.0) / n_layers
+    for r, (name, a) in enumerate(layers):
+        for h in range(a.shape[0]):
+            x0, y0 = (1.0 + h * cell_w) / w_in, 1.0 - (0.8 + (r + 1) * cell_h) / h_in
+            ax = fig.add_axes((x0, y0, 0.94 * cell_w / w_in, 0.94 * cell_h / h_in))
+            ax.imshow(overlay(img, a[h], alpha=alpha, cmap=cmap, vmin=lo_all, vmax=hi_all), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if rc is not None:
+                _outline(ax, rc, grid_hw, H, W)
+            if r == 0:
+                ax.set_title(f"head {h}", fontsize=8)
+            if h == 0:
+                ax.set_ylabel(_short(name, 14), fontsize=8)
+    scale = "one colour scale" if shared else "each map from its min to its max"
+    fig.suptitle(_short(str(title), 100) if title else f"{n_layers} layers x {n_heads} heads over "
+                 f"{grid_hw[0]} x {grid_hw[1]} patches ({scale})", fontsize=10)
+    return _save_png(fig, p, dpi)
+
+
+def rollout_figsize(n_images: int, H: int, W: int) -> tuple[float, float]:
+    """(width, height) in inches of `rollout_picture`'s figure."""
+    cell = min(1.8, max(0.9, 12.0 / n_images))
+    return max(3.6, 0.3 + n_images * cell), 0.7 + 2 * cell * min(2.0, H / W) + 0.3
+
+
+def rollout_picture(images, rollouts, path, *, labels: Sequence[str] | None = None, alpha: float = 0.6,
+                    cmap: str = "inferno", title: str | None = None, dpi: int = 100) -> Path:
+    """A few images side by side (top row) above their attention rollout (bottom row), as a PNG.
+
+    `images` (B, C, H, W) (or a list of single images, see `image_grid`); `rollouts`
+    (B, gh, gw), e.g. `qkv.inspect.image_attention(model, images).rollout`: each drawn over
+    its image, scaled from its own min to its max. `labels` (B strings, e.g. "pred 3 (true 3)") title
+    the columns. Returns the path.
+    """
+    imgs = [_image_rgb(f"images[{i}]", x) for i, x in enumerate(images)]
+    rolls = _as_array("rollouts", rollouts, 3, "rollouts is (B, gh, gw), one map per image")
+    if not imgs:
+        raise ValueError("images is empty: give at least one image")
+    if len(imgs) != rolls.shape[0]:
+        raise ValueError(f"got {len(imgs)} images but {rolls.shape[0]} rollout maps; give one map per image")
+    if len(imgs) > MAX_IMAGES:
+        raise ValueError(f"rollout_picture draws at most {MAX_IMAGES} images side by side, got {len(imgs)}")
+    names = _labels("labels", labels, len(imgs))
+    dpi = check_int("dpi", dpi, 20)
+    p = _path(path, (".png",))
+    H, W = imgs[0].shape[:2]
+    w_in, h_in = rollout_figsize(len(imgs), H, W)
+    fig = _figure(w_in, h_in, dpi)
+    cell = min(1.8, max(0.9, 12.0 / len(imgs)))
+    cell_w, cell_h = cell, (h_in - 1.0) / 2
+    x_start = (w_in - len(imgs) * cell) / 2
+    for i, img in enumerate(imgs):
+        for row, picture in enumerate((img, overlay(img, rolls[i], alpha=alpha, cmap=cmap))):
+            x0, y0 = (x_start + i * cell_w) / w_in, 1.0 - (0.7 + (row + 1) * cell_h) / h_in
+            ax = fig.add_axes((x0, y0, 0.94 * cell_w / w_in, 0.94 * cell_h / h_in))
+            ax.imshow(picture, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0 and names is not None:
+                ax.set_title(_short(names[i], 20), fontsize=8)
+    fig.suptitle(_short(str(title), 100) if title else "attention rollout (bottom) of each image (top)",
+                 fontsize=10)
+    return _save_png(fig, p, dpi)
+
+
+def image_html(image, weights, path, *, grid: tuple[int, int], title: str | None = None, layer=0,
+               head: int | None = None, query: int = 0, alpha: float = 0.6, cmap: str = "inferno") -> Path:
+    """Write the viewer's image view: one image under a vision transformer's attention (offline HTML).
+
+    `image` as in `image_grid`; `weights` {layer_name: (heads, N, N)} (or a list, or one (layers,
+    heads, N, N) array) of one image, every query row, e.g. `[w[b] for w in
+    qkv.inspect.image_attention(...).weights]`; `grid` (gh, gw): the last gh * gw tokens are
+    the patches (row by row), the N - P before them (the CLS token) lead. The page picks a
+    layer (or the rollout over all layers, `qkv.inspect.rollout`), a head or the mean of
+    the heads, and the query token (click a patch; a button for CLS) and draws the query's
+    weights over the image. `layer`/`head`/`query` choose the first drawing (layer="rollout"
+    too). `window.qkvViewer` has select(layer, head), query(token or [row, col]), map(),
+    weight(l, h, q, patch) and state(); #image-canvas carries data-layer, data-head,
+    data-query and data-drawn. Returns the path.
+    """
+    from matplotlib import colormaps
+
+    from qkv import inspect as _inspect              # lazy, as in attention_report
+
+    img = _image_rgb("image", image)
+    layers = _layers(weights, "weights")
+    N = layers[0][1].shape[-1]
+    if not isinstance(grid, (tuple, list)) or len(grid) != 2:
+        raise TypeError(f"grid must be the (gh, gw) patch grid, got {grid!r}")
+    gh, gw = check_int("grid[0]", grid[0]), check_int("grid[1]", grid[1])
+    lead = N - gh * gw
+    if layers[0][1].shape[1] != N or lead < 0:
+        raise ValueError(f"weights must be (heads, N, N) with N = leading tokens + gh * gw patches, got "
+                         f"{tuple(layers[0][1].shape)} for the grid {tuple(grid)}")
+    total = sum(a.shape[0] for _, a in layers) * N * gh * gw
+    if total > MAX_HTML_WEIGHTS:
+        raise ValueError(f"{total:,} weights (layers x heads x N x patches) are too many for one page (limit "
+                         f"{MAX_HTML_WEIGHTS:,}); pass fewer layers or a smaller image")
+    if layer != "rollout":
+        layer = check_int("layer", layer, -len(layers)) % len(layers)
+    if head is not None:
+        head = check_int("head", head, 0)
+        if layer != "rollout" and head >= layers[layer][1].shape[0]:
+            raise ValueError(f"head must be in 0..{layers[layer][1].shape[0] - 1}, got {head}")
+    query = check_int("query", query, 0)
+    if query >= N:
+        raise ValueError(f"query must be a token index in 0..{N - 1}, got {query}")
+    p = _path(path, (".html", ".htm"))
+    roll = _inspect.rollout([torch.from_numpy(a[None].astype(np.float64)) for _, a in layers])[0].numpy()
+    ints = lambda a: np.rint(np.clip(a[:, lead:], 0.0, 1.0) * HTML_SCALE).astype(np.int32).ravel().tolist()  # noqa: E731
+    lut = np.rint(colormaps[cmap](np.linspace(0, 1, 256))[:, :3] * 255).astype(int).ravel().tolist()
+    title_s = "attention over an image" if title is None else str(title)
+    data = {"version": 1, "kind": "image", "title": title_s, "height": img.shape[0], "width": img.shape[1],
+            "pixels": np.rint(img * 255).astype(int).ravel().tolist(), "grid": [gh, gw], "lead": lead,
+            "scale": HTML_SCALE, "cmap": lut, "alpha": float(alpha),
+            "layers": [{"name": n, "heads": int(a.shape[0]), "weights": [ints(a[h]) for h in range(a.shape[0])]}
+                       for n, a in layers],
+            "rollout": ints(roll), "start": {"layer": layer, "head": "mean" if head is None else head,
+                                             "query": query}}
+    meta = (f"{len(layers)} layer{'s' * (len(layers) != 1)}, {img.shape[0]} x {img.shape[1]} pixels, "
+            f"{gh} x {gw} patches" + (f" + {lead} leading token{'s' * (lead != 1)}" if lead else ""))
+    parts = {"TITLE": _html.escape(title_s), "META": _html.escape(meta), "STYLE": _asset("style.css"),
+             "SCRIPT": _asset("image_viewer.js"), "DATA": _script_json(data)}
+    page = re.sub(r"%(TITLE|META|STYLE|SCRIPT|DATA)%", lambda m: parts[m.group(1)], _asset("image_page.html"))
+    return write_atomic(p, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
+
+
+def read_image(path, channels: int) -> torch.Tensor:
+    """A PNG/JPEG (anything Pillow reads) as a float32 (1, C, H, W) tensor in [0, 1]: mode "L" for
+    channels=1, "RGB" for 3, 8-bit pixels / 255 (a 16-bit grey PNG / 65535); its size unchanged.
+    ValueError for a file Pillow cannot read (corrupt, truncated, not an image)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if channels not in (1, 3):
+        raise ValueError(f"images are read as grey (channels=1) or RGB (channels=3), not {channels} channels")
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no image file {str(p)!r}")
+    try:
+        with Image.open(p) as im:
+            im.load()
+            if channels == 1 and im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                a = np.asarray(im, dtype=np.float64) / 65535.0
+            else:
+                a = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.float64) / 255.0
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ValueError(f"{str(p)!r} is not an image Pillow can read ({type(exc).__name__}: {exc}); pass a "
+                         f"PNG or JPEG file") from None
+    a = a[None] if a.ndim == 2 else np.moveaxis(a, -1, 0)                         # (C, H, W)
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[None]
+
+
+def image_report(model, image_path, out, *, layer: int | None = None, head: int | None = None, query=0,
+                 title: str | None = None, mean=None, std=None) -> dict:
+    """One image through a vision transformer (`qkv.models.ViT`): every picture at once.
+
+    Reads `image_path` with `read_image` (grey or RGB as the model's channels, pixels / 255,
+    so a digits model trained on sklearn's 0..16 / 16 sees the same range), optionally
+    normalises ((x - mean) / std, per channel: Hugging Face checkpoints use 0.5 / 0.5), and
+    runs `qkv.inspect.image_attention` for `query` (0 = CLS, a token index, or a (row, col)
+    patch). The size must fit the model's patch (ValueError otherwise: nothing is resized);
+    other sizes than the training size use interpolated positions. Writes under `out`:
+    heads.png (layers x heads over the image), rollout.png (the rollout), attention.html
+    (the image view; `layer`/`head` pick its first drawing). Returns the paths, the grid,
+    and with a classifier head the predicted class and its probability.
+    """
+    from qkv import inspect as _inspect
+
+    cfg = getattr(model, "config", None)
+    channels = getattr(cfg, "channels", None)
+    if channels not in (1, 3) or not callable(getattr(model, "grid", None)):
+        raise TypeError(f"model must be a vision transformer (qkv.models.ViT) over 1 or 3 channels, got "
+                        f"{type(model).__name__}")
+    x = read_image(image_path, channels)
+    try:
+        model.grid(tuple(x.shape[-2:]))
+    except ValueError as exc:
+        raise ValueError(f"{str(image_path)!r} is {x.shape[-2]} x {x.shape[-1]} pixels, which the model cannot "
+                         f"cut into patches: {exc} (the model was trained on {tuple(cfg.image_size)})") from None
+    for name, v in (("mean", mean), ("std", std)):
+        if v is not None:
+            t = torch.as_tensor(v, dtype=torch.float32).reshape(-1, 1, 1)
+            if t.shape[0] not in (1, channels) or (name == "std" and not (t > 0).all()):
+                raise ValueError(f"{name} must be one number or {channels} (one per channel){', all > 0' * (name == 'std')}")
+            x = x - t if name == "mean" else x / t
+    param = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    try:
+        ia = _inspect.image_attention(model, x.to(param.device, param.dtype), query=query)
+    finally:
+        model.train(was_training)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    gh, gw = ia.grid
+    rc = None if ia.query < ia.n_lead else divmod(ia.query - ia.n_lead, gw)
+    shown = {f"layer {i}": ia.maps[0, i] for i in range(len(ia.layers))}
+    report: dict = {"grid": (gh, gw), "layers": ia.layers, "heads": len(ia.heads), "query": ia.query,
+                    "image_size": tuple(x.shape[-2:])}
+    if cfg.num_classes is not None:
+        probs = torch.softmax(ia.logits[0].double(), -1)
+        report["prediction"], report["probability"] = int(probs.argmax()), float(probs.max())
+    what = f"{Path(image_path).name}" + (f": predicted {report['prediction']}" if "prediction" in report else "")
+    report["heads_png"] = str(image_grid(x[0], shown, out / "heads.png", query=rc, title=title or
+                                         f"{what}; where {'CLS' if rc is None else f'patch {rc}'} looks"))
+    report["rollout_png"] = str(rollout_picture(x, ia.rollout, out / "rollout.png", labels=[what[:20]],
+                                                title=f"rollout of {'CLS' if rc is None else f'patch {rc}'}"))
+    first = len(ia.layers) - 1 if layer is None else layer
+    report["html"] = str(image_html(x[0], [w[0] for w in ia.weights], out / "attention.html", grid=(gh, gw),
+                                    title=title or what, layer=first, head=head, query=ia.query))
+    return report
