@@ -253,9 +253,11 @@ def _previous_valid(path: Path) -> Path | None:
     return None
 
 
-def load(path) -> Checkpoint:
+def load(path, *, expect=None) -> Checkpoint:
     """Verify and read checkpoint folder `path`. A corrupt or truncated one raises
-    CheckpointError naming the newest valid checkpoint before it (if any)."""
+    CheckpointError naming the newest valid checkpoint before it (if any). `expect`: a model
+    class (e.g. `qkv.models.ViT`) or a tuple of them; a checkpoint of another model kind is a
+    CheckpointError saying which kind it holds (see `qkv.models.hf.load`)."""
     from safetensors.torch import load_file
 
 
@@ -269,7 +271,7 @@ def load(path) -> Checkpoint:
                 if prev is not None else "no earlier valid checkpoint exists in that run directory")
         raise CheckpointError(f"cannot load checkpoint {p}: {exc}; {hint}") from None
     try:   # verified bytes, still read through the validating loaders (no pickle; clean errors)
-        model = hf.load(p).train()
+        model = hf.load(p, expect=expect).train()
         tensors = {}
         if (p / STATE_TENSORS).is_file():
             read_header(p / STATE_TENSORS)

@@ -1,5 +1,6 @@
 """Hugging Face checkpoints: load a GPT-2, Llama or Mistral directory into a `qkv.models.Decoder`,
-and a BERT directory (BertModel) into a `qkv.models.Encoder`.
+a BERT directory (BertModel) into a `qkv.models.Encoder`, and a ViT directory (ViTModel,
+ViTForImageClassification) into a `qkv.models.ViT` (its table and config: `qkv.models.hf_vit`).
 
 Legend: d model width (n_embd / hidden_size), Hq query heads, Hkv key/value heads,
 D head dim, F MLP hidden width, V vocabulary, P learned positions (n_positions),
@@ -10,6 +11,7 @@ Usage::
     import qkv.models.hf as hf
     model = hf.load("path/to/checkpoint")                 # config.json + *.safetensors
     encoder = hf.load("path/to/bert")                     # model_type "bert": an Encoder
+    vit = hf.load("path/to/vit", expect=ViT)              # model_type "vit"; anything else: ValueError
     model = hf.load("path", dtype=torch.float32, device="cuda")
     config = hf.config_from_hf(json.load(open("path/config.json")))   # just the DecoderConfig
     state = hf.state_dict_from_hf(hf_model.state_dict(), config)      # in-memory tensors
@@ -52,6 +54,12 @@ accepted with or without the "bert." prefix that the BertFor* wrappers write. Th
 pooler (pooler.dense.*, a tanh layer over [CLS] used by the next-sentence head) is
 not modelled and is skipped, as is the embeddings.position_ids buffer; task heads
 (cls.*, classifier.*, qa_outputs.*) are refused.
+
+ViT: `VIT_KEYS` (qkv.models.hf_vit), names with or without the "vit." prefix of the ViTFor*
+wrappers. A ViTModel checkpoint holding the pooler (pooler.dense.*) loads as a ViT with
+config.pooler=True, whose forward returns HF's pooler_output; without it, forward returns the
+[CLS] state (HF's last_hidden_state[:, 0]). ViTForImageClassification: forward returns the logits.
+A qkv ViT HF cannot express (mean pooling, sincos positions) is written as model_type "qkv_vit".
 """
 
 from __future__ import annotations
@@ -71,9 +79,12 @@ from qkv._util.safetensors import PICKLE_RECIPE, PICKLE_SUFFIXES, Memory, Safete
 from qkv.models.config import DecoderConfig
 from qkv.models.decoder import Decoder
 from qkv.models.encoder import Encoder, EncoderConfig
+from qkv.models.hf_vit import (QKV_VIT, VIT_IGNORED, VIT_KEYS, vit_config_from_hf, vit_config_to_hf,
+                               with_checkpoint_pooler)
+from qkv.models.vit import ViT, ViTConfig
 
 __all__ = ["load", "save", "read_config", "config_from_hf", "config_to_hf", "state_dict_from_hf", "state_dict_to_hf",
-           "GPT2_KEYS", "LLAMA_KEYS", "BERT_KEYS", "SUPPORTED_MODEL_TYPES", "SUPPORTED_ARCHITECTURES",
+           "GPT2_KEYS", "LLAMA_KEYS", "BERT_KEYS", "VIT_KEYS", "SUPPORTED_MODEL_TYPES", "SUPPORTED_ARCHITECTURES",
            "SUPPORTED_ROPE_TYPES"]
 
 # -----------------------------------------------------------------------------
@@ -173,13 +184,16 @@ _BERT_HEADS = ("cls.", "classifier.", "qa_outputs.")
 _TABLES = {"gpt2": (GPT2_KEYS, GPT2_IGNORED, "wte.weight"),
            "llama": (LLAMA_KEYS, LLAMA_IGNORED, "model.embed_tokens.weight"),
            "mistral": (LLAMA_KEYS, LLAMA_IGNORED, "model.embed_tokens.weight"),
-           "bert": (BERT_KEYS, BERT_IGNORED, "embeddings.word_embeddings.weight")}
-# the optional prefix of each family's names (GPT2LMHeadModel vs GPT2Model, BertFor* vs BertModel)
-_PREFIXES = {"gpt2": "transformer.", "bert": "bert."}
+           "bert": (BERT_KEYS, BERT_IGNORED, "embeddings.word_embeddings.weight"),
+           "vit": (VIT_KEYS, VIT_IGNORED, "embeddings.patch_embeddings.projection.weight")}
+# the optional prefix of each family's names (GPT2LMHeadModel vs GPT2Model, BertFor* vs BertModel, ViTFor*)
+_PREFIXES = {"gpt2": "transformer.", "bert": "bert.", "vit": "vit."}
 
-SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "bert")
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "bert", "vit", QKV_VIT)
 SUPPORTED_ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "GPT2Model": "gpt2", "LlamaForCausalLM": "llama",
-                           "MistralForCausalLM": "mistral", "BertModel": "bert"}
+                           "MistralForCausalLM": "mistral", "BertModel": "bert", "ViTModel": "vit",
+                           "ViTForImageClassification": "vit"}
+_MODEL_CLASSES = ((ViTConfig, ViT), (EncoderConfig, Encoder), (DecoderConfig, Decoder))
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 # Hugging Face activation names -> qkv's (GPT-2 and BERT families; Llama/Mistral must be "silu" = swiglu)
@@ -228,6 +242,8 @@ def config_from_hf(hf: Mapping) -> DecoderConfig | EncoderConfig:
             return _gpt2_config(hf)
         if arch == "bert":
             return _bert_config(hf)
+        if arch in ("vit", QKV_VIT):
+            return vit_config_from_hf(hf)
         return _llama_config(hf, arch)
     except (TypeError, ValueError) as exc:
         if isinstance(exc, ValueError) and str(exc).startswith("config.json"):
@@ -259,7 +275,8 @@ def _model_type(hf: Mapping) -> str:
                     f"once with transformers: BertModel.from_pretrained(dir).save_pretrained(out, "
                     f"safe_serialization=True); {supported}")
             raise ValueError(f"config.json: architecture {a!r} (model_type {model_type!r}) is not supported: "
-                             f"qkv imports decoder language models and the bare BERT encoder only; {supported}")
+                             f"qkv imports decoder language models, the bare BERT encoder and ViT (ViTModel, "
+                             f"ViTForImageClassification) only; {supported}")
     return model_type
 
 
@@ -430,6 +447,8 @@ def config_to_hf(config: DecoderConfig | EncoderConfig) -> dict:
     c = config
     if isinstance(c, EncoderConfig):
         return _bert_config_to_hf(c)
+    if isinstance(c, ViTConfig):
+        return vit_config_to_hf(c)
     if not isinstance(c, DecoderConfig):
         raise TypeError(f"config must be a DecoderConfig or EncoderConfig, got {type(c).__name__}")
 
@@ -591,7 +610,10 @@ def _check_sizes(source: Source, names: dict[str, str], config, arch: str, embed
     is built: even on the meta device, building allocates RoPE tables of head_dim entries
     and a few milliseconds of Python objects per layer, so a corrupt or hostile config
     (hidden_size 10**9, 10**6 layers) must be refused here, cheaply."""
-    want = {embed_key: (config.vocab_size, config.d_model)}
+    if arch == "vit":
+        want = {embed_key: (config.d_model, config.channels, *config.patch_size)}
+    else:
+        want = {embed_key: (config.vocab_size, config.d_model)}
     if arch in ("llama", "mistral"):
         want["model.layers.0.self_attn.q_proj.weight"] = (config.n_heads * config.head_dim, config.d_model)
     wrong = [f"{names[k]}: expected {shape}, got {tuple(source.shape(names[k]))}" for k, shape in want.items()
@@ -609,8 +631,8 @@ def state_dict_from_hf(tensors, config: DecoderConfig | EncoderConfig, *, dtype:
     """Rename and convert Hugging Face tensors into a `Decoder(config)` (or `Encoder(config)`) state dict.
 
     `tensors`: a mapping of HF names to tensors (e.g. `hf_model.state_dict()`). Uses
-    the table of `config.arch` (GPT2_KEYS, or LLAMA_KEYS for llama and mistral), or
-    BERT_KEYS for an EncoderConfig.
+    the table of `config.arch` (GPT2_KEYS, or LLAMA_KEYS for llama and mistral),
+    BERT_KEYS for an EncoderConfig, VIT_KEYS for a ViTConfig.
     Checks, before converting anything: no tensor the model needs is missing; none is
     left over (ignoring known buffers such as GPT-2's attn.bias mask); every shape
     matches what config implies; every tensor is floating point. A tied LM head
@@ -621,13 +643,15 @@ def state_dict_from_hf(tensors, config: DecoderConfig | EncoderConfig, *, dtype:
     source = tensors if isinstance(tensors, Source) else Memory(tensors)
     if isinstance(config, EncoderConfig):
         arch, model_cls = "bert", Encoder
+    elif isinstance(config, ViTConfig):
+        arch, model_cls = "vit", ViT
     elif isinstance(config, DecoderConfig):
-        decoders = sorted(a for a in _TABLES if a != "bert")
+        decoders = sorted(a for a in _TABLES if a not in ("bert", "vit"))
         if config.arch not in decoders:
             raise ValueError(f"config.arch must be one of {decoders} to pick a key mapping, got {config.arch!r}")
         arch, model_cls = config.arch, Decoder
     else:
-        raise TypeError(f"config must be a DecoderConfig or EncoderConfig, got {type(config).__name__}")
+        raise TypeError(f"config must be a DecoderConfig, EncoderConfig or ViTConfig, got {type(config).__name__}")
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype such as torch.float32, got {dtype!r}")
     table, ignored, embed_key = _TABLES[arch]
@@ -737,20 +761,46 @@ def _as_dtype(dtype):
     raise TypeError(f"dtype must be a torch float dtype or one of {sorted(names)}, got {dtype!r}")
 
 
-def parameter_count(config: DecoderConfig | EncoderConfig) -> int:
+def _model_class(config):
+    for config_cls, model_cls in _MODEL_CLASSES:
+        if isinstance(config, config_cls):
+            return model_cls
+    raise TypeError(f"config must be a DecoderConfig, EncoderConfig or ViTConfig, got {type(config).__name__}")
+
+
+def parameter_count(config: DecoderConfig | EncoderConfig | ViTConfig) -> int:
     """How many parameters a model of `config` holds (built on the meta device: no memory)."""
-    model_cls = Encoder if isinstance(config, EncoderConfig) else Decoder
-    return sum(p.numel() for p in meta_model(model_cls, config).parameters())
+    return sum(p.numel() for p in meta_model(_model_class(config), config).parameters())
 
 
-def load(path, *, dtype=None, device=None, backend: str = "auto") -> Decoder | Encoder:
-    """Load a Hugging Face GPT-2 / Llama / Mistral checkpoint directory as a `Decoder`, or a
-    BERT one (model_type "bert", BertModel) as an `Encoder` (in eval mode).
+def _check_expect(expect, config, raw: dict, directory: Path) -> None:
+    """ValueError unless the model `config` builds is one of the classes in `expect`."""
+    if expect is None:
+        return
+    wanted = expect if isinstance(expect, tuple) else (expect,)
+    if not wanted or not all(isinstance(w, type) for w in wanted):
+        raise TypeError(f"expect must be a model class (e.g. qkv.models.ViT) or a tuple of them, got {expect!r}")
+    got = _model_class(config)
+    if not issubclass(got, wanted):
+        names = " or ".join(w.__name__ for w in wanted)
+        kind = raw.get("model_type") or "/".join(raw.get("architectures") or []) or "unknown"
+        hint = (" (config.json model_type 'vit': ViTModel / ViTForImageClassification, or a qkv ViT checkpoint)"
+                if ViT in wanted else "")
+        raise ValueError(f"{directory} holds a {kind!r} checkpoint, which loads as a qkv {got.__name__}, but a "
+                         f"{names} is expected here; pass a {names} checkpoint directory{hint}")
+
+
+def load(path, *, dtype=None, device=None, backend: str = "auto", expect=None) -> Decoder | Encoder | ViT:
+    """Load a Hugging Face GPT-2 / Llama / Mistral checkpoint directory as a `Decoder`, a
+    BERT one (model_type "bert", BertModel) as an `Encoder`, a ViT one (model_type "vit",
+    ViTModel / ViTForImageClassification, or qkv's "qkv_vit") as a `ViT` (in eval mode).
 
     `path`: a directory with config.json and model.safetensors (or shards listed in
     model.safetensors.index.json). `dtype`: the parameters' dtype (default: the
     checkpoint's, when all its weights share one float dtype, else float32).
-    `device`, `backend`: as for `Decoder` / `Encoder`.
+    `device`, `backend`: as for `Decoder` / `Encoder` / `ViT`. `expect`: a model class
+    (e.g. `qkv.models.ViT`) or a tuple of them: a checkpoint of another kind is refused
+    (ValueError naming both) before any weights are read.
 
     Every problem is a ValueError naming what to fix: a missing config.json, an
     unsupported model type or option, pickle-only weights, a corrupt or truncated
@@ -762,27 +812,32 @@ def load(path, *, dtype=None, device=None, backend: str = "auto") -> Decoder | E
     files, weight_map = _weight_files(directory)      # pickle-only weights are refused before the config is parsed
     try:
         config = config_from_hf(raw)
+        _check_expect(expect, config, raw, directory)
+        source = Safetensors(files, weight_map)
+        if isinstance(config, ViTConfig):         # ViTModel's pooler is a constructor argument: the weights tell
+            config = with_checkpoint_pooler(config, raw, source.keys())
         # views, not copies: load_state_dict below copies each into the model's own buffer
-        state = state_dict_from_hf(Safetensors(files, weight_map), config, dtype=_as_dtype(dtype), device=device,
+        state = state_dict_from_hf(source, config, dtype=_as_dtype(dtype), device=device,
                                    _views=True)
     except ValueError as exc:                         # say which checkpoint, once
         if str(directory) in str(exc):
             raise
         raise ValueError(f"{directory}: {exc}") from exc
-    model_cls = Encoder if isinstance(config, EncoderConfig) else Decoder
+    model_cls = _model_class(config)
     # every parameter comes from `state` (strict): drawing random ones first would be wasted
     model = uninitialised(model_cls, config, backend=backend, device=device, dtype=next(iter(state.values())).dtype)
     model.load_state_dict(state, strict=True)
     return model.eval()
 
 
-def state_dict_to_hf(model: Decoder | Encoder) -> dict[str, Tensor]:
+def state_dict_to_hf(model: Decoder | Encoder | ViT) -> dict[str, Tensor]:
     """The inverse of `state_dict_from_hf`: HF names and layouts (GPT-2 keys get the "transformer." prefix;
-    an Encoder's names are BertModel's, without a prefix)."""
-    if not isinstance(model, (Decoder, Encoder)):
-        raise TypeError(f"model must be a qkv.models.Decoder or Encoder, got {type(model).__name__}")
+    an Encoder's names are BertModel's, without a prefix; a ViT with a head gets ViTForImageClassification's
+    "vit." prefix on every name but classifier.*, one without a head ViTModel's plain names)."""
+    if not isinstance(model, (Decoder, Encoder, ViT)):
+        raise TypeError(f"model must be a qkv.models.Decoder, Encoder or ViT, got {type(model).__name__}")
     hf = config_to_hf(model.config)
-    arch = hf["model_type"]
+    arch = "vit" if isinstance(model, ViT) else hf["model_type"]
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     state = model.state_dict()
     out = {}
@@ -798,21 +853,25 @@ def state_dict_to_hf(model: Decoder | Encoder) -> dict[str, Tensor]:
             x = torch.cat(parts, dim=0)
         if arch == "gpt2" and hf_key != "lm_head.weight":
             hf_key = "transformer." + hf_key
+        elif arch == "vit" and model.config.num_classes is not None and not hf_key.startswith("classifier."):
+            hf_key = "vit." + hf_key
         out[hf_key] = x.contiguous().cpu()
     return out
 
 
-def save(model: Decoder | Encoder, path) -> None:
+def save(model: Decoder | Encoder | ViT, path) -> None:
     """Write `model` as a Hugging Face checkpoint directory: config.json + model.safetensors.
 
     transformers loads it with AutoModelForCausalLM.from_pretrained(path) (an Encoder:
     BertModel.from_pretrained(path), whose pooler, not part of qkv's Encoder, then
-    starts untrained); `load` reads it back. The tensors keep the model's dtype.
+    starts untrained; a ViT: ViTForImageClassification / ViTModel.from_pretrained(path), or a
+    "qkv_vit" directory that only qkv reads when HF has no equivalent); `load` reads it back.
+    The tensors keep the model's dtype.
     """
     from safetensors.torch import save_file
 
-    if not isinstance(model, (Decoder, Encoder)):
-        raise TypeError(f"model must be a qkv.models.Decoder or Encoder, got {type(model).__name__}")
+    if not isinstance(model, (Decoder, Encoder, ViT)):
+        raise TypeError(f"model must be a qkv.models.Decoder, Encoder or ViT, got {type(model).__name__}")
     hf = config_to_hf(model.config)
     state = state_dict_to_hf(model)
     hf["dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
