@@ -836,7 +836,8 @@ def rollout_picture(images, rollouts, path, *, labels: Sequence[str] | None = No
 
 
 def image_html(image, weights, path, *, grid: tuple[int, int], title: str | None = None, layer=0,
-               head: int | None = None, query: int = 0, alpha: float = 0.6, cmap: str = "inferno") -> Path:
+               head: int | None = None, query: int = 0, alpha: float = 0.6, cmap: str = "inferno",
+               mean_heads: bool = False) -> Path:
     """Write the viewer's image view: one image under a vision transformer's attention (offline HTML).
 
     `image` as in `image_grid`; `weights` {layer_name: (heads, N, N)} (or a list, or one (layers,
@@ -846,7 +847,8 @@ def image_html(image, weights, path, *, grid: tuple[int, int], title: str | None
     layer (or the rollout over all layers, `qkv.inspect.rollout`), a head or the mean of
     the heads, and the query token (click a patch; a button for CLS) and draws the query's
     weights over the image. `layer`/`head`/`query` choose the first drawing (layer="rollout"
-    too). `window.qkvViewer` has select(layer, head), query(token or [row, col]), map(),
+    too). `mean_heads=True` stores each layer's mean over its heads only (a page H times
+    smaller; the head choice is then the mean). `window.qkvViewer` has select(layer, head), query(token or [row, col]), map(),
     weight(l, h, q, patch) and state(); #image-canvas carries data-layer, data-head,
     data-query and data-drawn. Returns the path.
     """
@@ -864,13 +866,13 @@ def image_html(image, weights, path, *, grid: tuple[int, int], title: str | None
     if layers[0][1].shape[1] != N or lead < 0:
         raise ValueError(f"weights must be (heads, N, N) with N = leading tokens + gh * gw patches, got "
                          f"{tuple(layers[0][1].shape)} for the grid {tuple(grid)}")
-    total = sum(a.shape[0] for _, a in layers) * N * gh * gw
+    total = (len(layers) if mean_heads else sum(a.shape[0] for _, a in layers)) * N * gh * gw
     if total > MAX_HTML_WEIGHTS:
         raise ValueError(f"{total:,} weights (layers x heads x N x patches) are too many for one page (limit "
-                         f"{MAX_HTML_WEIGHTS:,}); pass fewer layers or a smaller image")
+                         f"{MAX_HTML_WEIGHTS:,}); pass fewer layers, mean_heads=True, or a smaller image")
     if layer != "rollout":
         layer = check_int("layer", layer, -len(layers)) % len(layers)
-    if head is not None:
+    if head is not None and not mean_heads:
         head = check_int("head", head, 0)
         if layer != "rollout" and head >= layers[layer][1].shape[0]:
             raise ValueError(f"head must be in 0..{layers[layer][1].shape[0] - 1}, got {head}")
@@ -885,9 +887,10 @@ def image_html(image, weights, path, *, grid: tuple[int, int], title: str | None
     data = {"version": 1, "kind": "image", "title": title_s, "height": img.shape[0], "width": img.shape[1],
             "pixels": np.rint(img * 255).astype(int).ravel().tolist(), "grid": [gh, gw], "lead": lead,
             "scale": HTML_SCALE, "cmap": lut, "alpha": float(alpha),
-            "layers": [{"name": n, "heads": int(a.shape[0]), "weights": [ints(a[h]) for h in range(a.shape[0])]}
+            "layers": [{"name": n, "heads": 0, "weights": [ints(a.mean(0))]} if mean_heads else
+                       {"name": n, "heads": int(a.shape[0]), "weights": [ints(a[h]) for h in range(a.shape[0])]}
                        for n, a in layers],
-            "rollout": ints(roll), "start": {"layer": layer, "head": "mean" if head is None else head,
+            "rollout": ints(roll), "start": {"layer": layer, "head": "mean" if head is None or mean_heads else head,
                                              "query": query}}
     meta = (f"{len(layers)} layer{'s' * (len(layers) != 1)}, {img.shape[0]} x {img.shape[1]} pixels, "
             f"{gh} x {gw} patches" + (f" + {lead} leading token{'s' * (lead != 1)}" if lead else ""))
@@ -915,7 +918,7 @@ def read_image(path, channels: int) -> torch.Tensor:
                 a = np.asarray(im, dtype=np.float64) / 65535.0
             else:
                 a = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.float64) / 255.0
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
         raise ValueError(f"{str(p)!r} is not an image Pillow can read ({type(exc).__name__}: {exc}); pass a "
                          f"PNG or JPEG file") from None
     a = a[None] if a.ndim == 2 else np.moveaxis(a, -1, 0)                         # (C, H, W)
@@ -933,7 +936,8 @@ def image_report(model, image_path, out, *, layer: int | None = None, head: int 
     patch). The size must fit the model's patch (ValueError otherwise: nothing is resized);
     other sizes than the training size use interpolated positions. Writes under `out`:
     heads.png (layers x heads over the image), rollout.png (the rollout), attention.html
-    (the image view; `layer`/`head` pick its first drawing). Returns the paths, the grid,
+    (the image view; `layer`/`head` pick its first drawing; a model too large for every head on one
+    page, e.g. ViT-B at 224 x 224, stores each layer's head mean). Returns the paths, the grid,
     and with a classifier head the predicted class and its probability.
     """
     from qkv import inspect as _inspect
@@ -978,6 +982,9 @@ def image_report(model, image_path, out, *, layer: int | None = None, head: int 
     report["rollout_png"] = str(rollout_picture(x, ia.rollout, out / "rollout.png", labels=[what[:20]],
                                                 title=f"rollout of {'CLS' if rc is None else f'patch {rc}'}"))
     first = len(ia.layers) - 1 if layer is None else layer
+    n_weights = sum(w.shape[1] for w in ia.weights) * ia.weights[0].shape[-1] * gh * gw
+    report["html_heads"] = "mean" if n_weights > MAX_HTML_WEIGHTS else "all"
     report["html"] = str(image_html(x[0], [w[0] for w in ia.weights], out / "attention.html", grid=(gh, gw),
-                                    title=title or what, layer=first, head=head, query=ia.query))
+                                    title=title or what, layer=first, head=head, query=ia.query,
+                                    mean_heads=report["html_heads"] == "mean"))
     return report

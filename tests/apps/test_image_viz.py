@@ -189,3 +189,21 @@ def test_image_html_refuses_bad_input(tmp_path):
         viz.image_html(np.random.rand(8, 8), {"l0": w}, tmp_path / "a.html", grid=(4, 4), head=2)
     with pytest.raises(ValueError, match="too many"):
         viz.image_html(np.random.rand(8, 8), np.full((40, 16, 65, 65), 1 / 65), tmp_path / "a.html", grid=(8, 8))
+
+
+def test_image_report_falls_back_to_head_means_for_big_pages_and_runs_without_a_head(tmp_path, monkeypatch):
+    from qkv.models import ViT, ViTConfig
+
+    _digit_png(tmp_path / "digit.png")
+    monkeypatch.setattr(viz, "MAX_HTML_WEIGHTS", 2 * 17 * 16)             # room for one map per layer, not four
+    report = viz.image_report(_vit(), tmp_path / "digit.png", tmp_path / "out", head=1)
+    assert report["html_heads"] == "mean"
+    page = open(report["html"], encoding="utf-8").read()
+    data = json.loads(re.search(r'<script id="qkv-data" type="application/json">(.*?)</script>', page, re.S).group(1))
+    assert [layer["heads"] for layer in data["layers"]] == [0, 0] and data["start"]["head"] == "mean"
+    assert len(data["layers"][0]["weights"]) == 1
+    monkeypatch.undo()
+    bare = ViT(ViTConfig(image_size=8, patch_size=4, channels=1, d_model=8, n_layers=1, n_heads=2, ffn_hidden=16,
+                         num_classes=None)).eval()
+    r = viz.image_report(bare, tmp_path / "digit.png", tmp_path / "bare")
+    assert "prediction" not in r and r["grid"] == (2, 2) and r["html_heads"] == "all"
