@@ -325,8 +325,7 @@ def train_lm(data=None, *, out="runs/train", tokenizer: str = "bpe", preset: str
         weight_decay=weight_decay, clip=clip, stop_after=stop_after, preset=preset, config=config,
         tokenizer=tokenizer, out=out)
     world = _dist.env_world()
-    dp_size = _check_parallel(world, context_parallel, data_parallel, context)
-    _dist.check_divisible(batch_size, _dist.World(0, dp_size))
+    dp_size = _check_parallel(world, context_parallel, data_parallel, context, batch_size)
     with _dist.process_group("cpu") as world:
         cp, dp_rank = _dist.new_groups(context_parallel, world.size, world.rank) if world.distributed else (None, 0)
         dp = _dist.World(dp_rank, dp_size)
@@ -368,8 +367,9 @@ def train_lm(data=None, *, out="runs/train", tokenizer: str = "bpe", preset: str
                         tokens / seconds if seconds > 0 else 0.0)
 
 
-def _check_parallel(world, context_parallel: int, data_parallel: int | None, context: int) -> int:
-    """The number M of data-parallel groups, with WORLD_SIZE = N x M checked (N = context_parallel)."""
+def _check_parallel(world, context_parallel: int, data_parallel: int | None, context: int, batch_size: int) -> int:
+    """The number M of data-parallel groups, with WORLD_SIZE = N x M checked (N = context_parallel),
+    the context split in 2N chunks and the batch in M shares."""
     _check_int("context_parallel", context_parallel, 1)
     N = context_parallel
     if world.size % N:
@@ -383,6 +383,7 @@ def _check_parallel(world, context_parallel: int, data_parallel: int | None, con
         lo = context // (2 * N) * (2 * N)
         raise ValueError(f"--context {context} must be divisible by 2 x --context-parallel = {2 * N} (each rank "
                          f"holds two equal chunks of every window); use {lo or 2 * N} or {lo + 2 * N}")
+    _dist.check_divisible(batch_size, _dist.World(0, M))
     return M
 
 
