@@ -2,7 +2,9 @@
 
 Legend: B batch, Hq query heads of a layer, Hkv its key/value heads, G = Hq // Hkv,
 nh captured heads, R captured query rows, Lq / Lk query / key length of one attention
-call, D head dim, T real tokens of a packed Encoder batch, L its padded length.
+call, D head dim, T real tokens of a packed Encoder batch, L its padded length; for
+images (a vision transformer, `qkv.models.ViT`): C x H x W images, p patch, gh x gw patch
+grid, P = gh * gw patches, N = P + 1 tokens with CLS (N = P without), d model width.
 
     import qkv
     from qkv.inspect import attention_maps, capture
@@ -17,6 +19,12 @@ call, D head dim, T real tokens of a packed Encoder batch, L its padded length.
 
     maps = attention_maps(model, tokens, rows=range(0, 100_000, 4096))   # one call does both
     [name for name, _ in qkv.inspect.attention_modules(model)]           # what `layers=` indexes
+
+    # a vision transformer: where the CLS token (or a patch) looks, and the attention rollout
+    ia = qkv.inspect.image_attention(vit, images, query=0)   # images (B, C, H, W)
+    ia.maps                                       # (B, layers, heads, gh, gw): CLS column dropped
+    ia.rollout                                    # (B, gh, gw): the query's row of rollout(...)
+    qkv.inspect.rollout(ia.weights)               # (B, N, N) from per-layer (B, H, N, N) weights
 
 How. Fast backends (sdpa, tiled) never materialise the weights, so capturing does not
 ask them to: `MultiHeadAttention.forward` (and `qkv.nn.MultiheadAttention.forward`)

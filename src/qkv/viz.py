@@ -1,7 +1,8 @@
 """Pictures of attention: PNG heatmaps, mask/tile pictures and a self-contained HTML viewer.
 
 Legend: H heads, Lq query length, Lk key length, nQ/nK tiles along the queries/keys,
-bq/bk tile height/width.
+bq/bk tile height/width; for images: B batch, C channels, H x W image pixels, p patch,
+gh x gw patch grid, P = gh * gw patches, N = P + 1 tokens with CLS, d model width.
 
 Everything here takes plain arrays (NumPy arrays or torch tensors, on any device),
 however the weights were captured::
@@ -17,6 +18,12 @@ however the weights were captured::
     viz.grid({"layer 0": w[0]}, "heads.png", labels=tokens)           # layers x heads small maps
     viz.mask_picture(qkv.masks.sliding_window(16), 64, 64, "window.png", tile=(16, 16))
     viz.html({"layer 0": w[0]}, tokens, "attention.html")             # open it in any browser
+
+    # a vision transformer (qkv.models.ViT): attention over the patches, drawn over the image
+    ia = qkv.inspect.image_attention(vit, images)                     # images (B, C, H, W)
+    viz.image_grid(images[0], ia.maps[0], "heads.png")                # layers x heads over the image
+    viz.rollout_picture(images[:4], ia.rollout[:4], "rollout.png")    # a few images and their rollout
+    viz.image_report(vit, "digit.png", "runs/viz")                    # a PNG/JPEG: PNGs + the image view
 
 PNGs are drawn with matplotlib's Agg canvas (no window, no global pyplot state).
 The HTML file holds its data, script and style inline and loads nothing, so it

@@ -207,3 +207,16 @@ def test_image_report_falls_back_to_head_means_for_big_pages_and_runs_without_a_
                          num_classes=None)).eval()
     r = viz.image_report(bare, tmp_path / "digit.png", tmp_path / "bare")
     assert "prediction" not in r and r["grid"] == (2, 2) and r["html_heads"] == "all"
+
+
+def test_image_html_is_the_packaged_image_page_style_and_script(tmp_path):
+    from importlib import resources
+
+    asset = lambda name: (resources.files("qkv") / "viz_assets" / name).read_text(encoding="utf-8")  # noqa: E731
+    page, style, script = asset("image_page.html"), asset("style.css"), asset("image_viewer.js")
+    w = torch.softmax(torch.randn(2, 17, 17), -1)
+    text = viz.image_html(np.random.rand(8, 8), {"l0": w}, tmp_path / "a.html", grid=(4, 4), title="%DATA%").read_text(
+        encoding="utf-8")
+    assert text.startswith(page.split("%TITLE%", 1)[0]) and text.endswith(page.rsplit("%SCRIPT%", 1)[1])
+    assert f"<style>{style}</style>" in text and f"<script>{script}</script>" in text
+    assert "<title>%DATA%</title>" in text                                 # placeholder-like titles are left alone

@@ -250,7 +250,7 @@ def test_html_is_the_packaged_page_style_and_script(tmp_path):
     root = Path(__file__).resolve().parents[2]
     shipped = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["qkv"]
     files = sorted(f.name for f in (root / "src" / "qkv" / "viz_assets").iterdir() if f.is_file())
-    assert files == sorted(ASSETS)
+    assert files == sorted(ASSETS + ("image_page.html", "image_viewer.js"))    # + the image view (viz.image_html)
     assert all(any(fnmatch(f"viz_assets/{f}", pattern) for pattern in shipped) for f in files), shipped
 
 
