@@ -878,7 +878,10 @@ def image_html(image, weights, path, *, grid: tuple[int, int], title: str | None
         raise ValueError(f"{total:,} weights (layers x heads x N x patches) are too many for one page (limit "
                          f"{MAX_HTML_WEIGHTS:,}); pass fewer layers, mean_heads=True, or a smaller image")
     if layer != "rollout":
-        layer = check_int("layer", layer, -len(layers)) % len(layers)
+        layer = check_int("layer", layer, -len(layers))
+        if layer >= len(layers):
+            raise ValueError(f"layer must be in 0..{len(layers) - 1} or 'rollout' ({len(layers)} layers), got {layer}")
+        layer %= len(layers)
     if head is not None and not mean_heads:
         head = check_int("head", head, 0)
         if layer != "rollout" and head >= layers[layer][1].shape[0]:
@@ -973,6 +976,11 @@ def image_report(model, image_path, out, *, layer: int | None = None, head: int 
         ia = _inspect.image_attention(model, x.to(param.device, param.dtype), query=query)
     finally:
         model.train(was_training)
+    n_layers, n_heads = len(ia.weights), ia.weights[-1].shape[1]
+    if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or not -n_layers <= layer < n_layers):
+        raise ValueError(f"layer must be in 0..{n_layers - 1} (the model has {n_layers} layers), got {layer!r}")
+    if head is not None and (isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < n_heads):
+        raise ValueError(f"head must be in 0..{n_heads - 1} (the model has {n_heads} heads), got {head!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     gh, gw = ia.grid

@@ -176,7 +176,12 @@ def test_image_report_refuses_bad_files(tmp_path):
         viz.image_report(torch.nn.Linear(2, 2), tmp_path / "ok.png", tmp_path / "out")
     with pytest.raises(ValueError, match="token index"):
         viz.image_report(model, tmp_path / "ok.png", tmp_path / "out", query=17)
-    assert not (tmp_path / "out" / "heads.png").exists()                 # nothing half-written before the errors
+    with pytest.raises(ValueError, match="layer must be in 0..1"):
+        viz.image_report(model, tmp_path / "ok.png", tmp_path / "out2", layer=2)
+    with pytest.raises(ValueError, match="head must be in 0..1"):
+        viz.image_report(model, tmp_path / "ok.png", tmp_path / "out2", head=2)
+    assert not (tmp_path / "out" / "heads.png").exists()                 # nothing written before the errors
+    assert not (tmp_path / "out2").exists()
 
 
 def test_image_html_refuses_bad_input(tmp_path):
