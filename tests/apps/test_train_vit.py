@@ -192,3 +192,23 @@ def test_config_file_and_vit_config_are_accepted(tmp_path):
     f.write_text("[1, 2]")
     with pytest.raises(ValueError, match="JSON object of ViTConfig fields"):
         vision.vit_config(f)
+
+
+# -- the `qkv demo` step ------------------------------------------------------------
+
+
+def test_demo_step_prints_accuracy_and_draws_the_rollout(tmp_path, monkeypatch, capsys):
+    from qkv.tools import demo
+
+    step = next(s for s in demo.STEPS if s.key == "digits_vit")
+    assert step.fn is demo._digits_vit
+    monkeypatch.setattr(demo, "_OUT", tmp_path)
+    data, md = demo._digits_vit(True)
+    out = capsys.readouterr().out
+    assert data["accuracy"] > 0.5 and [s for s, _ in data["evals"]] == [50, 100, 150]
+    assert f"held-out accuracy {data['accuracy']:.1%}" in out and "150: " in out
+    for name in ("digits_loss.png", "digits_rollout.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({name})" in md
+    assert data["rollout_png"] == str(tmp_path / "digits_rollout.png")
+    assert "attention rollout of the CLS token over 8 held-out digits" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits_loss.png", "digits_rollout.png"]
