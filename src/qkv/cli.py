@@ -16,6 +16,7 @@ generate text, embed sentences, draw attention maps.
                  [--top-k K] [--top-p P] [--seed S] [--stop ID ...] [--cache contiguous|paged]
     qkv embed "a sentence" "another" [--model DIR] [--batch-size N] [--no-pack]
     qkv viz "a sentence" (--checkpoint DIR | --pretrained minilm) [--layer N] [--head N] [--focus WORD] [--out DIR]
+    qkv viz --image FILE --checkpoint DIR [--query cls|N|ROW,COL] [--layer N] [--head N] [--out DIR]
     qkv train [DATA] [--tokenizer byte|char|bpe[:N]|PATH] [--preset tiny|mini|small|base] [--config FILE] [--steps N]
               [--batch-size B] [--context T] [--lr LR] [--warmup W] [--accum K] [--bf16] [--eval-every N]
               [--ckpt-every N] [--keep N] [--out runs/train] [--resume] [--seed S]
@@ -242,9 +243,39 @@ def _viz_source(args):
     return model, ids, labels, os.path.basename(os.path.normpath(args.checkpoint))
 
 
+def _cmd_viz_image(args) -> int:
+    from qkv import viz
+    from qkv.models import ViT, hf
+
+    if args.checkpoint is None or args.pretrained is not None or args.sentence is not None:
+        raise UsageError("--image FILE takes a ViT checkpoint and no sentence: qkv viz --image FILE --checkpoint DIR")
+    q = args.query.strip().lower()
+    try:
+        query = 0 if q == "cls" else tuple(int(v) for v in q.split(",")) if "," in q else int(q)
+    except ValueError:
+        raise UsageError(f"--query must be cls, a token index or ROW,COL, got {args.query!r}") from None
+    try:
+        model = hf.load(args.checkpoint, expect=ViT)
+        report = viz.image_report(model, args.image, args.out, layer=args.layer, head=args.head, query=query)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        raise UsageError(str(exc).replace("\n", " ")) from exc
+    pred = (f", predicted class {report['prediction']} (p = {report['probability']:.2f})"
+            if "prediction" in report else "")
+    (h, w), (gh, gw) = report["image_size"], report["grid"]
+    print(f"{args.image}: {h} x {w} pixels, {gh} x {gw} patches, {len(report['layers'])} layers x "
+          f"{report['heads']} heads{pred}")
+    print(f"wrote {report['heads_png']} (every layer and head), {report['rollout_png']} (rollout) and "
+          f"{report['html']} (open it in a browser: pick a layer and head, click a patch)")
+    return 0
+
+
 def _cmd_viz(args) -> int:
     from qkv import viz
 
+    if args.image is not None:
+        return _cmd_viz_image(args)
+    if args.sentence is None:
+        raise UsageError("give a sentence, or --image FILE with a ViT --checkpoint DIR")
     model, ids, labels, what = _viz_source(args)
     try:
         focus = None if args.focus is None else viz.find_token(labels, args.focus)
@@ -411,7 +442,12 @@ def _add_viz(sub) -> None:
                                    "tokenizer.json) or the packaged all-MiniLM-L6-v2 (--pretrained minilm), capture "
                                    "every layer's attention weights and write OUT/heads.png (layers x heads), "
                                    "OUT/head.png (one head, token labels) and OUT/attention.html (an offline viewer).")
-    p.add_argument("sentence", help="the text (or token ids with --ids)")
+    p.add_argument("sentence", nargs="?", default=None, help="the text (or token ids with --ids); not with --image")
+    p.add_argument("--image", default=None, metavar="FILE",
+                   help="a PNG/JPEG through a ViT checkpoint (--checkpoint DIR): writes OUT/heads.png (layers x heads "
+                        "over the image), OUT/rollout.png and OUT/attention.html (pick layer, head, query patch)")
+    p.add_argument("--query", default="cls", metavar="cls|N|ROW,COL",
+                   help="with --image: the query token: cls (default), a token index, or a patch row,col")
     p.add_argument("--checkpoint", default=None, metavar="DIR", help="a local checkpoint directory")
     p.add_argument("--pretrained", default=None, choices=("minilm",), help="the packaged all-MiniLM-L6-v2")
     p.add_argument("--ids", action="store_true", help="the sentence is token ids separated by spaces")
