@@ -455,7 +455,7 @@ CATALOGUE = [
     ("AttentionOnly out-of-vocabulary ids", lambda: AttentionOnly(V, d_model=8, n_heads=2)(torch.tensor([[11]])),
      ValueError, r"ids must lie in \[0, vocab_size=11\)"),
     ("hf.save of a non-model", lambda: hf.save(MHA, "ckpt"),
-     TypeError, "model must be a qkv.models.Decoder or Encoder"),
+     TypeError, "model must be a qkv.models.Decoder, Encoder or ViT"),
     ("hf.load of a missing directory", lambda: hf.load("no-such-checkpoint"), ValueError,
      r"does not exist; pass a checkpoint directory \(config.json"),
     # -- generation ------------------------------------------------------------------------------

@@ -506,5 +506,5 @@ def test_decoder_loading_unchanged(tmp_path):
     with pytest.raises(ValueError, match="config.arch must be one of"):
         hf_import.state_dict_from_hf({}, DecoderConfig.gpt2(vocab_size=20, d_model=16, n_layers=1, n_heads=2,
                                                             arch="bert"))
-    with pytest.raises(TypeError, match="DecoderConfig or EncoderConfig"):
+    with pytest.raises(TypeError, match="DecoderConfig, EncoderConfig or ViTConfig"):
         hf_import.state_dict_from_hf({}, {"model_type": "bert"})
