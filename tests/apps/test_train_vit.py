@@ -128,7 +128,8 @@ def test_short_run_learns_and_writes_checkpoints_and_loss_png(tmp_path, split):
     assert (r.out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the checkpoint is a Hugging Face ViT directory and reloads with the same held-out accuracy
     cfg = json.loads((r.checkpoint / "config.json").read_text())
-    assert cfg["model_type"] == "vit" and cfg["num_labels" if "num_labels" in cfg else "id2label"]
+    assert cfg["model_type"] == "vit" and cfg["architectures"] == ["ViTForImageClassification"]
+    assert len(cfg["id2label"]) == 10 and cfg["num_channels"] == 1 and cfg["patch_size"] == 2
     for model in (checkpoint.load(r.checkpoint).model, hf.load(r.checkpoint)):
         assert isinstance(model, ViT) and model.config.to_dict() == r.model.config.to_dict()
         assert vision.evaluate_accuracy(model, split.test_images, split.test_labels) == r.accuracy
